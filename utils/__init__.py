@@ -1,0 +1,1 @@
+"""Helpers behind the AMP transformer notebooks: validate, analyze, train and benchmark."""

@@ -1,0 +1,251 @@
+"""The one place that decides how a run uses floating-point precision.
+
+Everything else (the training loop, the W&B callback, the benchmark, the notebooks' AMP toggle) asks
+:func:`resolve_precision` and acts on the :class:`PrecisionPlan` it returns.
+
+Example::
+
+    >>> plan = resolve_precision("auto")
+    >>> plan.name, plan.reason                     # doctest: +SKIP
+    ('bf16-mixed', 'This CPU has native bf16 (AVX512-BF16/AMX), so bf16 autocast is faster than fp32.')
+    >>> scaler = plan.make_scaler()
+    >>> with plan.autocast():
+    ...     y = model(x)                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+CANONICAL = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+# Lightning's names, their legacy forms, Accelerate's, and the seed project's.
+ALIASES: dict[str, str] = {
+    "32-true": "32-true", "32": "32-true", "fp32": "32-true", "float32": "32-true", "no": "32-true",
+    "16-mixed": "16-mixed", "16": "16-mixed", "fp16": "16-mixed", "16_mixed": "16-mixed",
+    "bf16-mixed": "bf16-mixed", "bf16": "bf16-mixed", "bf16_mixed": "bf16-mixed",
+    "16-true": "16-true", "16_true": "16-true",
+    "bf16-true": "bf16-true", "bf16_true": "bf16-true",
+    "auto": "auto",
+}
+ACCEPTED = tuple(ALIASES) + (32, 16)
+
+_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+
+
+class PrecisionWarning(UserWarning):
+    """A precision request was changed, or honoured at a known cost."""
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What the runtime can do. Injectable so every branch of the resolver runs on any machine."""
+
+    cuda: bool = False
+    cuda_count: int = 0
+    cuda_bf16: bool = False
+    cuda_name: str = ""
+    mps: bool = False
+    cpu_bf16: bool = False
+
+    @classmethod
+    def detect(cls) -> Capabilities:
+        cuda = torch.cuda.is_available()
+        mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+        return cls(
+            cuda=cuda,
+            cuda_count=torch.cuda.device_count() if cuda else 0,
+            cuda_bf16=cuda and torch.cuda.is_bf16_supported(including_emulation=False),
+            cuda_name=torch.cuda.get_device_name() if cuda else "",
+            mps=mps,
+            cpu_bf16=cpu_has_native_bf16(),
+        )
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:  # not Linux: no cheap probe, so assume no native bf16
+        return False
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return "bf16" in flags
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How a run uses precision: what to autocast to, what dtype the weights hold, and why.
+
+    Example::
+
+        >>> plan = resolve_precision("16-mixed", device="cpu")
+        >>> scaler = plan.make_scaler()            # GradScaler("cpu", enabled=True)
+        >>> with plan.autocast():
+        ...     loss = model(x).float().mean()     # doctest: +SKIP
+    """
+
+    name: str
+    device_type: str
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    param_dtype: torch.dtype
+    use_scaler: bool
+    reason: str
+    requested: object = field(default="auto", compare=False)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The autocast context for forward passes; a no-op when there is nothing to autocast."""
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.autocast_dtype)
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        """``torch.amp.GradScaler(device_type, enabled=use_scaler)``: a no-op unless ``16-mixed``."""
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+
+    def describe(self) -> str:
+        """One line for people: ``"bf16-mixed on cpu: <reason>"``."""
+        return f"{self.name} on {self.device}: {self.reason}"
+
+
+def canonical_precision(precision) -> str:
+    """Map any accepted spelling to its canonical name (or ``"auto"``).
+
+    Raises:
+        ValueError: the value is not an accepted spelling; the message lists what is.
+    """
+    key = None
+    if isinstance(precision, bool):  # bool is an int: True must not pass as 1
+        key = None
+    elif isinstance(precision, int) and precision in (16, 32):
+        key = str(precision)
+    elif isinstance(precision, str):
+        key = precision.strip().lower()
+    if key not in ALIASES:
+        allowed = ", ".join(repr(a) for a in ACCEPTED)
+        raise ValueError(f"precision={precision!r} is not a known precision. Accepted: {allowed}.")
+    return ALIASES[key]
+
+
+def _parse_device(device, caps: Capabilities) -> torch.device:
+    if device is None:
+        if caps.cuda:
+            return torch.device("cuda", 0)
+        return torch.device("mps") if caps.mps else torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device={device!r} is not a device. Use None (best available), 'cpu', 'cuda', "
+            f"'cuda:N', 'mps' or a torch.device."
+        ) from e
+    if dev.type == "cuda":
+        index = dev.index or 0
+        if not caps.cuda or index >= caps.cuda_count:
+            raise ValueError(
+                f"device={device!r} is not available: this runtime has {caps.cuda_count} CUDA device(s)."
+            )
+        return torch.device("cuda", index)
+    if dev.type == "mps" and not caps.mps:
+        raise ValueError(f"device={device!r} is not available: MPS is not present on this runtime.")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"device={device!r} is not supported. Use 'cpu', 'cuda', 'cuda:N' or 'mps'.")
+    return dev
+
+
+def _auto(device_type: str, caps: Capabilities) -> tuple[str, str]:
+    if device_type == "cuda":
+        if caps.cuda_bf16:
+            return "bf16-mixed", f"{caps.cuda_name or 'This GPU'} supports bf16: same range as fp32, no loss scaling needed."
+        return "16-mixed", f"{caps.cuda_name or 'This GPU'} has no bf16, so fp16 autocast with a GradScaler."
+    if device_type == "mps":
+        return "32-true", "On Apple MPS, autocast gains are inconsistent; fp32 is the safe default (ask for 16-mixed to try it)."
+    if caps.cpu_bf16:
+        return "bf16-mixed", "This CPU has native bf16 (AVX512-BF16/AMX), so bf16 autocast is faster than fp32."
+    return "32-true", "This CPU has no native bf16, so bf16 autocast would be slower than fp32."
+
+
+def _decide(name: str, dev: torch.device, explicit_device: bool, caps: Capabilities) -> tuple[str, str]:
+    """Return (canonical name, reason) for a request on a device; warn or raise where it must."""
+    if name == "auto":
+        return _auto(dev.type, caps)
+    if dev.type == "cuda" and name.startswith("bf16") and not caps.cuda_bf16:
+        raise ValueError(
+            f"precision={name!r} needs bf16, which {caps.cuda_name or 'this GPU'} does not support. "
+            f"Use precision='16-mixed' (fp16 with a GradScaler) instead."
+        )
+    if dev.type == "cpu" and name.startswith("16"):
+        if explicit_device:
+            warnings.warn(
+                f"precision={name!r} on device='cpu' is honoured but slow: fp16 matmuls on a CPU run far "
+                f"below fp32 speed. Use 'bf16-mixed' or '32-true' for real work.",
+                PrecisionWarning, stacklevel=3,
+            )
+            return name, "fp16 on the CPU was asked for explicitly (slow; useful to exercise GradScaler)."
+        fallback = ("bf16" + name[2:]) if caps.cpu_bf16 else "32-true"
+        warnings.warn(
+            f"precision={name!r} was requested, but this is a CPU-only runtime where fp16 is far slower "
+            f"than fp32; using {fallback!r} instead. Pass device='cpu' to force fp16.",
+            PrecisionWarning, stacklevel=3,
+        )
+        return fallback, f"fp16 was requested on a CPU-only runtime, where it is slow; {fallback} is used instead."
+    if dev.type == "cpu" and name.startswith("bf16") and not caps.cpu_bf16:
+        warnings.warn(
+            f"precision={name!r} is honoured, but this CPU has no native bf16: expect it to be slower "
+            f"than '32-true'.", PrecisionWarning, stacklevel=3,
+        )
+        return name, "bf16 was asked for; this CPU emulates it, so it saves memory but not time."
+    return name, f"{name} was asked for and {dev.type} supports it."
+
+
+def resolve_precision(precision="auto", device=None, *, caps: Capabilities | None = None) -> PrecisionPlan:
+    """Decide the precision plan for a run.
+
+    Example::
+
+        >>> resolve_precision("bf16").name
+        'bf16-mixed'
+        >>> resolve_precision("16-mixed", device="cpu").use_scaler   # honoured, with a warning
+        True
+
+    Args:
+        precision: ``"auto"`` (default), a Lightning name (``"32-true"``, ``"16-mixed"``,
+            ``"bf16-mixed"``, ``"16-true"``, ``"bf16-true"``), a legacy form (``"32"``, ``"16"``,
+            ``"bf16"``, ``32``, ``16``), Accelerate's (``"no"``, ``"fp16"``, ``"bf16"``), ``"fp32"``
+            or ``"16_true"``; case-insensitive.
+        device: None (default: cuda, then mps, then cpu), ``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+            ``"mps"`` or a ``torch.device``.
+        caps: the runtime's :class:`Capabilities`; detected when None (tests inject them).
+
+    Raises:
+        ValueError: an unknown precision, a device that is not there, or bf16 on a GPU without it.
+
+    .. note::
+        fp16 on a CPU-only runtime with ``device=None`` falls back to bf16 (or fp32) with a
+        :class:`PrecisionWarning`; with an explicit ``device="cpu"`` it is honoured (and slow).
+    """
+    name = canonical_precision(precision)
+    caps = Capabilities.detect() if caps is None else caps
+    dev = _parse_device(device, caps)
+    name, reason = _decide(name, dev, device is not None, caps)
+    kind, _, mode = name.partition("-")
+    dtype = _DTYPES.get(kind)
+    return PrecisionPlan(
+        name=name,
+        device_type=dev.type,
+        device=dev,
+        autocast_dtype=dtype if mode == "mixed" else None,
+        param_dtype=dtype if mode == "true" and dtype else torch.float32,
+        use_scaler=name == "16-mixed",
+        reason=reason,
+        requested=precision,
+    )
