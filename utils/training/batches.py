@@ -1,0 +1,177 @@
+"""Turning what users pass as data into batches, and batches into a loss.
+
+A batch is a LongTensor (B, T) of token ids (the model sees ``[:, :-1]`` and predicts ``[:, 1:]``),
+an ``(inputs, targets)`` pair, or a Hugging Face style dict with ``input_ids`` and optional
+``labels`` / ``attention_mask``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from utils.model_io import find_input_embedding, get_logits, get_loss
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class Prepared:
+    """One batch, split into what the model is called with and what it should predict."""
+
+    args: tuple
+    kwargs: dict
+    targets: torch.Tensor | None  # None: the model computes its own loss from kwargs["labels"]
+    input_ids: torch.Tensor | None
+    count: int  # tokens (2-D ids) or samples in the batch, for throughput
+
+
+def move_to(batch, device: torch.device):
+    """Move a batch (tensor, tuple/list or dict of tensors) to ``device``."""
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(move_to(v, device) for v in batch)
+    return batch
+
+
+def _count(ids: torch.Tensor) -> int:
+    return ids.numel() if ids.dim() >= 2 and not ids.is_floating_point() else ids.shape[0]
+
+
+def prepare_batch(batch) -> Prepared:
+    """Split a batch into model inputs and targets.
+
+    Raises:
+        TypeError: the batch is none of the accepted forms.
+    """
+    if isinstance(batch, torch.Tensor):
+        if batch.dim() != 2 or batch.shape[1] < 2:
+            raise TypeError(f"A tensor batch must be token ids of shape (B, T) with T >= 2, got {tuple(batch.shape)}.")
+        inputs = batch[:, :-1]
+        return Prepared((inputs,), {}, batch[:, 1:], inputs, _count(inputs))
+    if isinstance(batch, Mapping):
+        if "input_ids" not in batch:
+            raise TypeError(f"A dict batch needs 'input_ids'; got keys {sorted(batch)}.")
+        ids = batch["input_ids"]
+        return Prepared((), dict(batch), None, ids, _count(ids))
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        inputs, targets = batch
+        ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
+        return Prepared((inputs,), {}, targets, ids, _count(inputs))
+    raise TypeError(
+        f"Cannot use a batch of type {type(batch).__name__}: pass a LongTensor (B, T) of token ids, "
+        f"an (inputs, targets) pair, or a dict with 'input_ids'."
+    )
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
+    """Cross-entropy over logits cast to float32, ``ignore_index=-100``.
+
+    Args:
+        logits: (B, T, V) for language models or (B, C) for classifiers.
+        targets: (B, T) or (B,).
+        shift: predict ``targets[:, 1:]`` from ``logits[:, :-1]`` (Hugging Face ``labels`` convention).
+
+    Raises:
+        ValueError: the targets' shape does not fit the logits.
+    """
+    if shift:
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    if logits.shape[:-1] != targets.shape:
+        raise ValueError(
+            f"targets of shape {tuple(targets.shape)} do not fit logits of shape {tuple(logits.shape)}: "
+            f"expected targets of shape {tuple(logits.shape[:-1])}."
+        )
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                           ignore_index=IGNORE_INDEX)
+
+
+def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the model; return (loss, logits, targets-aligned-with-logits).
+
+    A loss the model returns itself (``output.loss``) is used as is.
+    """
+    output = model(*prepared.args, **prepared.kwargs)
+    logits = get_logits(output)
+    targets = prepared.targets
+    shift = False
+    if targets is None:  # dict batch: labels (or input_ids) shifted inside, as Hugging Face does
+        targets = prepared.kwargs.get("labels", prepared.input_ids)
+        shift = logits.dim() == 3
+    loss = get_loss(output)
+    if loss is None:
+        loss = cross_entropy(logits, targets, shift=shift)
+    if shift:
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    return loss, logits, targets
+
+
+def check_token_ids(model: nn.Module, prepared: Prepared, argument: str) -> None:
+    """Fail clearly when token ids fall outside the model's input embedding (done once, first batch)."""
+    emb = find_input_embedding(model)
+    ids = prepared.input_ids
+    if emb is None or ids is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= emb.num_embeddings:
+        bad = high if high >= emb.num_embeddings else low
+        raise ValueError(
+            f"{argument} holds token id {bad}, outside the model's vocabulary: its input embedding has "
+            f"{emb.num_embeddings} rows (ids 0..{emb.num_embeddings - 1}). Check the tokenizer's vocab_size."
+        )
+
+
+class TensorBatches:
+    """Shuffled mini-batches of a (N, T) tensor, one permutation per epoch drawn from ``seed``.
+
+    The permutation depends only on (seed, epoch), so a resumed run sees the same batches.
+    """
+
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = True):
+        self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        n = data.shape[0]
+        self.n_batches = n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        n = self.data.shape[0]
+        if self.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
+        else:
+            order = torch.arange(n)
+        for i in range(start, self.n_batches):
+            yield self.data[order[i * self.batch_size:(i + 1) * self.batch_size]]
+
+
+def as_batches(data, batch_size: int, seed: int, argument: str, shuffle: bool = True):
+    """``TensorBatches`` for a tensor, the re-iterable itself otherwise; empty data is an error."""
+    if isinstance(data, TensorBatches):
+        return data
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
+            raise ValueError(
+                f"{argument} is a tensor of shape {tuple(data.shape)}: expected token ids of shape (N, T) "
+                f"with N >= 1 and T >= 2."
+            )
+        return TensorBatches(data, batch_size, seed, shuffle=shuffle, drop_last=shuffle)
+    if data is None or not isinstance(data, Iterable) or isinstance(data, (str, bytes)):
+        raise ValueError(f"{argument}={data!r} is not data: pass a LongTensor (N, T), a DataLoader or an iterable of batches.")
+    if iter(data) is data:
+        raise ValueError(f"{argument} is a one-shot iterator; pass something re-iterable (a list or a DataLoader).")
+    try:
+        empty = len(data) == 0
+    except TypeError:
+        empty = next(iter(data), None) is None
+    if empty:
+        raise ValueError(f"{argument} is empty: it yields no batches.")
+    return data
