@@ -1,11 +1,15 @@
 """Built-in example models, and loading a user's model from a file or a gist."""
+import http.server
+import json
 import re
+import socket
+import threading
 
 import pytest
 import torch
 
 from utils.model_io import find_context_length, find_vocab_size
-from utils.models import example_model
+from utils.models import GistDownloadError, example_model, load_model_from_file, load_model_from_gist
 
 
 @pytest.mark.parametrize("name, vocab, context, out_shape", [
@@ -62,3 +66,254 @@ def test_too_long_input_is_refused_with_the_context():
 def test_bad_example_model_requests_name_what_is_allowed(kwargs, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         example_model(**kwargs)
+
+
+# --- load_model_from_file -----------------------------------------------------------------------
+
+TWO_CLASSES = '''
+import torch
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + self.fc(x)
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab_size=32, width=8, n_layer=1):
+        super().__init__()
+        self.emb = nn.Embedding(vocab_size, width)
+        self.blocks = nn.Sequential(*[Block(width) for _ in range(n_layer)])
+        self.head = nn.Linear(width, vocab_size)
+
+    def forward(self, idx):
+        return self.head(self.blocks(self.emb(idx)))
+'''
+
+
+def write(tmp_path, text, name="user_model.py"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_file_model_skips_building_blocks_and_uses_defaults(tmp_path):
+    model = load_model_from_file(write(tmp_path, TWO_CLASSES))
+    assert type(model).__name__ == "TinyLM"
+    assert model(torch.zeros(1, 3, dtype=torch.long)).shape == (1, 3, 32)
+
+
+def test_file_model_config_goes_to_the_constructor(tmp_path):
+    model = load_model_from_file(write(tmp_path, TWO_CLASSES), config={"vocab_size": 7, "n_layer": 2})
+    assert find_vocab_size(model) == 7 and len(model.blocks) == 2
+
+
+def test_file_model_by_class_name(tmp_path):
+    model = load_model_from_file(write(tmp_path, TWO_CLASSES), class_name="Block", config={"width": 4})
+    assert model.fc.in_features == 4
+
+
+def test_each_load_is_a_fresh_module(tmp_path):
+    path = write(tmp_path, TWO_CLASSES)
+    first = load_model_from_file(path)
+    path.write_text(TWO_CLASSES.replace("vocab_size=32", "vocab_size=33"))
+    second = load_model_from_file(path)
+    assert type(first) is not type(second)
+    assert find_vocab_size(second) == 33
+
+
+def test_file_with_dataclass_config_and_imports(tmp_path):
+    code = (
+        "from dataclasses import dataclass\nfrom torch import nn\n\n"
+        "@dataclass\nclass Cfg:\n    width: int = 4\n\n"
+        "class Net(nn.Module):\n    def __init__(self, cfg=Cfg()):\n        super().__init__()\n"
+        "        self.fc = nn.Linear(cfg.width, 2)\n"
+    )
+    assert load_model_from_file(write(tmp_path, code)).fc.in_features == 4
+
+
+def test_file_missing(tmp_path):
+    path = tmp_path / "nope.py"
+    with pytest.raises(FileNotFoundError, match=re.escape(f"load_model_from_file({str(path)!r}): no such file.")):
+        load_model_from_file(path)
+
+
+def test_file_without_a_module(tmp_path):
+    path = write(tmp_path, "import torch\nfrom torch.nn import Linear\nx = 1\n")
+    with pytest.raises(ValueError, match=re.escape("the file defines no nn.Module subclass.")):
+        load_model_from_file(path)
+
+
+def test_file_with_several_candidates_lists_them(tmp_path):
+    code = "from torch import nn\nclass A(nn.Module):\n    pass\nclass B(nn.Module):\n    pass\n"
+    path = write(tmp_path, code)
+    with pytest.raises(ValueError, match=re.escape(
+            f"load_model_from_file({str(path)!r}): several nn.Module classes could be the model: A, B. "
+            f"Pass class_name= one of them.")):
+        load_model_from_file(path)
+
+
+def test_file_unknown_class_name_lists_the_classes(tmp_path):
+    path = write(tmp_path, TWO_CLASSES)
+    with pytest.raises(ValueError, match=re.escape(
+            "class_name='GPT'): the file defines no nn.Module named 'GPT'. It defines: Block, TinyLM.")):
+        load_model_from_file(path, class_name="GPT")
+
+
+def test_constructor_arguments_not_given_are_named(tmp_path):
+    code = "from torch import nn\nclass Net(nn.Module):\n    def __init__(self, vocab, width, depth=2):\n        super().__init__()\n"
+    path = write(tmp_path, code)
+    with pytest.raises(ValueError, match=re.escape(
+            "Net() needs vocab, width, which config does not give. Pass config={'vocab': ..., 'width': ...}.")):
+        load_model_from_file(path)
+    with pytest.raises(ValueError, match=re.escape("Net() needs width")):
+        load_model_from_file(path, config={"vocab": 3})
+
+
+def test_constructor_arguments_it_does_not_take_are_named(tmp_path):
+    path = write(tmp_path, TWO_CLASSES)
+    with pytest.raises(ValueError, match=re.escape(
+            "TinyLM() does not take 'depth'. It takes: vocab_size, width, n_layer.")):
+        load_model_from_file(path, config={"depth": 3})
+
+
+def test_not_a_python_file(tmp_path):
+    path = write(tmp_path, "x", name="model.txt")
+    with pytest.raises(ValueError, match=re.escape("expected a Python file ending in .py.")):
+        load_model_from_file(path)
+
+
+def test_errors_in_the_users_code_propagate(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        load_model_from_file(write(tmp_path, "1 / 0\n"))
+
+
+# --- load_model_from_gist, against a local server ------------------------------------------------
+
+GIST_ID = "0123456789abcdef0123"
+
+
+class GistServer:
+    """Serves ``routes[path] = (status, body)`` on 127.0.0.1; records the paths asked for."""
+
+    def __init__(self):
+        self.routes, self.requests = {}, []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.requests.append(self.path)
+                status, body = server.routes.get(self.path, (404, b'{"message": "Not Found"}'))
+                self.send_response(status)
+                self.end_headers()
+                self.wfile.write(body if isinstance(body, bytes) else body.encode())
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+        self.thread.start()
+
+    def gist(self, files, gist_id=GIST_ID):
+        self.routes[f"/gists/{gist_id}"] = (200, json.dumps({"id": gist_id, "files": files}))
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server():
+    s = GistServer()
+    yield s
+    s.close()
+
+
+def py_file(name, code, **extra):
+    return {name: {"filename": name, "content": code, "truncated": False, "raw_url": "", **extra}}
+
+
+@pytest.mark.parametrize("gist", [
+    GIST_ID,
+    f"https://gist.github.com/someone/{GIST_ID}",
+    f"https://gist.github.com/{GIST_ID}",
+    f"https://gist.githubusercontent.com/someone/{GIST_ID}/raw/abc/model.py",
+])
+def test_gist_by_id_or_url(server, gist):
+    server.gist(py_file("model.py", TWO_CLASSES) | {"README.md": {"content": "hi"}})
+    model = load_model_from_gist(gist, api_url=server.url, config={"vocab_size": 5})
+    assert find_vocab_size(model) == 5
+    assert server.requests == [f"/gists/{GIST_ID}"]
+
+
+def test_truncated_gist_file_is_fetched_from_raw_url(server):
+    server.routes["/raw/model.py"] = (200, TWO_CLASSES)
+    server.gist(py_file("model.py", "", truncated=True, raw_url=f"{server.url}/raw/model.py"))
+    assert type(load_model_from_gist(GIST_ID, api_url=server.url)).__name__ == "TinyLM"
+
+
+def test_gist_file_chosen_by_name(server):
+    other = "from torch import nn\nclass Other(nn.Module):\n    pass\n"
+    server.gist(py_file("a.py", other) | py_file("b.py", TWO_CLASSES))
+    with pytest.raises(ValueError, match=re.escape("the gist has several .py files: a.py, b.py. Pass filename=.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+    assert type(load_model_from_gist(GIST_ID, filename="a.py", api_url=server.url)).__name__ == "Other"
+
+
+def test_gist_without_python(server):
+    server.gist({"notes.md": {"content": "x"}})
+    with pytest.raises(ValueError, match=re.escape("the gist has no .py file. It has: notes.md.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+def test_gist_not_found_gives_status_and_hint(server):
+    with pytest.raises(GistDownloadError, match=re.escape(
+            "failed with HTTP 404 Not Found. Check the gist id: the gist may be deleted, or the id mistyped.")):
+        load_model_from_gist("fedcba9876543210fedc", api_url=server.url)
+
+
+def test_gist_rate_limited_gives_status_and_hint(server):
+    server.routes[f"/gists/{GIST_ID}"] = (403, "{}")
+    with pytest.raises(GistDownloadError, match=re.escape("HTTP 403 Forbidden. GitHub's API allows 60")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+def test_gist_unreachable_server():
+    with socket.socket() as s:  # a port that was free a moment ago, with nobody listening
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(GistDownloadError, match=re.escape(f"could not reach {url}/gists/{GIST_ID}")):
+        load_model_from_gist(GIST_ID, api_url=url, timeout=2)
+
+
+@pytest.mark.parametrize("gist, message", [
+    ("https://example.com/someone/0123456789abcdef0123",
+     "only https://gist.github.com and https://gist.githubusercontent.com URLs are accepted"),
+    ("http://gist.github.com/0123456789abcdef0123", "only https://gist.github.com"),
+    ("../../etc/passwd", "'../../etc/passwd' is not a gist id: expected 20 to 40 lowercase hex digits"),
+    ("0123456789ABCDEF0123", "is not a gist id"),
+    ("https://gist.github.com/someone/not-an-id", "'not-an-id' is not a gist id"),
+])
+def test_gist_ids_and_hosts_are_validated(gist, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model_from_gist(gist, api_url="http://127.0.0.1:9")  # never contacted
+
+
+@pytest.mark.parametrize("api_url", ["https://evil.example.com", "http://api.github.com", "file:///etc"])
+def test_gist_api_url_must_be_github_or_loopback(api_url):
+    with pytest.raises(ValueError, match=re.escape(f"api_url={api_url!r} is not allowed.")):
+        load_model_from_gist(GIST_ID, api_url=api_url)
+
+
+def test_gist_raw_url_on_another_host_is_refused(server):
+    server.gist(py_file("model.py", "", truncated=True, raw_url="https://evil.example.com/model.py"))
+    with pytest.raises(ValueError, match=re.escape(
+            "refusing to download https://evil.example.com/model.py: only HTTPS from the gist hosts is allowed.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)

@@ -10,9 +10,21 @@ Example::
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import importlib.util
+import inspect
+import json
 import math
+import re
+import sys
+import tempfile
+import types
+import urllib.error
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -263,3 +275,277 @@ def example_model(name: str = "gpt-tiny", **overrides) -> nn.Module:
     config = dataclasses.replace(config, **overrides)
     _raise_for_config(config, call)
     return cls(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own model, from a file
+
+
+def load_model_from_file(path, class_name: str | None = None, config: dict | None = None) -> nn.Module:
+    """Import a Python file as a fresh module and build the ``nn.Module`` it defines.
+
+    Example::
+
+        >>> model = load_model_from_file("my_model.py")                     # doctest: +SKIP
+        >>> model = load_model_from_file("my_model.py", "GPT", {"n_layer": 2})  # doctest: +SKIP
+
+    Args:
+        path: the ``.py`` file. It is executed, like ``import``: load only code you trust.
+        class_name: which class to build. Default None: the one ``nn.Module`` subclass defined in
+            the file that no other class there uses (so a ``Block`` used by ``GPT`` is skipped).
+        config: keyword arguments for the constructor. Default None: the constructor is called
+            without arguments, so every parameter it has needs a default.
+
+    Raises:
+        FileNotFoundError: there is no such file.
+        ValueError: the file defines no ``nn.Module``, several candidates (listed), no class named
+            ``class_name`` (the candidates listed), or the constructor needs arguments that
+            ``config`` does not give (named), or gets ones it does not take.
+
+    .. note::
+        Each call imports the file again (as ``_user_model_<n>_<stem>``), so edits are picked up
+        and two loads never share module state.
+    """
+    path = _user_file(path)
+    module = _import_fresh(path)
+    cls = _pick_model_class(module, path, class_name)
+    return _construct(cls, config, f"load_model_from_file({str(path)!r})")
+
+
+_LOADED_COUNT = 0
+
+
+def _user_file(path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"load_model_from_file({str(path)!r}): no such file.")
+    if path.suffix != ".py":
+        raise ValueError(f"load_model_from_file({str(path)!r}): expected a Python file ending in .py.")
+    return path
+
+
+def _import_fresh(path: Path) -> types.ModuleType:
+    global _LOADED_COUNT
+    _LOADED_COUNT += 1
+    name = f"_user_model_{_LOADED_COUNT}_{re.sub(r'[^0-9a-zA-Z_]', '_', path.stem)}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    # Registered before it runs: dataclasses and pickling look a class's module up in sys.modules.
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
+
+
+def _module_classes(module: types.ModuleType) -> dict[str, type]:
+    """The ``nn.Module`` subclasses defined in the module itself (not imported into it)."""
+    return {
+        name: obj for name, obj in vars(module).items()
+        if isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module.__name__
+    }
+
+
+def _names_used_by_other_classes(path: Path, classes: dict[str, type]) -> set[str]:
+    """Class names that appear inside another candidate's ``class`` statement (bases or body)."""
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ClassDef) and node.name in classes:
+            names = {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+            names |= {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)}
+            used |= (names & set(classes)) - {node.name}
+    return used
+
+
+def _pick_model_class(module: types.ModuleType, path: Path, class_name: str | None) -> type:
+    classes = _module_classes(module)
+    call = f"load_model_from_file({str(path)!r}" + (f", class_name={class_name!r})" if class_name else ")")
+    if not classes:
+        raise ValueError(f"{call}: the file defines no nn.Module subclass.")
+    if class_name is not None:
+        if class_name not in classes:
+            raise ValueError(
+                f"{call}: the file defines no nn.Module named {class_name!r}. "
+                f"It defines: {', '.join(sorted(classes))}."
+            )
+        return classes[class_name]
+    top = sorted(set(classes) - _names_used_by_other_classes(path, classes)) or sorted(classes)
+    if len(top) > 1:
+        raise ValueError(
+            f"{call}: several nn.Module classes could be the model: {', '.join(top)}. "
+            f"Pass class_name= one of them."
+        )
+    return classes[top[0]]
+
+
+def _construct(cls: type, config: dict | None, call: str) -> nn.Module:
+    config = {} if config is None else dict(config)
+    params = list(inspect.signature(cls).parameters.values())
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
+    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    missing = [p.name for p in named if p.default is p.empty and p.name not in config]
+    unknown = [] if takes_any else [k for k in config if k not in {p.name for p in named}]
+    if missing:
+        raise ValueError(
+            f"{call}: {cls.__name__}() needs {', '.join(missing)}, which config does not give. "
+            f"Pass config={{{', '.join(f'{m!r}: ...' for m in missing)}}}."
+        )
+    if unknown:
+        raise ValueError(
+            f"{call}: {cls.__name__}() does not take {', '.join(map(repr, unknown))}. "
+            f"It takes: {', '.join(p.name for p in named) or 'no arguments'}."
+        )
+    return cls(**config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The user's own model, from a GitHub gist
+
+GIST_API_URL = "https://api.github.com"
+_GIST_HOSTS = frozenset({"gist.github.com", "gist.githubusercontent.com", "api.github.com"})
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_GIST_ID = re.compile(r"[0-9a-f]{20,40}|[0-9]{1,12}")
+_MAX_BYTES = 5_000_000
+
+
+class GistDownloadError(OSError):
+    """Downloading a gist failed; the message gives the HTTP status (when there was one) and a hint."""
+
+
+def load_model_from_gist(
+    gist: str,
+    class_name: str | None = None,
+    config: dict | None = None,
+    *,
+    filename: str | None = None,
+    timeout: float = 10.0,
+    api_url: str = GIST_API_URL,
+) -> nn.Module:
+    """Download a gist's Python file and build the ``nn.Module`` it defines.
+
+    Example::
+
+        >>> model = load_model_from_gist("https://gist.github.com/someone/0123456789abcdef0123")  # doctest: +SKIP
+
+    Args:
+        gist: a gist id (hex) or its URL on ``gist.github.com`` / ``gist.githubusercontent.com``.
+        class_name, config: as for :func:`load_model_from_file`.
+        filename: which ``.py`` file of the gist. Default None: its only ``.py`` file.
+        timeout: seconds to wait for each HTTPS response (default 10).
+        api_url: the GitHub API (default ``https://api.github.com``). Only that host, or a loopback
+            address such as ``http://127.0.0.1:8000`` for tests, is accepted.
+
+    Raises:
+        ValueError: a URL on another host, an id that is not hex, a gist with no or several
+            ``.py`` files (listed), or any error of :func:`load_model_from_file`.
+        GistDownloadError: the download failed; the message has the status and a hint.
+
+    .. warning::
+        The gist's code is **executed** on this machine, with your permissions. Load only gists
+        you wrote or have read.
+    """
+    call = f"load_model_from_gist({gist!r})"
+    base = _checked_api_url(api_url, call)
+    gist_id = _gist_id(gist, call)
+    listing = json.loads(_fetch(f"{base}/gists/{gist_id}", timeout, base, call))
+    name, entry = _pick_gist_file(listing.get("files") or {}, filename, call)
+    code = entry.get("content")
+    if code is None or entry.get("truncated"):
+        code = _fetch(entry["raw_url"], timeout, base, call)
+    folder = Path(tempfile.mkdtemp(prefix=f"gist-{gist_id}-"))
+    target = folder / Path(name).name
+    target.write_text(code, encoding="utf-8")
+    return load_model_from_file(target, class_name=class_name, config=config)
+
+
+def _checked_api_url(api_url: str, call: str) -> str:
+    parts = urllib.parse.urlsplit(api_url)
+    official = parts.scheme == "https" and parts.hostname == "api.github.com"
+    loopback = parts.scheme in ("http", "https") and parts.hostname in _LOOPBACK_HOSTS
+    if not (official or loopback):
+        raise ValueError(
+            f"{call}: api_url={api_url!r} is not allowed. Use https://api.github.com, or a loopback "
+            f"address such as http://127.0.0.1:8000 for tests."
+        )
+    return api_url.rstrip("/")
+
+
+def _gist_id(gist: str, call: str) -> str:
+    text = str(gist).strip()
+    if "://" in text:
+        parts = urllib.parse.urlsplit(text)
+        if parts.scheme != "https" or parts.hostname not in ("gist.github.com", "gist.githubusercontent.com"):
+            raise ValueError(
+                f"{call}: only https://gist.github.com and https://gist.githubusercontent.com URLs are "
+                f"accepted, or a bare gist id."
+            )
+        # gist.github.com/<id>, gist.github.com/<user>/<id>, gist.githubusercontent.com/<user>/<id>/raw/...
+        segments = [s for s in parts.path.split("/") if s]
+        text = segments[0] if len(segments) == 1 else (segments[1] if segments else "")
+        text = text.removesuffix(".git")
+    if not _GIST_ID.fullmatch(text):
+        raise ValueError(
+            f"{call}: {text!r} is not a gist id: expected 20 to 40 lowercase hex digits "
+            f"(or the digits of an old numeric id)."
+        )
+    return text
+
+
+class _SameHostsRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow redirects only to the gist hosts (or the loopback test server)."""
+
+    def __init__(self, allowed: frozenset[str]):
+        self.allowed = allowed
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        if urllib.parse.urlsplit(newurl).hostname not in self.allowed:
+            raise GistDownloadError(f"Refusing a redirect from {req.full_url} to {newurl}: not a gist host.")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _fetch(url: str, timeout: float, base: str, call: str) -> str:
+    allowed = _GIST_HOSTS | {urllib.parse.urlsplit(base).hostname}
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname not in allowed or (parts.hostname in _GIST_HOSTS and parts.scheme != "https"):
+        raise ValueError(f"{call}: refusing to download {url}: only HTTPS from the gist hosts is allowed.")
+    opener = urllib.request.build_opener(_SameHostsRedirects(allowed))
+    request = urllib.request.Request(url, headers={"Accept": "application/vnd.github+json",
+                                                   "User-Agent": "amp-transformer-notebooks"})
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            body = response.read(_MAX_BYTES + 1)
+    except urllib.error.HTTPError as e:
+        raise GistDownloadError(f"{call}: GET {url} failed with HTTP {e.code} {e.reason}. {_hint(e.code)}") from e
+    except (urllib.error.URLError, TimeoutError) as e:
+        reason = getattr(e, "reason", e)
+        raise GistDownloadError(
+            f"{call}: could not reach {url}: {reason}. Check the network, or download the file and "
+            f"use load_model_from_file()."
+        ) from e
+    if len(body) > _MAX_BYTES:
+        raise GistDownloadError(f"{call}: {url} is larger than {_MAX_BYTES} bytes; refusing it.")
+    return body.decode("utf-8")
+
+
+def _hint(status: int) -> str:
+    if status == 404:
+        return "Check the gist id: the gist may be deleted, or the id mistyped."
+    if status in (403, 429):
+        return ("GitHub's API allows 60 unauthenticated requests an hour; wait, or download the file "
+                "and use load_model_from_file().")
+    return "Try again later, or download the file and use load_model_from_file()."
+
+
+def _pick_gist_file(files: dict, filename: str | None, call: str) -> tuple[str, dict]:
+    python = sorted(name for name in files if name.endswith(".py"))
+    if filename is not None:
+        if filename not in files:
+            raise ValueError(f"{call}: the gist has no file {filename!r}. It has: {', '.join(sorted(files))}.")
+        return filename, files[filename]
+    if not python:
+        raise ValueError(f"{call}: the gist has no .py file. It has: {', '.join(sorted(files)) or 'no files'}.")
+    if len(python) > 1:
+        raise ValueError(f"{call}: the gist has several .py files: {', '.join(python)}. Pass filename=.")
+    return python[0], files[python[0]]
