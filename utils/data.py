@@ -1,0 +1,201 @@
+"""Text to train on, tokenizers, and language-model windows. Nothing here downloads.
+
+Example::
+
+    >>> text = load_corpus()                         # ~460 KB of English from Python's own docs
+    >>> data = make_lm_dataset(text, ByteTokenizer(), context=64)
+    >>> data.train.shape[1], data.train.dtype
+    (65, torch.int64)
+    >>> x, y = data.train[:, :-1], data.train[:, 1:]   # inputs and next-token targets
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".csv", ".json", ".py", ".html", ".tex")
+
+
+def load_corpus(source: str | os.PathLike | None = None) -> str:
+    """The text to train on.
+
+    Example::
+
+        >>> len(load_corpus()) > 400_000
+        True
+        >>> load_corpus("To be, or not to be")
+        'To be, or not to be'
+
+    Args:
+        source: None (default): the English help topics that ship with every Python
+            (``pydoc_data.topics``, ~460 KB). A ``pathlib.Path``, or a string naming an existing
+            file: that file, read as UTF-8. Any other string: the text itself.
+
+    Raises:
+        FileNotFoundError: a ``Path`` (or a one-word string ending in a text suffix such as
+            ``.txt``) that names no file.
+        ValueError: the text is empty.
+    """
+    if source is None:
+        from pydoc_data.topics import topics  # stdlib; always present in CPython
+
+        text = "\n\n".join(topics[key] for key in sorted(topics))  # sorted: the same text every run
+    elif isinstance(source, os.PathLike) or _names_a_file(source):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"load_corpus({str(source)!r}): no such file.")
+        text = path.read_text(encoding="utf-8")
+    elif isinstance(source, str):
+        text = source
+    else:
+        raise ValueError(f"load_corpus({source!r}): pass None, a text file's path, or a string of text.")
+    if not text:
+        raise ValueError(f"load_corpus({source!r}): the text is empty.")
+    return text
+
+
+def _names_a_file(source) -> bool:
+    if not isinstance(source, str) or "\n" in source or len(source) > 4096:
+        return False
+    looks_like_path = " " not in source.strip() and source.lower().endswith(_TEXT_SUFFIXES)
+    return looks_like_path or os.path.isfile(source)
+
+
+@dataclass(frozen=True)
+class ByteTokenizer:
+    """UTF-8 bytes as tokens: vocabulary 256, every text encodable, matches ``example_model("gpt-micro")``.
+
+    Example::
+
+        >>> tok = ByteTokenizer()
+        >>> tok.encode("hé").tolist()
+        [104, 195, 169]
+        >>> tok.decode(tok.encode("hé"))
+        'hé'
+    """
+
+    vocab_size: int = 256
+
+    def encode(self, text: str) -> torch.Tensor:
+        """A 1-D LongTensor of the text's UTF-8 bytes."""
+        data = text.encode("utf-8")
+        if not data:
+            return torch.empty(0, dtype=torch.long)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+
+    def decode(self, ids) -> str:
+        """Text from byte ids; invalid UTF-8 (e.g. a character cut in two) becomes ``\\ufffd``."""
+        return bytes(_ints(ids)).decode("utf-8", errors="replace")
+
+
+@dataclass(frozen=True)
+class CharTokenizer:
+    """One token per distinct character of a text, in sorted order.
+
+    Example::
+
+        >>> tok = CharTokenizer.from_text("hello")
+        >>> tok.vocab_size, tok.encode("hell").tolist()
+        (4, [1, 0, 2, 2])
+    """
+
+    chars: tuple[str, ...]
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls(tuple(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> torch.Tensor:
+        """A 1-D LongTensor of character ids.
+
+        Raises:
+            ValueError: the text has characters outside the vocabulary (the first few named).
+        """
+        index = {c: i for i, c in enumerate(self.chars)}
+        unknown = sorted(set(text) - index.keys())
+        if unknown:
+            raise ValueError(
+                f"CharTokenizer.encode: {len(unknown)} character(s) not in the vocabulary, e.g. "
+                f"{''.join(unknown[:10])!r}. Build the tokenizer from a text that contains them."
+            )
+        return torch.tensor([index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[i] for i in _ints(ids))
+
+
+def _ints(ids) -> list[int]:
+    return ids.tolist() if isinstance(ids, torch.Tensor) else [int(i) for i in ids]
+
+
+def make_tokenizer(kind: str = "byte", text: str | None = None) -> ByteTokenizer | CharTokenizer:
+    """``"byte"`` (default, vocabulary 256) or ``"char"`` (the characters of ``text``).
+
+    Raises:
+        ValueError: an unknown kind, or ``"char"`` without a text.
+    """
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "char":
+        if not text:
+            raise ValueError("make_tokenizer('char'): pass text= to build the character vocabulary from.")
+        return CharTokenizer.from_text(text)
+    raise ValueError(f"make_tokenizer({kind!r}): unknown kind. Use 'byte' or 'char'.")
+
+
+class LMDataset(NamedTuple):
+    """Windows of ``context + 1`` token ids: inputs are ``[:, :-1]``, targets ``[:, 1:]``."""
+
+    train: torch.Tensor  # (N_train, context + 1), int64
+    val: torch.Tensor  # (N_val, context + 1), int64
+
+
+def make_lm_dataset(text: str, tokenizer, context: int, val_fraction: float = 0.1) -> LMDataset:
+    """Cut a text into non-overlapping next-token windows and split them into train and validation.
+
+    Example::
+
+        >>> train, val = make_lm_dataset("abcdefghij" * 10, ByteTokenizer(), context=9)
+        >>> train.shape, val.shape
+        (torch.Size([9, 10]), torch.Size([1, 10]))
+
+    Args:
+        text: the corpus (see :func:`load_corpus`).
+        tokenizer: anything with ``encode(text) -> 1-D LongTensor`` (:class:`ByteTokenizer`,
+            :class:`CharTokenizer`).
+        context: the model's sequence length; each window holds ``context + 1`` tokens.
+        val_fraction: the share of windows for validation (default 0.1), in ``[0, 1)``. The
+            validation windows are the text's *last* ones, so the split is deterministic and
+            validation text is never seen in training.
+
+    Raises:
+        ValueError: a bad ``context`` or ``val_fraction``, or a text too short for one window in
+            each split (the tokens needed and given are named).
+    """
+    call = f"make_lm_dataset(..., context={context!r}, val_fraction={val_fraction!r})"
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"{call}: context must be a positive int.")
+    if not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"{call}: val_fraction must be in [0, 1).")
+    ids = tokenizer.encode(text).long()  # (n_tokens,)
+    width = context + 1
+    n_windows = ids.numel() // width
+    n_val = math.ceil(n_windows * val_fraction) if val_fraction > 0 else 0
+    n_needed = 1 + (1 if val_fraction > 0 else 0)
+    if n_windows < n_needed or n_windows - n_val < 1:
+        raise ValueError(
+            f"{call}: the text has {ids.numel()} tokens, but {n_needed} window(s) of context + 1 = "
+            f"{width} tokens need {n_needed * width}. Use more text or a shorter context."
+        )
+    windows = ids[: n_windows * width].view(n_windows, width)
+    return LMDataset(train=windows[: n_windows - n_val].clone(), val=windows[n_windows - n_val:].clone())
