@@ -207,6 +207,8 @@ class Trainer:
             self.scheduler.step()
         self._win_loss += step_loss
         self._win_steps += 1
+        self._epoch_loss += step_loss
+        self._epoch_steps += 1
 
     # ---- logging -----------------------------------------------------------------------------
     def _check_finite(self) -> None:
@@ -246,8 +248,11 @@ class Trainer:
         _call(self.callbacks, "on_step_end", self, metrics)
 
     def _end_epoch(self, complete: bool) -> None:
+        if self._win_steps:  # every epoch ends on a logged step
+            self._log_step()
+        train_loss = float(self._epoch_loss) / self._epoch_steps if self._epoch_steps else None
         record = {"type": "epoch", "epoch": self.current_epoch, "step": self.global_step, "complete": complete,
-                  "train_loss": self.history[-1]["loss"] if self.history else None}
+                  "train_loss": train_loss}
         if self.val_batches is not None:
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
                            loss_fn=self.loss_fn)
@@ -345,6 +350,7 @@ class Trainer:
     def _run_epoch(self) -> bool:
         """Train until the epoch ends or the run is done; True when the epoch ran to its end."""
         accum, pending = self.args.grad_accum_steps, 0
+        self._epoch_loss, self._epoch_steps = torch.zeros((), device=self.precision.device), 0
         step_loss = torch.zeros((), device=self.precision.device)
         for batch in self._epoch_iter():
             step_loss = step_loss + self._backward(batch)
