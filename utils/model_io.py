@@ -12,7 +12,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -102,3 +105,93 @@ def find_context_length(model: nn.Module) -> int | None:
         if isinstance(module, nn.Embedding) and "pos" in name.lower():
             return module.num_embeddings
     return None
+
+
+# ----------------------------------------------------------------------------------------------
+# What to feed a model: the tiers and the benchmark ask here for vocabulary, context and device.
+
+DEFAULT_CONTEXT = 64  # used for models with no fixed context length (no position table, no config)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: token ids below ``vocab_size``, sequences up to ``max_seq_len``, on ``device``.
+
+    Example::
+
+        >>> spec = input_spec(example_model("gpt-micro"))          # doctest: +SKIP
+        >>> spec.vocab_size, spec.max_seq_len, spec.context_from    # doctest: +SKIP
+        (256, 64, 'model')
+        >>> spec.random_ids(2, 16, torch.Generator().manual_seed(0)).shape   # doctest: +SKIP
+        torch.Size([2, 16])
+    """
+
+    vocab_size: int
+    max_seq_len: int
+    context_from: str  # "argument", "model", or "default" (the model has no fixed context)
+    device: torch.device
+
+    def random_ids(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform token ids ``(batch_size, seq_len)`` on the spec's device, reproducible by ``generator``."""
+        ids = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator)
+        return ids.to(self.device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int | None = None,
+               *, call: str = "input_spec(model)") -> InputSpec:
+    """Resolve what to feed ``model``: the arguments when given, else what the model says.
+
+    Args:
+        vocab_size: default None: :func:`find_vocab_size`.
+        max_seq_len: default None: :func:`find_context_length`, or ``DEFAULT_CONTEXT`` (64) when the
+            model has no fixed limit.
+        call: how the caller was called, repeated in errors.
+
+    Raises:
+        ValueError: the vocabulary size is not given and cannot be found, or a size is not a
+            positive int.
+    """
+    for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
+    vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
+    if vocab is None:
+        raise ValueError(
+            f"{call}: cannot tell the vocabulary size of {type(model).__name__}: it has no "
+            f"config.vocab_size and no nn.Embedding. Pass vocab_size=."
+        )
+    if max_seq_len is not None:
+        context, source = max_seq_len, "argument"
+    elif (found := find_context_length(model)) is not None:
+        context, source = found, "model"
+    else:
+        context, source = DEFAULT_CONTEXT, "default"
+    return InputSpec(vocab, context, source, model_device(model))
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Run checks on ``model`` and leave it as it was: each submodule's train/eval mode and every
+    parameter's ``.grad`` are restored on exit.
+
+    Example::
+
+        >>> with preserved_state(model):             # doctest: +SKIP
+        ...     model.train(); model(x).sum().backward()
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, grad in grads:
+            param.grad = grad
