@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from utils.training import checkpoint as ckpt_io
+from utils.training import distributed
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -139,14 +140,17 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
 class Trainer:
     """The loop's state. Callbacks receive it as ``trainer`` and may read ``model``, ``optimizer``,
     ``scheduler``, ``scaler``, ``precision`` (the plan), ``global_step``, ``current_epoch``,
-    ``skipped_steps`` and ``run_dir``."""
+    ``skipped_steps`` and ``run_dir``; ``net`` is what runs forward (the model, or its DDP wrapper
+    under torchrun) and ``world`` the processes of the run."""
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, args: TrainArgs,
-                 loss_fn, callbacks, run_dir):
+                 loss_fn, callbacks, run_dir, world: distributed.World | None = None):
         self.model, self.precision, self.optimizer = model, plan, optimizer
+        self.world = world or distributed.World()
+        self.net = model  # World.fit swaps in the DDP wrapper for the run
         self.scheduler, self.scaler, self.args = scheduler, scaler, args
         self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
-        self.callbacks = list(callbacks)
+        self.callbacks = list(callbacks) if self.world.is_rank_zero else []  # rank 0 alone logs
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_step = self.current_epoch = self.batch_in_epoch = self.skipped_steps = 0
@@ -171,14 +175,14 @@ class Trainer:
         batch = move_to(batch, self.precision.device)
         with self.precision.autocast():
             if self.loss_fn is not None:
-                loss = self.loss_fn(self.model, batch)
+                loss = self.loss_fn(self.net, batch)
                 count = batch.shape[0] if isinstance(batch, torch.Tensor) else 1
             else:
                 prepared = prepare_batch(batch)
                 if not self._checked_ids:
                     check_token_ids(self.model, prepared, "train_data")
                     self._checked_ids = True
-                loss, _, _ = forward_loss(self.model, prepared)
+                loss, _, _ = forward_loss(self.net, prepared)
                 count = prepared.count
         self._win_count += count
         loss = loss / self.args.grad_accum_steps
@@ -227,7 +231,9 @@ class Trainer:
             self._metrics_file.flush()
 
     def _log_step(self) -> None:
+        self._bad_step = self.world.max(self._bad_step)  # so every rank stops, not only the one that saw it
         self._check_finite()
+        self._win_loss, self._win_count = self.world.mean(self._win_loss), self.world.sum(self._win_count)
         elapsed = max(time.perf_counter() - self._win_t0, 1e-9)
         metrics = {
             "type": "step", "step": self.global_step, "epoch": self.current_epoch,
@@ -250,7 +256,7 @@ class Trainer:
     def _end_epoch(self, complete: bool) -> None:
         if self._win_steps:  # every epoch ends on a logged step
             self._log_step()
-        train_loss = float(self._epoch_loss) / self._epoch_steps if self._epoch_steps else None
+        train_loss = float(self.world.mean(self._epoch_loss)) / self._epoch_steps if self._epoch_steps else None
         record = {"type": "epoch", "epoch": self.current_epoch, "step": self.global_step, "complete": complete,
                   "train_loss": train_loss}
         if self.val_batches is not None:
@@ -276,7 +282,8 @@ class Trainer:
             "format": ckpt_io.FORMAT, "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(), "rng": ckpt_io.rng_state(), "epoch_rng": self._epoch_rng,
-            "position": {"epoch": self.current_epoch, "batch": self.batch_in_epoch},
+            "position": {"epoch": self.current_epoch, "batch": self.batch_in_epoch},  # global batches
+            "world_size": self.world.world_size,
             "global_step": self.global_step, "skipped_steps": self.skipped_steps,
             "precision": self.precision.name, "best_val_loss": self.best_val_loss,
             "args": {k: v for k, v in vars(self.args).items() if k != "progress"},
@@ -287,6 +294,9 @@ class Trainer:
         if self.run_dir is None:
             return
         self._check_finite()  # never overwrite a good checkpoint with a diverged model
+        if not self.world.is_rank_zero:  # rank 0 writes; the others only note where
+            self.checkpoint_path = str(self.run_dir / "checkpoints" / ckpt_io.LATEST)
+            return
         state = self.state()
         folder = self.run_dir / "checkpoints"
         self.checkpoint_path = str(ckpt_io.save_atomic(state, folder / ckpt_io.LATEST))
@@ -296,7 +306,8 @@ class Trainer:
     def restore(self, resume_from) -> None:
         path, state = ckpt_io.load_checkpoint(resume_from)
         saved = state.get("args", {})
-        for name in ("batch_size", "grad_accum_steps", "seed"):
+        self.world.check_resume(path, state, self.args.batch_size, isinstance(self.batches, TensorBatches))
+        for name in ("grad_accum_steps", "seed"):  # batch_size: check_resume compares global batches
             if name in saved and saved[name] != getattr(self.args, name):
                 raise ValueError(
                     f"Checkpoint {str(path)!r} was trained with {name}={saved[name]!r}, but this call has "
@@ -330,6 +341,7 @@ class Trainer:
             if resume is not None:
                 ckpt_io.set_rng_state(resume)
             return self.batches.epoch(self.current_epoch, start)
+        distributed.set_sampler_epoch(self.batches, self.current_epoch)
         if resume is not None and start > 0 and self._epoch_rng is not None:
             ckpt_io.set_rng_state(self._epoch_rng)
             it = iter(self.batches)
@@ -353,7 +365,8 @@ class Trainer:
         self._epoch_loss, self._epoch_steps = torch.zeros((), device=self.precision.device), 0
         step_loss = torch.zeros((), device=self.precision.device)
         for batch in self._epoch_iter():
-            step_loss = step_loss + self._backward(batch)
+            with self.world.no_sync(self.net, pending + 1 < accum):  # DDP all-reduces on the last micro-batch
+                step_loss = step_loss + self._backward(batch)
             pending += 1
             if pending == accum:
                 self._finish_step(step_loss, pending)
@@ -361,6 +374,7 @@ class Trainer:
                 if self._done():
                     return False
         if pending:  # a short last accumulation still steps, as Lightning does
+            self.world.average_gradients(self.params)  # its micro-batches all ran under no_sync
             self._finish_step(step_loss, pending)
         return True
 
@@ -387,9 +401,10 @@ class Trainer:
         from tqdm.auto import tqdm
 
         t0, self._tokens_done, interrupted = time.perf_counter(), 0, False
-        self._bar = tqdm(total=self._total_steps(), initial=self.global_step, disable=not self.args.progress,
+        self._bar = tqdm(total=self._total_steps(), initial=self.global_step,
+                         disable=not (self.args.progress and self.world.is_rank_zero),
                          desc=f"train [{self.precision.name}]", unit="step")
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.world.is_rank_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         try:
@@ -478,22 +493,32 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
         Metrics are read from the device every ``log_every`` steps only; ``16-mixed`` reads the
         loss scale once per step (one host sync) to count skipped steps. KeyboardInterrupt ends
         the run cleanly with a checkpoint and ``interrupted=True``.
+
+    .. note::
+        Under ``torchrun`` each process runs this call: the model is wrapped in
+        ``DistributedDataParallel``, ``batch_size`` is per process (a tensor ``train_data`` is
+        sharded so a step's ``batch_size × world_size`` samples are those one process would draw),
+        metrics are averaged over ranks, and rank 0 alone logs, runs ``callbacks`` and writes
+        ``run_dir``. A checkpoint resumes on any number of processes with the same global batch.
+        See :mod:`utils.training.distributed`.
     """
     args = TrainArgs(epochs, max_steps, batch_size, lr, weight_decay, grad_accum_steps, max_grad_norm,
                      warmup_steps, checkpoint_every, seed, log_every, progress)
     args.check()
+    world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
+    device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     model = _place(model, plan)
-    batches = as_batches(train_data, batch_size, seed, "train_data")
+    batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
     optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
     warm = max(warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     trainer = Trainer(model, plan, optimizer, scheduler, plan.make_scaler(), batches, val_batches, args,
-                      loss_fn, callbacks, run_dir)
+                      loss_fn, callbacks, run_dir, world)
     if resume_from is not None:
         trainer.restore(resume_from)
     else:
         torch.manual_seed(seed)
         random.seed(seed)
-    return trainer.fit()
+    return world.fit(trainer)
