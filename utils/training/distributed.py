@@ -1,0 +1,280 @@
+"""Past one device: the same loop in every process ``torchrun`` starts, under DistributedDataParallel.
+
+``train()`` asks :meth:`World.detect` who it is. In a plain process that is rank 0 of 1 and nothing
+here does anything. Under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` set) :meth:`World.fit`
+joins the process group (nccl on CUDA, gloo on CPU) unless one exists, wraps the model in
+``DistributedDataParallel``, trains, and tears down what it set up.
+
+Example::
+
+    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --batch-size 8 \\
+          --max-steps 100 --run-dir runs/ddp
+
+    >>> world = World.detect()                 # rank and world size from torchrun's environment
+    >>> world.rank, world.world_size, world.is_rank_zero      # doctest: +SKIP
+    (0, 2, True)
+
+``batch_size`` is per process: a step's global batch is ``batch_size × world_size`` samples, and
+for tensor data it holds exactly the samples one process would draw with that batch size
+(:class:`ShardedTensorBatches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import warnings
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from utils.training.batches import TensorBatches
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+class ShardedTensorBatches(TensorBatches):
+    """One rank's share of each global batch of a (N, T) tensor.
+
+    The global batch ``i`` of an epoch is batch ``i`` of ``TensorBatches(data, batch_size × world_size)``
+    (the same permutation from (seed, epoch)); rank ``r`` takes its rows ``[r·B, (r+1)·B)``. So the
+    ranks together see, step for step, what one process sees with the doubled (×world_size) batch,
+    and ``epoch(e, start)`` counts ``start`` in global batches.
+
+    Example::
+
+        >>> full = TensorBatches(torch.arange(16).view(8, 2), batch_size=4, seed=0)
+        >>> shards = [ShardedTensorBatches(TensorBatches(full.data, 2, 0), r, 2) for r in (0, 1)]
+        >>> torch.equal(torch.cat([next(s.epoch(0)) for s in shards]), next(full.epoch(0)))
+        True
+
+    Raises:
+        ValueError: fewer samples than one global batch.
+    """
+
+    def __init__(self, batches: TensorBatches, rank: int, world_size: int):
+        n, per_rank = batches.data.shape[0], batches.batch_size
+        if n < per_rank * world_size:
+            raise ValueError(
+                f"train_data has {n} samples, fewer than one global batch of batch_size={per_rank} per "
+                f"process × {world_size} processes = {per_rank * world_size}. Pass a smaller batch_size "
+                f"or more data."
+            )
+        super().__init__(batches.data, per_rank * world_size, batches.seed, batches.shuffle, drop_last=True)
+        self.rank, self.world_size, self.per_rank = rank, world_size, per_rank
+
+    def epoch(self, epoch: int, start: int = 0):
+        lo = self.rank * self.per_rank
+        for batch in super().epoch(epoch, start):  # (B × world_size, T)
+            yield batch[lo:lo + self.per_rank]  # (B, T)
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes of one run: this one's ``rank``, how many there are, and its GPU (``local_rank``).
+
+    ``World()`` is a single process; :meth:`detect` reads torchrun's environment (or a process group
+    the caller already initialized).
+    """
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def detect(cls) -> World:
+        """This process's place: from an initialized process group, torchrun's variables, or alone.
+
+        Raises:
+            ValueError: some but not all of RANK, WORLD_SIZE, LOCAL_RANK are set, or they are not
+                integers with ``0 <= RANK < WORLD_SIZE``.
+        """
+        local = os.environ.get("LOCAL_RANK", "0")
+        if dist.is_available() and dist.is_initialized():
+            return cls(dist.get_rank(), dist.get_world_size(), int(local) if local.isdigit() else 0)
+        present = [k for k in TORCHRUN_ENV if k in os.environ]
+        if not present:
+            return cls()
+        values = {k: os.environ.get(k, "") for k in TORCHRUN_ENV}
+        ok = len(present) == 3 and all(v.isdigit() for v in values.values())
+        if not ok or not int(values["RANK"]) < int(values["WORLD_SIZE"]):
+            shown = ", ".join(f"{k}={os.environ[k]!r}" for k in present)
+            raise ValueError(
+                f"This process has {shown}: torchrun sets RANK, WORLD_SIZE and LOCAL_RANK, as integers "
+                f"with 0 <= RANK < WORLD_SIZE. Launch with torchrun, or unset them to train in one process."
+            )
+        return cls(int(values["RANK"]), int(values["WORLD_SIZE"]), int(values["LOCAL_RANK"]))
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_rank_zero(self) -> bool:
+        """Only rank 0 logs, writes files and shows progress."""
+        return self.rank == 0
+
+    def default_device(self, device):
+        """``cuda:LOCAL_RANK`` where one process per GPU is meant (``None`` or a bare ``"cuda"``)."""
+        if not self.is_distributed or not torch.cuda.is_available():
+            return device
+        try:
+            bare_cuda = device is not None and torch.device(device) == torch.device("cuda")
+        except (RuntimeError, TypeError):  # not a device: resolve_precision names the problem
+            return device
+        return torch.device("cuda", self.local_rank) if device is None or bare_cuda else device
+
+    def shard(self, batches):
+        """Rank's share of tensor data; other data passes through (warning without a DistributedSampler)."""
+        if not self.is_distributed:
+            return batches
+        if isinstance(batches, TensorBatches):
+            return ShardedTensorBatches(batches, self.rank, self.world_size)
+        sampler = getattr(batches, "sampler", None)
+        if not isinstance(sampler, torch.utils.data.DistributedSampler):
+            warnings.warn(
+                f"train_data is a {type(batches).__name__} without a DistributedSampler: each of the "
+                f"{self.world_size} processes trains on the same batches. Pass "
+                f"DataLoader(dataset, sampler=DistributedSampler(dataset)), or a tensor of token ids, "
+                f"which is sharded for you.",
+                stacklevel=3,
+            )
+        return batches
+
+    # ---- collectives: every rank calls them at the same points; no-ops in one process ----------
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of ``value`` over ranks (a scalar tensor on the run's device)."""
+        if not self.is_distributed:
+            return value
+        total = value.detach().double().clone()
+        dist.all_reduce(total)
+        return (total / self.world_size).to(value.dtype)
+
+    def sum(self, value: int) -> int:
+        if not self.is_distributed:
+            return value
+        total = torch.tensor(float(value), dtype=torch.float64, device=_collective_device())
+        dist.all_reduce(total)
+        return int(total.item())
+
+    def max(self, value: torch.Tensor) -> torch.Tensor:
+        if not self.is_distributed:
+            return value
+        out = value.detach().clone()
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+        return out
+
+    def no_sync(self, net: nn.Module, skip: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync()`` for micro-batches before the last of an accumulation."""
+        if skip and isinstance(net, DistributedDataParallel):
+            return net.no_sync()
+        return contextlib.nullcontext()
+
+    def average_gradients(self, params) -> None:
+        """All-reduce gradients accumulated under ``no_sync`` (an epoch's short last accumulation)."""
+        if not self.is_distributed:
+            return
+        for p in params:
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad.div_(self.world_size)
+
+    # ---- the run -------------------------------------------------------------------------------
+    def fit(self, trainer):
+        """``trainer.fit()`` under DDP: join the group, wrap ``trainer.net``, then unwind safely.
+
+        A group this call initialized is destroyed at the end: the DDP wrapper is dropped and
+        collected first, and the ranks meet at a barrier (destroying a gloo group while a DDP
+        wrapper lives can abort the process). A group the caller initialized is left as it was.
+        """
+        if not self.is_distributed:
+            return trainer.fit()
+        device = trainer.precision.device
+        owned = init_process_group(self, device)
+        finished = False
+        try:
+            trainer.net = wrap(trainer.model, device)
+            result = trainer.fit()
+            finished = True
+            return result
+        finally:
+            trainer.net = trainer.model
+            teardown(owned, device, barrier=finished)
+
+    def check_resume(self, path, state: dict, batch_size: int, tensor_data: bool) -> None:
+        """A checkpoint resumes on any world size whose global batch (``batch_size × world_size``) is
+        the one it was trained with: its data position counts global batches.
+
+        Raises:
+            ValueError: the global batch differs, or non-tensor data on another world size.
+        """
+        saved = state.get("args", {}).get("batch_size")
+        saved_world = state.get("world_size", 1)
+        then, now = (saved or 0) * saved_world, batch_size * self.world_size
+        if saved is not None and then != now and saved_world == self.world_size == 1:
+            raise ValueError(
+                f"Checkpoint {str(path)!r} was trained with batch_size={saved!r}, but this call has "
+                f"batch_size={batch_size!r}; the data position would not match. Pass batch_size={saved!r}."
+            )
+        if saved is not None and then != now:
+            fix = (f"Pass batch_size={then // self.world_size}" if then % self.world_size == 0 else
+                   f"Use a number of processes that divides {then}")
+            raise ValueError(
+                f"Checkpoint {str(path)!r} was trained with a global batch of {then} (batch_size={saved} × "
+                f"{saved_world} process(es)), but this run's is {now} (batch_size={batch_size} × "
+                f"{self.world_size} process(es)); the data position would not match. {fix}."
+            )
+        if saved_world != self.world_size and not tensor_data:
+            raise ValueError(
+                f"Checkpoint {str(path)!r} was trained by {saved_world} process(es), this run has "
+                f"{self.world_size}: only tensor data is resharded exactly. Resume with {saved_world} process(es)."
+            )
+
+
+def set_sampler_epoch(batches, epoch: int) -> None:
+    """Call ``sampler.set_epoch(epoch)`` on a DataLoader's ``DistributedSampler``, or it reshuffles
+    every epoch the same way."""
+    sampler = getattr(batches, "sampler", None)
+    if isinstance(sampler, torch.utils.data.DistributedSampler):
+        sampler.set_epoch(epoch)
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_process_group(world: World, device: torch.device) -> bool:
+    """Join torchrun's group (nccl for CUDA, gloo otherwise); False when one already exists."""
+    if dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size)
+    return True
+
+
+def teardown(owned: bool, device: torch.device, *, barrier: bool = True) -> None:
+    """Destroy a group we initialized, once no DDP wrapper is alive (see :meth:`World.fit`)."""
+    gc.collect()
+    if not owned:
+        return
+    if barrier:  # after a failure another rank may never arrive: skip it then
+        dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+    dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``DistributedDataParallel`` around ``model`` (rank 0's weights are broadcast to all ranks)."""
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DDP wrapper (what checkpoints hold); any other model as it is."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
