@@ -24,6 +24,8 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import socket
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from utils.training.batches import TensorBatches
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+_GROUPS_CREATED = 0  # by init_process_group in this process; the same count on every rank
 
 
 class ShardedTensorBatches(TensorBatches):
@@ -235,6 +238,33 @@ class World:
             )
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago (the OS picks it), for ``--master_port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(args: list[str], nproc: int, port: int | None = None) -> list[str]:
+    """The argv that runs ``torchrun --nproc_per_node=nproc`` on this machine, e.g. from a notebook.
+
+    Example::
+
+        >>> import subprocess
+        >>> cmd = torchrun_command(["-m", "utils.training", "train", "--model", "example:gpt-micro",
+        ...                         "--max-steps", "20", "--run-dir", "runs/ddp"], nproc=2)
+        >>> subprocess.run(cmd, check=True)             # doctest: +SKIP
+
+    Args:
+        args: what follows torchrun's own options: a script and its arguments, or ``-m module ...``.
+        nproc: processes to start (one per GPU; any number on a CPU).
+        port: the rendezvous port on 127.0.0.1; default: a free one.
+    """
+    port = free_port() if port is None else port
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
+            "--master_addr=127.0.0.1", f"--master_port={port}", *args]
+
+
 def set_sampler_epoch(batches, epoch: int) -> None:
     """Call ``sampler.set_epoch(epoch)`` on a DataLoader's ``DistributedSampler``, or it reshuffles
     every epoch the same way."""
@@ -256,7 +286,13 @@ def init_process_group(world: World, device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, rank=world.rank, world_size=world.world_size)
+    store, _, _ = next(dist.rendezvous("env://", world.rank, world.world_size))
+    # torch names every new default group alike, and a torchrun job's store outlives the group: a
+    # second train() in the same job would read the first group's stale addresses. Fresh keys each time.
+    global _GROUPS_CREATED
+    _GROUPS_CREATED += 1
+    store = dist.PrefixStore(f"utils.training/group{_GROUPS_CREATED}", store)
+    dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size)
     return True
 
 
