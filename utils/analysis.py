@@ -1,0 +1,533 @@
+"""Tier 2: how the model's attention behaves, and how robust its outputs are.
+
+Attention weights are captured from ``nn.MultiheadAttention`` (asked for its weights), from
+Hugging Face models (``output_attentions=True``) and from any call to
+``F.scaled_dot_product_attention`` (the weights recomputed from its ``q`` and ``k``), without
+changing the model.
+
+Example::
+
+    >>> report = run_tier2(example_model("gpt-micro"))
+    >>> report["attention_patterns"].details["source"]
+    'F.scaled_dot_product_attention'
+    >>> report["attention_patterns"].details["causal"]
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from utils.model_io import find_input_embedding, get_logits, input_spec, preserved_state
+from utils.report import Check, Report, new_figure, run_check
+
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
+             "average_attn_weights", "is_causal")
+
+
+def run_tier2(
+    model: nn.Module,
+    *,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    device=None,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    figures: bool = True,
+    seed: int = 0,
+) -> Report:
+    """Run every Tier 2 check on a model: attention patterns, then robustness.
+
+    Example::
+
+        >>> report = run_tier2(example_model("encoder-classifier"))
+        >>> [c.name for c in report.checks]
+        ['attention_patterns', 'token_substitution', 'embedding_noise', 'batch_consistency']
+
+    Args:
+        model: maps token ids ``(B, T)`` to logits (a tensor, tuple, dict or ``ModelOutput``).
+        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_io.input_spec``).
+        device: default None: where the model already is. Otherwise the model is moved there.
+        seq_len: the length analyzed (default ``min(max_seq_len, 32)``).
+        batch_size: sequences per check (default 2; the consistency check uses at least 3).
+        figures: draw the attention heatmaps (default True).
+        seed: for the random inputs and noise (default 0).
+
+    Raises:
+        ValueError: the vocabulary size cannot be found, or a bad size.
+    """
+    call = f"run_tier2({type(model).__name__})"
+    if device is not None:
+        model.to(device)
+    spec = input_spec(model, vocab_size, max_seq_len, call=call)
+    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed)
+    checks = [
+        run_check("attention_patterns", lambda: check_attention_patterns(
+            model, batch_size=batch_size, figure=figures, **kw)),
+        run_check("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
+        run_check("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
+        run_check("batch_consistency", lambda: check_batch_consistency(
+            model, batch_size=max(batch_size, 3), **kw)),
+    ]
+    info = {"model": type(model).__name__, "vocab_size": spec.vocab_size,
+            "seq_len": _length(spec, seq_len), "device": str(spec.device)}
+    return Report(f"Tier 2: {type(model).__name__}", checks, info=info)
+
+
+def _length(spec, seq_len: int | None) -> int:
+    return min(seq_len or 32, spec.max_seq_len)
+
+
+def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return get_logits(model(ids)).detach().float()
+
+
+# ----------------------------------------------------------------------------------------------
+# Capturing attention
+
+
+def sdpa_attention_weights(query, key, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
+    """The attention weights ``F.scaled_dot_product_attention`` uses, ``(..., H, L, S)``, in fp32.
+
+    ``weights @ value`` equals the SDPA output (without dropout). Follows the reference
+    implementation in the SDPA docs: the causal mask is aligned top-left, a boolean mask marks the
+    positions that *may* attend, a float mask is added. Fully masked rows come out as zeros.
+
+    Example::
+
+        >>> q, k, v = torch.randn(3, 1, 2, 5, 8).unbind(0)
+        >>> w = sdpa_attention_weights(q, k, is_causal=True)
+        >>> torch.allclose(w @ v, F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-6)
+        True
+    """
+    q, k = query.float(), key.float()
+    if enable_gqa and k.size(-3) != q.size(-3):
+        k = k.repeat_interleave(q.size(-3) // k.size(-3), dim=-3)
+    scale = 1.0 / math.sqrt(q.size(-1)) if scale is None else scale
+    scores = q @ k.transpose(-2, -1) * scale  # (..., H, L, S)
+    L, S = scores.shape[-2:]
+    if is_causal:
+        allowed = torch.ones(L, S, dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    return torch.softmax(scores, dim=-1).nan_to_num(0.0)
+
+
+@dataclass
+class AttentionCapture:
+    """Attention weights from one forward pass.
+
+    Attributes:
+        source: where they came from: ``"output_attentions"``, ``"nn.MultiheadAttention"``,
+            ``"F.scaled_dot_product_attention"`` (several joined by ``" + "``), or ``""``.
+        maps: ``{layer name: weights (B, H, L, S)}`` in call order, on the CPU, in fp32.
+    """
+
+    source: str = ""
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class _SDPARecorder(TorchFunctionMode):
+    """Sees every ``F.scaled_dot_product_attention`` call, however it was imported, and records
+    the weights it computes; the call itself runs unchanged."""
+
+    def __init__(self, record):
+        super().__init__()
+        self.record = record
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            a = dict(zip(_SDPA_ARGS, args)) | kwargs
+            weights = sdpa_attention_weights(a["query"], a["key"], a.get("attn_mask"), a.get("is_causal", False),
+                                             a.get("scale"), a.get("enable_gqa", False))
+            self.record(weights)
+        return func(*args, **kwargs)
+
+
+def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCapture:
+    """Run ``model(input_ids)`` once in eval mode and collect its attention weights.
+
+    Example::
+
+        >>> cap = capture_attention(example_model("gpt-micro"), torch.zeros(1, 8, dtype=torch.long))
+        >>> cap.source, list(cap.maps)[0], tuple(cap.maps["transformer.h.0.attn"].shape)
+        ('F.scaled_dot_product_attention', 'transformer.h.0.attn', (1, 2, 8, 8))
+
+    .. note::
+        Runs with autograd enabled: PyTorch's fused ``TransformerEncoderLayer`` path would otherwise
+        bypass ``nn.MultiheadAttention`` (and its weights) entirely in eval mode.
+    """
+    maps, sources, names = {}, [], _ModuleNames(model)
+
+    def record(kind: str, name: str, weights: torch.Tensor) -> None:
+        weights = _as_4d(weights)
+        key, n = name or "attention", 2
+        while key in maps:  # a module called twice
+            key, n = f"{name or 'attention'} (call {n})", n + 1
+        maps[key] = weights
+        if kind not in sources:
+            sources.append(kind)
+
+    hf = _wants_output_attentions(model)
+    with preserved_state(model), contextlib.ExitStack() as stack:
+        model.eval()
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(names)
+        for mha_name, mha in ((n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)):
+            stack.enter_context(_mha_weights(mha, lambda w, n=mha_name: record("nn.MultiheadAttention", n, w)))
+        stack.enter_context(_SDPARecorder(lambda w: record("F.scaled_dot_product_attention", names.current, w)))
+        output = model(input_ids, output_attentions=True) if hf else model(input_ids)
+    returned = _field(output, "attentions") if hf else None
+    if returned:  # the model's own answer wins over what was seen inside it
+        return AttentionCapture("output_attentions", {f"layer {i}": _as_4d(a) for i, a in enumerate(returned)})
+    return AttentionCapture(" + ".join(sources), maps)
+
+
+def _as_4d(a: torch.Tensor) -> torch.Tensor:
+    a = a.detach().float().cpu()
+    while a.dim() < 4:  # unbatched (H, L, S) or (L, S)
+        a = a.unsqueeze(0)
+    return a
+
+
+def _field(output, name: str):
+    value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
+    return tuple(a for a in value if isinstance(a, torch.Tensor)) if value else None
+
+
+def _wants_output_attentions(model: nn.Module) -> bool:
+    """Hugging Face models: their config has ``output_attentions``; plain modules would reject the argument."""
+    return hasattr(getattr(model, "config", None), "output_attentions")
+
+
+@contextlib.contextmanager
+def _mha_weights(mha: nn.MultiheadAttention, record):
+    """Make ``mha`` return per-head weights (``need_weights=True, average_attn_weights=False``)
+    and hand them to ``record``; its output is otherwise unchanged."""
+
+    def ask_for_weights(module, args, kwargs):
+        kwargs = dict(zip(_MHA_ARGS, args)) | kwargs
+        kwargs.update(need_weights=True, average_attn_weights=False)
+        return (kwargs.pop("query"), kwargs.pop("key"), kwargs.pop("value")), kwargs
+
+    def keep_weights(module, args, kwargs, output):
+        if isinstance(output, tuple) and isinstance(output[1], torch.Tensor):
+            record(output[1])
+
+    handles = [mha.register_forward_pre_hook(ask_for_weights, with_kwargs=True),
+               mha.register_forward_hook(keep_weights, with_kwargs=True)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+class _ModuleNames:
+    """Tracks which named submodule is running, to name the SDPA calls made inside it."""
+
+    def __init__(self, model: nn.Module):
+        self.model, self.stack, self.handles = model, [], []
+
+    @property
+    def current(self) -> str:
+        return self.stack[-1] if self.stack else ""
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            self.handles.append(module.register_forward_pre_hook(self._enter_hook(name)))
+            self.handles.append(module.register_forward_hook(self._exit_hook))
+        return self
+
+    def _enter_hook(self, name: str):
+        def hook(module, args) -> None:  # returning None keeps the inputs
+            self.stack.append(name)
+        return hook
+
+    def _exit_hook(self, module, args, output) -> None:  # returning None keeps the output
+        self.stack.pop()
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.stack.clear()
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention patterns
+
+
+def check_attention_patterns(
+    model: nn.Module,
+    *,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    collapsed_below: float = 0.05,
+    uniform_above: float = 0.99,
+    figure: bool = True,
+    seed: int = 0,
+) -> Check:
+    """Entropy per head, causality, and heatmaps of the attention weights on random input.
+
+    A head's normalized entropy is its entropy over the keys a query may see, divided by the
+    log of how many those are: 0 attends to one token ("collapsed"), 1 spreads evenly ("uniform";
+    usual at initialization). Fails when the weights are not finite or do not sum to 1. Skipped,
+    and said plainly, when no attention is found.
+
+    Example::
+
+        >>> check = check_attention_patterns(example_model("gpt-micro"), figure=False)
+        >>> check.details["layers"]["transformer.h.0.attn"]["heads"]
+        2
+    """
+    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_attention_patterns({type(model).__name__})")
+    ids = spec.random_ids(batch_size, _length(spec, seq_len), torch.Generator().manual_seed(seed))
+    capture = capture_attention(model, ids)
+    if not capture.maps:
+        return Check("attention_patterns", True,
+                     "No attention found: the model has no nn.MultiheadAttention, never calls "
+                     "F.scaled_dot_product_attention, and returns no attentions. Nothing to analyze.",
+                     {"source": None}, skipped=True)
+    layers = {name: _head_stats(w, collapsed_below, uniform_above) for name, w in capture.maps.items()}
+    broken = [n for n, s in layers.items() if not s["finite"] or s["row_sum_error"] > 1e-3]
+    details = {
+        "source": capture.source,
+        "causal": all(s["causal"] for s in layers.values()),
+        "layers": layers,
+        "collapsed_heads": [f"{n} head {h}" for n, s in layers.items() for h in s["collapsed_heads"]],
+        "uniform_heads": [f"{n} head {h}" for n, s in layers.items() for h in s["uniform_heads"]],
+    }
+    fig = _heatmaps(capture.maps) if figure else None
+    if broken:
+        return Check("attention_patterns", False,
+                     f"Attention weights in {', '.join(broken[:5])} are not finite or do not sum to 1.", details, fig)
+    heads = sum(s["heads"] for s in layers.values())
+    mean = sum(sum(s["normalized_entropy"]) for s in layers.values()) / heads
+    return Check("attention_patterns", True,
+                 f"{len(layers)} attention layer(s), {heads} heads, from {capture.source}"
+                 f"{' (causal)' if details['causal'] else ''}; mean normalized entropy {mean:.2f}; "
+                 f"{len(details['collapsed_heads'])} collapsed, {len(details['uniform_heads'])} uniform heads.",
+                 details, fig)
+
+
+def _head_stats(weights: torch.Tensor, collapsed_below: float, uniform_above: float) -> dict:
+    """Statistics of weights ``(B, H, L, S)``, averaged over batch and queries."""
+    p = weights.clamp_min(0.0)
+    entropy = -(p * p.clamp_min(1e-12).log()).sum(-1)  # (B, H, L)
+    keys = (p > 0).sum(-1)  # (B, H, L): how many keys each query can see
+    informative = keys > 1  # one visible key has entropy 0 by definition
+    normalized = entropy / keys.clamp_min(2).float().log()
+    per_head = (normalized * informative).sum((0, 2)) / informative.sum((0, 2)).clamp_min(1)  # (H,)
+    L, S = weights.shape[-2:]
+    finite = bool(torch.isfinite(weights).all())
+    # Causal: nothing above the diagonal. Undecidable for one query.
+    causal = L == S and L > 1 and float(weights.triu(1).abs().max()) <= 1e-6
+    return {
+        "heads": weights.shape[1],
+        "entropy_nats": [round(float(v), 4) for v in entropy.mean((0, 2))],
+        "normalized_entropy": [round(float(v), 4) for v in per_head],
+        "causal": causal,
+        "finite": finite,
+        "row_sum_error": float((weights.sum(-1) - 1).abs().max()) if finite else math.inf,
+        "collapsed_heads": [h for h, v in enumerate(per_head.tolist()) if v < collapsed_below],
+        "uniform_heads": [h for h, v in enumerate(per_head.tolist()) if v > uniform_above],
+    }
+
+
+def _heatmaps(maps: dict[str, torch.Tensor], max_layers: int = 4, max_heads: int = 4):
+    """First sample's weights: up to ``max_layers`` layers (first to last) by ``max_heads`` heads."""
+    names = list(maps)
+    if len(names) > max_layers:
+        names = [names[round(i * (len(names) - 1) / (max_layers - 1))] for i in range(max_layers)]
+    heads = min(max_heads, max(maps[n].shape[1] for n in names))
+    fig = new_figure(2.2 * heads, 2.2 * len(names))
+    axes = fig.subplots(len(names), heads, squeeze=False)
+    for row, name in enumerate(names):
+        for h in range(heads):
+            ax = axes[row][h]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if h < maps[name].shape[1]:
+                ax.imshow(maps[name][0, h].numpy(), cmap="viridis", vmin=0.0, aspect="auto")
+                ax.set_title(f"{name}\nhead {h}", fontsize=7)
+    fig.suptitle("Attention weights (query rows, key columns), first sequence")
+    return fig
+
+
+# ----------------------------------------------------------------------------------------------
+# Robustness
+
+
+def check_token_substitution(
+    model: nn.Module,
+    *,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    seed: int = 0,
+) -> Check:
+    """Change one random token per sequence and measure how much the output moves.
+
+    Reports the relative change ``||y' - y|| / ||y||``, for per-token outputs the share of
+    positions whose top prediction flips, and whether positions *before* the change stay exactly
+    as they were (a causal model's must). Fails when the output is not finite or does not change
+    at all (the model ignores its input).
+
+    Example::
+
+        >>> check_token_substitution(example_model("gpt-micro")).details["earlier_positions_unchanged"]
+        True
+    """
+    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_token_substitution({type(model).__name__})")
+    gen = torch.Generator().manual_seed(seed)
+    t = _length(spec, seq_len)
+    ids = spec.random_ids(batch_size, t, gen)
+    rows = torch.arange(batch_size)
+    where = torch.randint(0, t, (batch_size,), generator=gen)
+    changed = ids.clone()
+    shift = torch.randint(1, max(spec.vocab_size, 2), (batch_size,), generator=gen).to(ids.device)
+    changed[rows, where] = (ids[rows, where] + shift) % spec.vocab_size  # always a different token
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        y, y2 = _forward(model, ids), _forward(model, changed)
+    if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
+        return Check("token_substitution", False, "The output has NaN/Inf on random or substituted tokens.", {})
+    rel = ((y2 - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp_min(1e-12)).tolist()
+    details = {"positions_changed": where.tolist(), "relative_change": [round(r, 5) for r in rel]}
+    if y.dim() >= 3 and y.shape[1] == t:
+        details.update(_per_token_effects(y, y2, where))
+    if max(rel) == 0.0:
+        return Check("token_substitution", False,
+                     "The output does not change when a token changes: the model ignores its input.", details)
+    summary = f"One token changed per sequence moves the output by {sum(rel) / len(rel):.1%} on average"
+    if "top1_flipped" in details:
+        summary += f"; {details['top1_flipped']:.1%} of top-1 predictions from there on flip"
+    causal = details.get("earlier_positions_unchanged")
+    if causal is not None:
+        summary += "; earlier positions unchanged (causal)" if causal else "; earlier positions change too (not causal)"
+    return Check("token_substitution", True, summary + ".", details)
+
+
+def _per_token_effects(y: torch.Tensor, y2: torch.Tensor, where: torch.Tensor) -> dict:
+    t = y.shape[1]
+    pos = torch.arange(t)
+    before = pos[None, :] < where[:, None]  # (B, T)
+    after = ~before
+    diff = (y2 - y).abs().flatten(2).amax(-1).cpu()  # (B, T)
+    flipped = (y2.argmax(-1) != y.argmax(-1)).cpu()  # (B, T)
+    return {
+        # None when every change was at position 0, so there was nothing before it to compare.
+        "earlier_positions_unchanged": float(diff[before].max()) == 0.0 if before.any() else None,
+        "top1_flipped": float(flipped[after].float().mean()),
+    }
+
+
+def check_embedding_noise(
+    model: nn.Module,
+    *,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 2,
+    noise_levels: tuple[float, ...] = (0.01, 0.1),
+    seed: int = 0,
+) -> Check:
+    """Add Gaussian noise to the input embedding's output (at each level times its std) and measure
+    the relative output change. Fails on NaN/Inf; skipped when there is no input embedding.
+
+    Example::
+
+        >>> sorted(check_embedding_noise(example_model("gpt-micro")).details["relative_change"])
+        [0.01, 0.1]
+    """
+    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_embedding_noise({type(model).__name__})")
+    embedding = find_input_embedding(model)
+    if embedding is None:
+        return Check("embedding_noise", True, "No input embedding found (no nn.Embedding): nothing to perturb.",
+                     {}, skipped=True)
+    gen = torch.Generator().manual_seed(seed)
+    ids = spec.random_ids(batch_size, _length(spec, seq_len), gen)
+    changes, finite = {}, True
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        y = _forward(model, ids)
+        for level in noise_levels:
+            with _noisy(embedding, level, gen):
+                y2 = _forward(model, ids)
+            finite &= bool(torch.isfinite(y2).all())
+            changes[level] = float((y2 - y).norm() / y.norm().clamp_min(1e-12)) if finite else math.inf
+    details = {"embedding": type(embedding).__name__, "relative_change": changes}
+    if not finite or not torch.isfinite(y).all():
+        return Check("embedding_noise", False, "Noise on the input embedding makes the output NaN/Inf.", details)
+    pairs = ", ".join(f"{level:g} noise -> {change:.2%}" for level, change in changes.items())
+    return Check("embedding_noise", True, f"Relative output change under embedding noise: {pairs}.", details)
+
+
+@contextlib.contextmanager
+def _noisy(embedding: nn.Module, level: float, gen: torch.Generator):
+    def add_noise(module, args, out):
+        noise = torch.randn(out.shape, generator=gen).to(out.device, out.dtype)
+        return out + level * out.float().std().to(out.dtype) * noise
+
+    handle = embedding.register_forward_hook(add_noise)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def check_batch_consistency(
+    model: nn.Module,
+    *,
+    vocab_size: int | None = None,
+    max_seq_len: int | None = None,
+    seq_len: int | None = None,
+    batch_size: int = 3,
+    rtol: float = 1e-4,
+    seed: int = 0,
+) -> Check:
+    """Each sequence's output must not depend on the rest of the batch: compare a batch with each
+    sequence alone and with the batch reversed. Fails (naming the sequences) beyond ``rtol`` of the
+    output's scale, e.g. for a model that normalizes across the batch in eval mode.
+
+    Example::
+
+        >>> check_batch_consistency(example_model("gpt-micro")).passed
+        True
+    """
+    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_batch_consistency({type(model).__name__})")
+    ids = spec.random_ids(batch_size, _length(spec, seq_len), torch.Generator().manual_seed(seed))
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        y = _forward(model, ids)
+        alone = torch.cat([_forward(model, ids[i:i + 1]) for i in range(batch_size)])
+        reversed_ = _forward(model, ids.flip(0)).flip(0)
+    scale = max(float(y.abs().max()), 1e-12)
+    alone_diff = ((alone - y).flatten(1).abs().amax(1) / scale).tolist()
+    reversed_diff = float((reversed_ - y).abs().max()) / scale
+    details = {"relative_diff_alone": alone_diff, "relative_diff_reversed": reversed_diff, "rtol": rtol}
+    bad = [i for i, d in enumerate(alone_diff) if not d <= rtol]
+    if bad or not reversed_diff <= rtol:
+        worst = max(alone_diff + [reversed_diff])
+        return Check("batch_consistency", False,
+                     f"Outputs depend on the rest of the batch: sequence(s) {bad or 'all (reversed)'} differ "
+                     f"by up to {worst:.3g} of the output's scale (rtol {rtol}).", details)
+    return Check("batch_consistency", True,
+                 f"Each of {batch_size} sequences gives the same output alone and in a reversed batch "
+                 f"(within {max(alone_diff + [reversed_diff]):.2g} of the output's scale).", details)
