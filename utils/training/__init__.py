@@ -4,18 +4,24 @@ Importing this package needs only torch (and tqdm for the loop); wandb, ipywidge
 are imported where they are used.
 """
 
+from utils.training.amp_benchmark import benchmark_amp
 from utils.training.amp_utils import compute_effective_precision
+from utils.training.benchmark_results import AmpBenchmark
+from utils.training.benchmark_scan import scan_fp16_overflow
 from utils.training.loop import Trainer, TrainResult, evaluate, train
 from utils.training.precision import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
 
 __all__ = [
+    "AmpBenchmark",
     "Capabilities",
     "PrecisionPlan",
     "PrecisionWarning",
     "TrainResult",
     "Trainer",
+    "benchmark_amp",
     "compute_effective_precision",
     "evaluate",
     "resolve_precision",
+    "scan_fp16_overflow",
     "train",
 ]

@@ -1,0 +1,359 @@
+import json
+import re
+import warnings
+
+import matplotlib
+import pytest
+import torch
+from torch import nn
+
+from utils.models import example_model
+from utils.training import (
+    AmpBenchmark,
+    PrecisionWarning,
+    benchmark_amp,
+    resolve_precision,
+    scan_fp16_overflow,
+)
+from utils.training.benchmark_measure import (
+    StepClock,
+    matmul_params,
+    model_flops_per_step,
+    saved_tensor_bytes,
+    state_bytes,
+)
+from utils.training.benchmark_results import AmpRow, compare_to_baseline
+
+matplotlib.use("Agg")
+
+SEQ = 17  # 16 inputs + 1 shifted target per row
+
+
+def micro():
+    return example_model("gpt-micro", n_layer=1, block_size=16)
+
+
+def ids(rows, vocab=256, seed=0):
+    return torch.randint(0, vocab, (rows, SEQ), generator=torch.Generator().manual_seed(seed))
+
+
+def quietly(fn, *args, **kwargs):
+    """bf16/fp16 on a CPU without native bf16 warn that they are slow; the tests know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        return fn(*args, **kwargs)
+
+
+def quiet_benchmark(*args, **kwargs):
+    return quietly(benchmark_amp, *args, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return quiet_benchmark(micro, ids(32), precisions=("32-true", "auto", "bf16-mixed", "16-mixed"), steps=3,
+                           warmup=1, repeats=2, batch_size=4, device="cpu", eval_data=ids(8, seed=1))
+
+
+# ---- rows ------------------------------------------------------------------------------------
+
+
+def test_every_requested_precision_has_a_row_and_duplicates_are_collapsed_with_a_note(bench):
+    auto = resolve_precision("auto", "cpu").name
+    expected = list(dict.fromkeys(["32-true", auto, "bf16-mixed", "16-mixed"]))
+    assert [r.precision for r in bench.rows] == expected
+    assert bench.row("auto").precision == auto
+    if auto == "32-true":  # a CPU without native bf16: 'auto' is fp32 and is measured once
+        assert bench.row("32-true").requested == ["32-true", "auto"]
+        assert any(note.startswith("'auto' resolves to '32-true' on cpu") for note in bench.notes)
+
+
+def test_each_row_times_steps_times_repeats_and_compares_with_fp32(bench):
+    base = bench.row("32-true")
+    for row in bench.rows:
+        assert row.error is None, row.error
+        assert len(row.step_times_s) == 3 * 2  # warm-up steps dropped
+        assert row.step_time_min_s <= row.step_time_s <= row.step_time_max_s
+        assert row.speedup == pytest.approx(base.step_time_s / row.step_time_s)
+        assert row.throughput == pytest.approx(4 * (SEQ - 1) / row.step_time_s)  # tokens per second
+        assert row.mfu == pytest.approx(row.model_flops_per_s / row.peak_flops)
+        assert row.peak_memory_bytes is None  # CPU
+        saved = row.activation_bytes + row.weight_copy_bytes
+        assert row.memory_reduction_pct == pytest.approx(100 * (1 - saved / base.activation_bytes))
+        assert row.loss_delta == pytest.approx(row.final_loss - base.final_loss)
+        assert row.eval_loss is not None and 0 <= row.eval_accuracy <= 1
+    assert base.speedup == 1.0 and base.loss_delta == 0.0
+
+
+def test_half_precision_autocast_halves_saved_activations_and_saves_weight_copies():
+    model = example_model("gpt-micro")
+    batch = ids(8, seed=2)
+    fp32, bf16 = (saved_tensor_bytes(model, batch, quietly(resolve_precision, p, "cpu"))
+                  for p in ("32-true", "bf16-mixed"))
+    assert fp32.weight_copies == 0
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert bf16.weight_copies == 2 * weights  # every Linear's weight, once, in 2 bytes
+    assert bf16.activations < 0.8 * fp32.activations
+
+
+def test_the_benchmark_rows_carry_the_saved_bytes(bench):
+    assert bench.row("32-true").weight_copy_bytes == 0
+    for name in ("bf16-mixed", "16-mixed"):
+        row = bench.row(name)
+        assert row.weight_copy_bytes > 0 and row.activation_ratio < 1
+
+
+def test_adamw_state_is_twice_the_parameters(bench):
+    row = bench.row("32-true")
+    assert row.optimizer_bytes == 2 * row.param_bytes  # exp_avg and exp_avg_sq; step counters left out
+
+
+def test_half_precision_losses_stay_within_tolerance_of_fp32(bench):
+    for row in bench.rows:
+        assert abs(row.loss_delta) < 0.05 and row.exceeds_tolerance is False
+
+
+def test_the_fp16_scan_runs_when_16_mixed_is_requested(bench):
+    assert bench.fp16_scan is not None and bench.fp16_scan.ok
+    assert "16-mixed is safe" in bench.fp16_scan.recommendation
+
+
+# ---- identical start, interleaving -----------------------------------------------------------
+
+
+def test_every_run_starts_from_the_same_weights_even_when_the_factory_is_random():
+    built, models, starts = [], [], []
+
+    def factory():  # no seed: each call initialises differently
+        model = micro()
+        built.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+        return model
+
+    def loss_fn(model, batch):  # sees the weights train() starts from, at each run's first step
+        if not any(model is m for m in models):  # kept alive, so no two runs' models look alike
+            models.append(model)
+            starts.append(torch.cat([p.detach().float().flatten() for p in model.parameters()]))
+        logits = model(batch[:, :-1])
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    b = quiet_benchmark(factory, ids(16), precisions=("32-true", "bf16-mixed"), steps=1, warmup=0, repeats=2,
+                        batch_size=4, device="cpu", loss_fn=loss_fn)
+    assert not torch.equal(built[0], built[1])  # the factory really is random
+    assert len(starts) == 4  # 2 precisions x 2 repeats, a fresh model each
+    assert all(torch.equal(s, built[0]) for s in starts)  # all start from the first model's weights
+    assert len({r.init_checksum for r in b.rows}) == 1
+
+
+def test_repeats_are_interleaved_across_precisions():
+    calls = []
+
+    def loss_fn(model, batch):
+        calls.append(torch.is_autocast_enabled("cpu"))
+        logits = model(batch[:, :-1])
+        return nn.functional.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+    quiet_benchmark(micro, ids(16), precisions=("32-true", "bf16-mixed"), steps=2, warmup=0, repeats=2,
+                    batch_size=4, device="cpu", loss_fn=loss_fn)
+    runs = [c for i, c in enumerate(calls) if i == 0 or c != calls[i - 1]]
+    assert runs == [False, True, False, True]  # fp32, bf16, fp32, bf16
+
+
+# ---- failures stay in their row --------------------------------------------------------------
+
+
+class Overflowing(nn.Module):
+    """Fine in fp32 (a LayerNorm tames it), but ``up`` outputs ~1e6: inf in fp16."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(32, 8)
+        self.up = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.head = nn.Linear(8, 32)
+        with torch.no_grad():
+            self.up.weight.mul_(1e6)
+
+    def forward(self, x):
+        return self.head(self.norm(self.up(self.emb(x))))
+
+
+def test_scan_names_the_module_that_overflows_fp16_and_recommends_bf16_or_rescaling():
+    scan = scan_fp16_overflow(Overflowing(), ids(4, vocab=32))
+    assert not scan.ok
+    assert [m.name for m in scan.overflowing] == ["up"]
+    assert scan.overflowing[0].max_abs > 65504
+    assert "first up (Linear)" in scan.recommendation
+    assert "precision='bf16-mixed'" in scan.recommendation and "rescale" in scan.recommendation
+
+
+def test_scan_flags_values_that_flush_to_zero_in_fp16():
+    model = nn.Sequential(nn.Embedding(32, 8), nn.Linear(8, 8))
+    with torch.no_grad():
+        model[1].weight.mul_(1e-9)
+        model[1].bias.zero_()
+    scan = scan_fp16_overflow(model, (ids(4, vocab=32), torch.zeros(4, dtype=torch.long)))
+    assert [m.name for m in scan.underflowing] == ["1", ""]  # the Linear, which is also the model's output
+    assert "flush to zero" in scan.recommendation
+
+
+def test_an_fp16_overflowing_model_marks_its_fp16_row_and_the_fp32_row_still_reports():
+    b = quiet_benchmark(Overflowing, ids(16, vocab=32), precisions=("32-true", "16-mixed"), steps=2, warmup=1,
+                        repeats=2, batch_size=4, device="cpu")
+    fp32, fp16 = b.row("32-true"), b.row("16-mixed")
+    assert fp32.error is None and len(fp32.step_times_s) == 4
+    assert fp16.skipped_steps == 3
+    assert fp16.error.startswith("3 of 3 steps were skipped by the GradScaler")
+    assert "See the fp16 scan." in fp16.error
+    assert not b.fp16_scan.ok
+    assert len(fp16.step_times_s) == 2  # the failed precision ran once, then stopped
+
+
+class FailsUnderAutocast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inner = micro()
+
+    def forward(self, x):
+        if torch.is_autocast_enabled("cpu"):
+            raise torch.OutOfMemoryError("out of memory: tried to allocate 2.00 GiB")
+        return self.inner(x)
+
+
+def test_a_precision_that_raises_marks_only_its_own_row():
+    b = quiet_benchmark(FailsUnderAutocast, ids(16), precisions=("bf16-mixed", "32-true"), steps=2, warmup=0,
+                        repeats=2, batch_size=4, device="cpu")
+    assert b.row("bf16-mixed").error == "OutOfMemoryError: out of memory: tried to allocate 2.00 GiB"
+    assert b.row("bf16-mixed").step_time_s is None and b.row("bf16-mixed").speedup is None
+    assert b.row("32-true").error is None and len(b.row("32-true").step_times_s) == 4
+    assert "error: OutOfMemoryError" in b.to_markdown()
+
+
+# ---- arguments -------------------------------------------------------------------------------
+
+
+def test_bad_counts_repeat_the_call():
+    with pytest.raises(ValueError, match=re.escape("benchmark_amp(steps=0): steps must be an integer >= 1.")):
+        benchmark_amp(micro, ids(8), steps=0)
+    with pytest.raises(ValueError, match=re.escape("benchmark_amp(repeats=1.5): repeats must be an integer >= 1.")):
+        benchmark_amp(micro, ids(8), repeats=1.5)
+
+
+def test_an_unknown_precision_is_an_error_listing_the_accepted_ones():
+    with pytest.raises(ValueError, match=re.escape("precision='fp8' is not a known precision. Accepted:")):
+        benchmark_amp(micro, ids(8), precisions=("32-true", "fp8"))
+
+
+def test_a_factory_returning_something_else_is_named():
+    with pytest.raises(ValueError, match=re.escape("model_factory() returned str, not a torch.nn.Module.")):
+        benchmark_amp(lambda: "gpt-micro", ids(8))
+
+
+# ---- results ---------------------------------------------------------------------------------
+
+
+def test_json_round_trip(bench):
+    text = json.dumps(bench.to_dict(), allow_nan=False)
+    again = AmpBenchmark.from_dict(json.loads(text))
+    assert again.to_dict() == bench.to_dict()
+    assert again.row("bf16-mixed").step_times_s == bench.row("bf16-mixed").step_times_s
+
+
+def test_json_round_trip_of_a_failed_row_and_an_overflow_scan():
+    scan = scan_fp16_overflow(Overflowing(), ids(4, vocab=32))
+    b = AmpBenchmark([AmpRow("16-mixed", ["fp16"], final_loss=float("nan"), error="overflow")], "cpu",
+                     fp16_scan=scan)
+    data = json.loads(json.dumps(b.to_dict(), allow_nan=False))
+    assert data["rows"][0]["final_loss"] is None
+    again = AmpBenchmark.from_dict(data)
+    assert again.fp16_scan.overflowing[0].name == "up" and again.to_dict() == data
+
+
+def test_markdown_has_a_line_per_precision(bench):
+    lines = bench.to_markdown().splitlines()
+    for row in bench.rows:
+        assert sum(line.startswith(f"| {row.precision}") for line in lines) == 1
+
+
+def test_plot_draws_step_time_with_spread_and_memory(bench):
+    fig = bench.plot()
+    ax_time, ax_mem = fig.axes
+    heights = [p.get_height() for p in ax_time.patches]
+    assert heights == pytest.approx([r.step_time_s * 1e3 for r in bench.rows])
+    assert ax_mem.get_ylabel() == "MiB" and len(ax_mem.patches) >= len(bench.rows)
+    fig.canvas.draw()  # renders without error on Agg
+
+
+def test_summary_has_the_seeds_figures(bench):
+    fig = bench.summary()["bf16-mixed"]
+    row = bench.row("bf16-mixed")
+    assert fig == {"speedup": row.speedup, "memory_reduction_pct": row.memory_reduction_pct,
+                   "eval_accuracy": row.eval_accuracy, "accuracy_delta": row.accuracy_delta,
+                   "loss_delta": row.loss_delta, "eval_loss_delta": row.eval_loss_delta}
+
+
+class FakeRun:
+    def __init__(self):
+        self.logged, self.summary = [], {}
+
+    def log(self, data):
+        self.logged.append(data)
+
+
+def test_wandb_gets_a_table_and_summary_metrics(bench):
+    import wandb
+
+    run = FakeRun()
+    bench.log_to_wandb(run)
+    table = run.logged[0]["amp_benchmark"]
+    assert isinstance(table, wandb.Table)
+    assert [line[0] for line in table.data] == [r.precision for r in bench.rows]
+    assert run.summary["amp/bf16-mixed/speedup"] == bench.row("bf16-mixed").speedup
+
+
+def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(bench):
+    import wandb
+
+    bench.log_to_wandb()
+    assert wandb.run is None  # the run it started was finished
+
+
+# ---- measurement helpers ---------------------------------------------------------------------
+
+
+def test_activation_bytes_count_each_storage_once_and_leave_parameters_out():
+    model = nn.Linear(4, 4, bias=False)
+
+    def loss_fn(m, x):
+        h = m(x)  # linear saves x (and its weight, a parameter)
+        return (h * h).sum()  # saves h twice: one storage
+
+    plan = resolve_precision("32-true", "cpu")
+    assert saved_tensor_bytes(model, torch.randn(8, 4), plan, loss_fn) == (2 * 8 * 4 * 4, 0)
+
+
+def test_tied_weights_count_once_and_position_tables_are_not_matmuls():
+    model = micro()
+    wpe = model.transformer.wpe.weight.numel()
+    unique = sum(p.numel() for p in model.parameters())
+    assert matmul_params(model) == unique - wpe  # wte is tied to lm_head, so it counts
+    assert state_bytes(model) == (4 * unique, 0)
+    c = model.config
+    assert model_flops_per_step(model, 64, 16) == (6 * (unique - wpe) + 12 * c.n_layer * c.n_embd * 16) * 64
+
+
+def test_step_clock_stamps_each_step():
+    clock = StepClock(torch.device("cpu"))
+    from utils.training import train
+
+    train(micro(), ids(16), max_steps=3, batch_size=4, log_every=1, progress=False, callbacks=[clock],
+          precision="32-true")
+    times = clock.step_times()
+    assert len(times) == 3 and all(t > 0 for t in times)
+    assert clock.optimizer is not None
+
+
+def test_loss_tolerance_flags_a_delta_beyond_it():
+    rows = [AmpRow("32-true", final_loss=2.00), AmpRow("bf16-mixed", final_loss=2.06),
+            AmpRow("16-mixed", final_loss=2.01)]
+    compare_to_baseline(rows, tolerance=0.05)
+    assert [r.exceeds_tolerance for r in rows] == [False, True, False]
+    assert rows[1].loss_delta == pytest.approx(0.06)

@@ -1,0 +1,248 @@
+"""What :func:`utils.training.benchmark_amp` returns: one row per precision, and ways to show them.
+
+Example::
+
+    >>> bench = benchmark_amp(lambda: example_model("gpt-micro"), ids, steps=10)   # doctest: +SKIP
+    >>> print(bench.to_markdown())                                                 # doctest: +SKIP
+    >>> bench.row("32-true").step_time_s, bench.summary()                          # doctest: +SKIP
+    >>> fig = bench.plot()                                                         # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+from dataclasses import dataclass, field
+
+from utils.training.benchmark_scan import Fp16Scan
+
+BASELINE = "32-true"
+_MIB = 2**20
+
+
+@dataclass
+class AmpRow:
+    """One precision's figures. Ratios and deltas compare with the ``32-true`` row (None without it).
+
+    A row whose run failed (out of memory, a non-finite loss, a precision the device refuses, an
+    fp16 run that skipped most of its steps) says why in ``error``; what was measured stays.
+    """
+
+    precision: str  # canonical name actually run
+    requested: list[str] = field(default_factory=list)  # the spellings that resolved to it
+    reason: str = ""  # why resolve_precision chose it
+    step_time_s: float | None = None  # median over the timed steps of all repeats
+    step_time_min_s: float | None = None
+    step_time_max_s: float | None = None
+    step_times_s: list[float] = field(default_factory=list)  # every timed step, in run order
+    throughput: float | None = None
+    throughput_unit: str = "tokens/s"
+    speedup: float | None = None  # fp32 median / this median
+    activation_bytes: int | None = None  # activations saved for backward in one step, each storage once
+    activation_ratio: float | None = None  # / fp32's
+    weight_copy_bytes: int | None = None  # autocast's half-precision weight copies, also saved for backward
+    peak_memory_bytes: int | None = None  # CUDA only: peak allocated during a run
+    param_bytes: int | None = None
+    optimizer_bytes: int | None = None
+    memory_reduction_pct: float | None = None  # vs fp32: peak memory on CUDA, else activations + weight copies
+    final_loss: float | None = None  # the last step's training loss
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    loss_delta: float | None = None  # final_loss - fp32's
+    eval_loss_delta: float | None = None
+    accuracy_delta: float | None = None
+    exceeds_tolerance: bool | None = None  # |loss_delta| or |eval_loss_delta| > the benchmark's tolerance
+    skipped_steps: int | None = None  # GradScaler skips (16-mixed)
+    model_flops_per_s: float | None = None
+    peak_flops: float | None = None  # the matmul ceiling of this precision's compute dtype
+    mfu: float | None = None  # model_flops_per_s / peak_flops
+    init_checksum: str | None = None  # of the weights every repeat started from
+    error: str | None = None
+
+    def set_step_times(self, times: list[float], items_per_step: int | None) -> None:
+        """Record the timed steps and derive the median, spread and throughput."""
+        self.step_times_s = list(times)
+        if times:
+            self.step_time_s = statistics.median(times)
+            self.step_time_min_s, self.step_time_max_s = min(times), max(times)
+            self.throughput = _ratio(items_per_step, self.step_time_s)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _delta(a, b):
+    return a - b if a is not None and b is not None else None
+
+
+def _saved(row: AmpRow) -> int | None:
+    """All a step saves for backward: activations and autocast's weight copies."""
+    return None if row.activation_bytes is None else row.activation_bytes + (row.weight_copy_bytes or 0)
+
+
+def compare_to_baseline(rows: list[AmpRow], tolerance: float) -> None:
+    """Fill each row's speedup, memory ratios and loss deltas against the fp32 row."""
+    base = next((r for r in rows if r.precision == BASELINE), None)
+    if base is None:
+        return
+    for row in rows:
+        row.speedup = _ratio(base.step_time_s, row.step_time_s)
+        row.activation_ratio = _ratio(row.activation_bytes, base.activation_bytes)
+        on_cuda = row.peak_memory_bytes is not None and base.peak_memory_bytes is not None
+        mem = (_ratio(row.peak_memory_bytes, base.peak_memory_bytes) if on_cuda
+               else _ratio(_saved(row), _saved(base)))
+        row.memory_reduction_pct = None if mem is None else 100.0 * (1.0 - mem)
+        row.loss_delta = _delta(row.final_loss, base.final_loss)
+        row.eval_loss_delta = _delta(row.eval_loss, base.eval_loss)
+        row.accuracy_delta = _delta(row.eval_accuracy, base.eval_accuracy)
+        deltas = [d for d in (row.loss_delta, row.eval_loss_delta) if d is not None]
+        row.exceeds_tolerance = any(not abs(d) <= tolerance for d in deltas) if deltas else None
+
+
+def _json_safe(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no inf/NaN; the row's error says what went wrong
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "n/a" if value is None else str(value)
+    return f"{value * scale:{spec}}{suffix}"
+
+
+_TABLE_COLUMNS = ("precision", "requested", "step_time_s", "step_time_min_s", "step_time_max_s", "throughput",
+                  "speedup", "activation_bytes", "activation_ratio", "weight_copy_bytes", "peak_memory_bytes",
+                  "memory_reduction_pct",
+                  "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu", "skipped_steps", "error")
+
+
+@dataclass
+class AmpBenchmark:
+    """Rows per precision, the settings they were measured with, and notes on what was decided.
+
+    ``settings`` holds ``steps``, ``warmup``, ``repeats``, ``batch_size``, ``lr``,
+    ``loss_tolerance``, ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
+    that two requests resolved to the same precision and were measured once.
+    """
+
+    rows: list[AmpRow]
+    device: str
+    settings: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    fp16_scan: Fp16Scan | None = None  # when 16-mixed was run
+
+    def row(self, precision: str) -> AmpRow:
+        """The row of a canonical precision name, or of a spelling that was requested."""
+        for row in self.rows:
+            if precision == row.precision or precision in row.requested:
+                return row
+        raise KeyError(f"row({precision!r}): no such row. Rows: {', '.join(r.precision for r in self.rows)}.")
+
+    def summary(self) -> dict[str, dict]:
+        """The seed's figures per precision: speedup, memory reduction %, accuracy and loss difference."""
+        return {r.precision: {"speedup": r.speedup, "memory_reduction_pct": r.memory_reduction_pct,
+                              "eval_accuracy": r.eval_accuracy, "accuracy_delta": r.accuracy_delta,
+                              "loss_delta": r.loss_delta, "eval_loss_delta": r.eval_loss_delta}
+                for r in self.rows}
+
+    def to_dict(self) -> dict:
+        """Everything, JSON-safe (non-finite floats become None)."""
+        return _json_safe({
+            "device": self.device, "settings": self.settings, "notes": list(self.notes),
+            "rows": [dataclasses.asdict(r) for r in self.rows],
+            "fp16_scan": self.fp16_scan.to_dict() if self.fp16_scan else None,
+        })
+
+    @classmethod
+    def from_dict(cls, data: dict) -> AmpBenchmark:
+        """Rebuild from :meth:`to_dict` output (for instance after ``json.loads``)."""
+        scan = data.get("fp16_scan")
+        return cls(rows=[AmpRow(**r) for r in data["rows"]], device=data["device"],
+                   settings=dict(data.get("settings", {})), notes=list(data.get("notes", [])),
+                   fp16_scan=Fp16Scan.from_dict(scan) if scan else None)
+
+    def to_markdown(self) -> str:
+        """A Markdown table, one line per precision, then the notes and any fp16 scan advice."""
+        unit = self.rows[0].throughput_unit if self.rows else "tokens/s"
+        lines = [
+            f"| precision | step ms (min–max) | {unit} | speedup | activations MiB (×fp32) | weight copies MiB "
+            f"| peak MiB | params+optim MiB | final loss | eval loss | Δ loss | MFU | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in self.rows:
+            asked = [q for q in r.requested if q != r.precision]
+            name = r.precision + (f" ({', '.join(asked)})" if asked else "")
+            spread = f"{_fmt(r.step_time_s, '.1f', 1e3)} ({_fmt(r.step_time_min_s, '.1f', 1e3)}–" \
+                     f"{_fmt(r.step_time_max_s, '.1f', 1e3)})"
+            act = f"{_fmt(r.activation_bytes, '.2f', 1 / _MIB)} ({_fmt(r.activation_ratio, '.2f', suffix='x')})"
+            state = None if r.param_bytes is None else r.param_bytes + (r.optimizer_bytes or 0)
+            status = f"error: {r.error}" if r.error else ("Δ over tolerance" if r.exceeds_tolerance else "ok")
+            lines.append(" | ".join([
+                f"| {name}", spread, _fmt(r.throughput, ",.0f"), _fmt(r.speedup, ".2f", suffix="x"), act,
+                _fmt(r.weight_copy_bytes, ".2f", 1 / _MIB), _fmt(r.peak_memory_bytes, ".1f", 1 / _MIB), _fmt(state, ".1f", 1 / _MIB),
+                _fmt(r.final_loss, ".4f"), _fmt(r.eval_loss, ".4f"), _fmt(r.loss_delta, "+.4f"),
+                _fmt(r.mfu, ".1%"), status.replace("|", "/").replace("\n", " ") + " |",
+            ]))
+        lines += [f"\n- {note}" for note in self.notes]
+        if self.fp16_scan is not None:
+            lines.append(f"\nfp16 scan: {self.fp16_scan.recommendation}")
+        return "\n".join(lines)
+
+    def plot(self):
+        """A matplotlib ``Figure``: median step time with its min–max spread, and memory, side by side."""
+        from utils.report import new_figure
+
+        names = [r.precision for r in self.rows]
+        fig = new_figure(11, 4)
+        ax_time, ax_mem = fig.subplots(1, 2)
+        med = [(r.step_time_s or 0.0) * 1e3 for r in self.rows]
+        low = [m - (r.step_time_min_s or 0.0) * 1e3 if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
+        high = [(r.step_time_max_s or 0.0) * 1e3 - m if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
+        bars = ax_time.bar(names, med, yerr=[low, high], capsize=6, color="tab:blue")
+        ax_time.bar_label(bars, labels=[("error" if r.error else _fmt(r.speedup, ".2f", suffix="x"))
+                                        for r in self.rows], padding=3)
+        ax_time.set(title="Step time (median, min–max); label: speedup", ylabel="ms per step")
+        kinds = [("activations", "activation_bytes"), ("autocast weight copies", "weight_copy_bytes"),
+                 ("params + optimizer", None), ("peak (CUDA)", "peak_memory_bytes")]
+        width = 0.8 / len(kinds)
+        for i, (label, attr) in enumerate(kinds):
+            if attr is None:
+                values = [((r.param_bytes or 0) + (r.optimizer_bytes or 0)) / _MIB for r in self.rows]
+            else:
+                values = [(getattr(r, attr) or 0) / _MIB for r in self.rows]
+            if any(values):
+                ax_mem.bar([j + (i - 1.5) * width for j in range(len(names))], values, width, label=label)
+        ax_mem.set_xticks(range(len(names)), names)
+        ax_mem.set(title="Memory", ylabel="MiB")
+        ax_mem.legend()
+        return fig
+
+    def log_to_wandb(self, run=None) -> None:
+        """Log a ``wandb.Table`` (one line per precision) and summary metrics ``amp/<precision>/<figure>``.
+
+        Args:
+            run: a W&B run; default: the active one, or a new run in project ``"amp-benchmark"``
+                (finished here).
+        """
+        import wandb
+
+        started = run is None and wandb.run is None
+        run = run or wandb.run or wandb.init(project="amp-benchmark", job_type="benchmark", config=self.settings)
+        rows = [[_json_safe(", ".join(r.requested) if c == "requested" else getattr(r, c)) for c in _TABLE_COLUMNS]
+                for r in self.rows]
+        run.log({"amp_benchmark": wandb.Table(columns=list(_TABLE_COLUMNS), data=rows)})
+        for r in self.rows:
+            for key in ("step_time_s", "throughput", "speedup", "activation_bytes", "peak_memory_bytes",
+                        "memory_reduction_pct", "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu"):
+                value = _json_safe(getattr(r, key))
+                if value is not None:
+                    run.summary[f"amp/{r.precision}/{key}"] = value
+        if started:
+            run.finish()
