@@ -152,6 +152,13 @@ def test_capture_from_hugging_face_sdpa_recomputes_the_weights():
     assert torch.allclose(cap.maps["transformer.h.1.attn"], eager.maps["layer 1"], atol=1e-5)
 
 
+def test_hugging_face_style_config_without_the_argument_falls_back():
+    model = example_model("gpt-micro", n_layer=1)
+    model.config = type("Cfg", (), {"vocab_size": 256, "block_size": 64, "output_attentions": False})()
+    cap = capture_attention(model, torch.zeros(1, 4, dtype=torch.long))
+    assert cap.source == "F.scaled_dot_product_attention" and list(cap.maps) == ["transformer.h.0.attn"]
+
+
 def test_capture_leaves_training_mode():
     model = example_model("gpt-micro").train()
     capture_attention(model, torch.zeros(1, 4, dtype=torch.long))

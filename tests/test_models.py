@@ -285,6 +285,12 @@ def test_gist_rate_limited_gives_status_and_hint(server):
         load_model_from_gist(GIST_ID, api_url=server.url)
 
 
+def test_gist_api_answering_something_else_than_json(server):
+    server.routes[f"/gists/{GIST_ID}"] = (200, "<html>hello</html>")
+    with pytest.raises(GistDownloadError, match=re.escape("did not return JSON")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
 def test_gist_unreachable_server():
     with socket.socket() as s:  # a port that was free a moment ago, with nobody listening
         s.bind(("127.0.0.1", 0))

@@ -189,7 +189,14 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCap
         for mha_name, mha in ((n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)):
             stack.enter_context(_mha_weights(mha, lambda w, n=mha_name: record("nn.MultiheadAttention", n, w)))
         stack.enter_context(_SDPARecorder(lambda w: record("F.scaled_dot_product_attention", names.current, w)))
-        output = model(input_ids, output_attentions=True) if hf else model(input_ids)
+        if hf:
+            try:
+                output = model(input_ids, output_attentions=True)
+            except TypeError:  # a Hugging Face-style config, but a forward without the argument
+                maps.clear()
+                hf, output = False, model(input_ids)
+        else:
+            output = model(input_ids)
     returned = _field(output, "attentions") if hf else None
     if returned:  # the model's own answer wins over what was seen inside it
         return AttentionCapture("output_attentions", {f"layer {i}": _as_4d(a) for i, a in enumerate(returned)})

@@ -141,6 +141,11 @@ def _ints(ids) -> list[int]:
 def make_tokenizer(kind: str = "byte", text: str | None = None) -> ByteTokenizer | CharTokenizer:
     """``"byte"`` (default, vocabulary 256) or ``"char"`` (the characters of ``text``).
 
+    Example::
+
+        >>> make_tokenizer().vocab_size, make_tokenizer("char", text="abca").vocab_size
+        (256, 3)
+
     Raises:
         ValueError: an unknown kind, or ``"char"`` without a text.
     """

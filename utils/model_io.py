@@ -138,7 +138,13 @@ class InputSpec:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither."""
+    """The device of the model's first parameter (or buffer); CPU for a model with neither.
+
+    Example::
+
+        >>> model_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
     for tensor in itertools.chain(model.parameters(), model.buffers()):
         return tensor.device
     return torch.device("cpu")
@@ -147,6 +153,11 @@ def model_device(model: nn.Module) -> torch.device:
 def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int | None = None,
                *, call: str = "input_spec(model)") -> InputSpec:
     """Resolve what to feed ``model``: the arguments when given, else what the model says.
+
+    Example::
+
+        >>> input_spec(nn.Embedding(100, 8))          # no position table: the default context
+        InputSpec(vocab_size=100, max_seq_len=64, context_from='default', device=device(type='cpu'))
 
     Args:
         vocab_size: default None: :func:`find_vocab_size`.

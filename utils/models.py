@@ -449,11 +449,15 @@ def load_model_from_gist(
     call = f"load_model_from_gist({gist!r})"
     base = _checked_api_url(api_url, call)
     gist_id = _gist_id(gist, call)
-    listing = json.loads(_fetch(f"{base}/gists/{gist_id}", timeout, base, call))
+    url = f"{base}/gists/{gist_id}"
+    try:
+        listing = json.loads(_fetch(url, timeout, base, call))
+    except json.JSONDecodeError as e:
+        raise GistDownloadError(f"{call}: {url} did not return JSON ({e}). Is api_url the GitHub API?") from e
     name, entry = _pick_gist_file(listing.get("files") or {}, filename, call)
     code = entry.get("content")
     if code is None or entry.get("truncated"):
-        code = _fetch(entry["raw_url"], timeout, base, call)
+        code = _fetch(entry.get("raw_url") or "", timeout, base, call)
     folder = Path(tempfile.mkdtemp(prefix=f"gist-{gist_id}-"))
     target = folder / Path(name).name
     target.write_text(code, encoding="utf-8")

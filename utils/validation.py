@@ -455,8 +455,8 @@ def check_memory(
 
     Activations are the tensors autograd saves for backward in one train-mode forward at full
     length, measured with ``saved_tensors_hooks`` (so it works on any device). fp32 is measured at
-    every batch size; ``bf16-mixed`` and ``plan`` (when it autocasts) are measured at batches 1 and
-    2 of a short length and scaled to fp32's sizes (16-bit is slow on most CPUs). Fails when fp32 training at the smallest
+    every batch size; the 16-bit comparison (``plan`` when it autocasts, else ``bf16-mixed``) is
+    measured at batches 1 and 2 of a short length and scaled to fp32's sizes (16-bit is slow on most CPUs). Fails when fp32 training at the smallest
     batch size would not fit the device's memory.
 
     Example::
@@ -472,8 +472,10 @@ def check_memory(
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     fp32 = {b: _saved_activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), None) for b in batch_sizes}
     activations = {"32-true": fp32}
-    for name in dict.fromkeys(["bf16-mixed"] + ([plan.name] if plan and plan.autocast_dtype else [])):
-        activations[name] = _scaled_activations(model, spec, fp32, _autocast_dtype(name), gen)
+    # The 16-bit precision worth comparing: the plan's when it autocasts (e.g. 16-mixed on a GPU
+    # without bf16), otherwise bf16-mixed, to show what it would save here.
+    half = plan.name if plan is not None and plan.autocast_dtype is not None else "bf16-mixed"
+    activations[half] = _scaled_activations(model, spec, fp32, _autocast_dtype(half), gen)
     training = {name: {b: _training_bytes(name, trainable, param_bytes + buffer_bytes, act)
                        for b, act in acts.items()} for name, acts in activations.items()}
     available = _device_memory_bytes(spec.device)
@@ -491,7 +493,7 @@ def check_memory(
     return Check("memory_footprint", True,
                  f"{details['parameters']:,} parameters ({_mib(param_bytes)}); fp32 training with Adam at "
                  f"batch {big} x {spec.max_seq_len} needs about {_mib(training['32-true'][big])}, "
-                 f"bf16-mixed about {_mib(training['bf16-mixed'][big])}.", details, fig)
+                 f"{half} about {_mib(training[half][big])}.", details, fig)
 
 
 def _autocast_dtype(name: str) -> torch.dtype:
