@@ -11,6 +11,7 @@ from utils.model_io import (
     find_context_length,
     find_input_embedding,
     find_vocab_size,
+    get_attentions,
     get_logits,
     get_loss,
     input_spec,
@@ -41,6 +42,13 @@ def test_get_logits_names_what_it_got():
 
 def test_get_loss_is_none_for_plain_outputs():
     assert get_loss(LOGITS) is None and get_loss((LOGITS,)) is None and get_loss({"logits": LOGITS}) is None
+
+
+def test_get_attentions_from_dicts_and_model_outputs():
+    maps = (torch.rand(1, 2, 3, 3), torch.rand(1, 2, 3, 3))
+    assert get_attentions({"logits": LOGITS, "attentions": maps}) == maps
+    assert get_attentions({"logits": LOGITS, "attentions": ()}) is None  # HF with SDPA returns none
+    assert get_attentions((LOGITS, maps)) is None and get_attentions(LOGITS) is None
 
 
 class Positional(nn.Module):

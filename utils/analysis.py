@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.model_io import find_input_embedding, get_logits, input_spec, preserved_state
+from utils.model_io import find_input_embedding, get_attentions, get_logits, input_spec, preserved_state
 from utils.report import Check, Report, new_figure, run_check
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -197,7 +197,7 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCap
                 hf, output = False, model(input_ids)
         else:
             output = model(input_ids)
-    returned = _field(output, "attentions") if hf else None
+    returned = get_attentions(output) if hf else None
     if returned:  # the model's own answer wins over what was seen inside it
         return AttentionCapture("output_attentions", {f"layer {i}": _as_4d(a) for i, a in enumerate(returned)})
     return AttentionCapture(" + ".join(sources), maps)
@@ -208,11 +208,6 @@ def _as_4d(a: torch.Tensor) -> torch.Tensor:
     while a.dim() < 4:  # unbatched (H, L, S) or (L, S)
         a = a.unsqueeze(0)
     return a
-
-
-def _field(output, name: str):
-    value = output.get(name) if hasattr(output, "get") else getattr(output, name, None)
-    return tuple(a for a in value if isinstance(a, torch.Tensor)) if value else None
 
 
 def _wants_output_attentions(model: nn.Module) -> bool:

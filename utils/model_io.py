@@ -57,6 +57,19 @@ def get_loss(output) -> torch.Tensor | None:
     return loss if isinstance(loss, torch.Tensor) else None
 
 
+def get_attentions(output) -> tuple[torch.Tensor, ...] | None:
+    """The attention weights a model returned (``output["attentions"]`` or ``output.attentions``,
+    as Hugging Face models do with ``output_attentions=True``): one ``(B, H, L, S)`` per layer.
+
+    None for plain tensors and tuples, and when the model returned none (e.g. an empty tuple from a
+    Hugging Face model using SDPA).
+    """
+    if isinstance(output, (torch.Tensor, tuple, list)):
+        return None
+    found = tuple(a for a in (_field(output, "attentions") or ()) if isinstance(a, torch.Tensor))
+    return found or None
+
+
 def find_input_embedding(model: nn.Module) -> nn.Embedding | None:
     """The token embedding: ``get_input_embeddings()`` when the model has it, else the first
     ``nn.Embedding`` whose name does not look positional."""
