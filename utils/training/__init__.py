@@ -5,22 +5,27 @@ are imported where they are used.
 """
 
 from utils.training.amp_benchmark import benchmark_amp
-from utils.training.amp_utils import compute_effective_precision
+from utils.training.amp_utils import AmpWandbCallback, compute_effective_precision
 from utils.training.benchmark_results import AmpBenchmark
 from utils.training.benchmark_scan import scan_fp16_overflow
 from utils.training.loop import Trainer, TrainResult, evaluate, train
 from utils.training.precision import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
+from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb
 
 __all__ = [
     "AmpBenchmark",
+    "AmpWandbCallback",
     "Capabilities",
     "PrecisionPlan",
     "PrecisionWarning",
     "TrainResult",
     "Trainer",
+    "WandbSession",
+    "WandbWarning",
     "benchmark_amp",
     "compute_effective_precision",
     "evaluate",
+    "init_wandb",
     "resolve_precision",
     "scan_fp16_overflow",
     "train",
