@@ -1,0 +1,370 @@
+"""``python -m utils.training``: train or benchmark a model from the command line, on one process or
+under ``torchrun``.
+
+Example::
+
+    $ python -m utils.training train --model example:gpt-micro --data default --max-steps 200 \\
+          --batch-size 16 --run-dir runs/micro
+    $ python -m utils.training train --resume runs/micro --max-steps 400      # the same options again
+    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --run-dir runs/ddp
+    $ python -m utils.training bench --model example:gpt-micro --precisions 32-true,bf16-mixed
+
+This module is a program: it prints. The library it calls (``train``, ``benchmark_amp``) does not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+from utils.model_io import find_context_length, find_vocab_size
+from utils.training.distributed import World
+from utils.training.precision import canonical_precision
+
+BENCH_MODEL = "example:gpt-tiny"  # the benchmark's reference model
+COMMAND_FILE = "command.json"  # a run folder's options, so `--resume DIR` needs nothing else
+TRAIN_DEFAULTS = {
+    "model": None, "model_config": {}, "class_name": None, "data": "default", "context": None,
+    "val_fraction": 0.1, "precision": "auto", "device": None, "max_steps": None, "epochs": 1,
+    "batch_size": 8, "grad_accum": 1, "lr": 3e-4, "warmup_steps": 0, "checkpoint_every": None,
+    "log_every": 10, "seed": 0, "run_dir": None, "resume": None, "wandb": "disabled",
+    "wandb_project": "amp-transformer", "progress": True,
+}
+# Options that must match the checkpoint's run, taken from its command.json unless given again.
+RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
+           "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "max_steps", "epochs", "log_every",
+           "checkpoint_every", "wandb_project")
+
+
+class CliError(Exception):
+    """A problem with what was asked, found after parsing; printed without a traceback."""
+
+
+# ---- option types: argparse turns their errors into `usage: ... error: argument --x: ...` ---------
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer >= {low}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1)")
+    return value
+
+
+def _precision(text: str) -> str:
+    try:
+        canonical_precision(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _model_spec(text: str) -> str:
+    from utils.models import EXAMPLE_MODELS
+
+    kind, sep, rest = text.partition(":")
+    if sep and kind == "example" and rest in EXAMPLE_MODELS:
+        return text
+    if sep and kind == "gist" and rest:
+        return text
+    if text.endswith(".py"):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is not a model: use example:NAME (NAME one of {', '.join(EXAMPLE_MODELS)}), "
+        f"PATH.py or gist:ID"
+    )
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a JSON object such as '{{\"n_layer\": 2}}'")
+    return value
+
+
+def _precisions(text: str) -> tuple[str, ...]:
+    return tuple(_precision(p.strip()) for p in text.split(",") if p.strip()) or _precision("")
+
+
+# ---- the parser ----------------------------------------------------------------------------------
+def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str) -> None:
+    p.add_argument("--model", type=_model_spec, metavar="SPEC",
+                   help="example:NAME (gpt-tiny, gpt-micro, encoder-classifier), PATH.py (a file defining "
+                        "one nn.Module; it is executed) or gist:ID (a GitHub gist's .py file; executed) "
+                        f"({model_default})")
+    p.add_argument("--model-config", type=_json_object, metavar="JSON",
+                   help="constructor arguments as JSON, e.g. '{\"n_layer\": 2}' (example models: config "
+                        "overrides)")
+    p.add_argument("--class-name", metavar="NAME", help="the class to build from PATH.py or a gist "
+                   "(default: the file's one top-level nn.Module)")
+    p.add_argument("--data", metavar="default|PATH.txt",
+                   help=f"'default': Python's bundled English help topics (~460 KB); or a UTF-8 text file. "
+                        f"Tokenized as bytes (vocabulary 256) (default: {d['data']})")
+    p.add_argument("--context", type=_int_at_least(1), metavar="N",
+                   help="tokens the model sees per sequence (default: the model's context length, or 64)")
+    p.add_argument("--val-fraction", type=_fraction, metavar="F",
+                   help=f"share of the text held out for validation, in [0, 1) (default: {d['val_fraction']})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "
+                                    "cuda:LOCAL_RANK)")
+    p.add_argument("--lr", type=_positive_float, help=f"learning rate (default: {d['lr']})")
+    p.add_argument("--seed", type=_int_at_least(0), help=f"seed for weights and shuffling (default: {d['seed']})")
+    p.add_argument("--wandb", choices=("offline", "online", "disabled"),
+                   help="log to Weights & Biases: offline (saved locally; `wandb sync` later), online, or "
+                        f"disabled (default: {d['wandb']})")
+    p.add_argument("--wandb-project", metavar="NAME", help=f"W&B project (default: {d['wandb_project']})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m utils.training",
+        description="Train or benchmark a PyTorch transformer with automatic mixed precision. Run "
+                    "`train` under `torchrun --nproc_per_node=N -m utils.training train ...` to use N "
+                    "processes (DistributedDataParallel).")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench}")
+    d = TRAIN_DEFAULTS
+    t = sub.add_parser("train", help="train a model; checkpoints and metrics.jsonl go to --run-dir",
+                       description="Train a model on a text, checkpointing to --run-dir. Options left out "
+                                   "with --resume come from the run folder's command.json.")
+    _add_model_and_data(t, d, "required unless --resume names a run folder")
+    t.add_argument("--precision", type=_precision,
+                   help=f"auto, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true (or a legacy spelling) "
+                        f"(default: {d['precision']})")
+    t.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
+                   help="optimizer steps for the whole run, those before a resume included (default: "
+                        "--epochs full passes)")
+    t.add_argument("--epochs", type=_int_at_least(1), metavar="N",
+                   help=f"passes over the training text when --max-steps is not given (default: {d['epochs']})")
+    t.add_argument("--batch-size", type=_int_at_least(1), metavar="B",
+                   help=f"sequences per step per process; under torchrun the global batch is B × processes "
+                        f"(default: {d['batch_size']})")
+    t.add_argument("--grad-accum", type=_int_at_least(1), metavar="N",
+                   help=f"micro-batches per optimizer step (default: {d['grad_accum']})")
+    t.add_argument("--warmup-steps", type=_int_at_least(0), metavar="N",
+                   help=f"linear learning-rate warm-up (default: {d['warmup_steps']})")
+    t.add_argument("--checkpoint-every", type=_int_at_least(1), metavar="N",
+                   help="also checkpoint every N steps (default: at epoch ends and the end only)")
+    t.add_argument("--log-every", type=_int_at_least(1), metavar="N",
+                   help=f"read and log metrics every N steps (default: {d['log_every']})")
+    t.add_argument("--run-dir", metavar="DIR",
+                   help="folder for command.json, metrics.jsonl and checkpoints/ (required unless --resume; "
+                        "default then: the resumed folder)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR (or a checkpoint file) exactly, "
+                                                   "on any number of processes with the same global batch")
+    t.add_argument("--no-progress", dest="progress", action="store_const", const=False,
+                   help="no progress bar")
+
+    b = sub.add_parser("bench", help="time the same training in several precisions; print the table",
+                       description="Train the same model from the same weights on the same batches in "
+                                   "each precision, and print a Markdown table (benchmark_amp).")
+    _add_model_and_data(b, d, f"default: {BENCH_MODEL}")
+    b.add_argument("--precisions", type=_precisions, default=("32-true", "auto"), metavar="LIST",
+                   help="comma-separated precisions to compare (default: 32-true,auto)")
+    b.add_argument("--steps", type=_int_at_least(1), default=20, metavar="N",
+                   help="timed optimizer steps per run (default: 20)")
+    b.add_argument("--warmup", type=_int_at_least(0), default=5, metavar="N",
+                   help="untimed steps before them (default: 5)")
+    b.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N",
+                   help="runs per precision, interleaved (default: 3)")
+    b.add_argument("--batch-size", type=_int_at_least(1), default=16, metavar="B",
+                   help="sequences per step (default: 16)")
+    b.add_argument("--json", metavar="PATH", help="also write the full results as JSON here")
+    return parser
+
+
+# ---- shared: the model and the data --------------------------------------------------------------
+def build_model(spec: str, config: dict, class_name: str | None):
+    from utils.models import example_model, load_model_from_file, load_model_from_gist
+
+    kind, _, rest = spec.partition(":")
+    if kind == "example":
+        return example_model(rest, **config)
+    if kind == "gist":
+        return load_model_from_gist(rest, class_name, config or None)
+    return load_model_from_file(spec, class_name, config or None)
+
+
+def load_data(spec: str, model, context: int | None, val_fraction: float):
+    """Byte-tokenized windows of the text; ``(train, val or None, context)``."""
+    from utils.data import ByteTokenizer, load_corpus, make_lm_dataset
+
+    tokenizer = ByteTokenizer()
+    vocab = find_vocab_size(model)
+    if vocab is not None and vocab < tokenizer.vocab_size:
+        raise CliError(
+            f"The model's vocabulary has {vocab} tokens, fewer than the byte tokenizer's "
+            f"{tokenizer.vocab_size}: byte ids up to {tokenizer.vocab_size - 1} would not fit. Use a model "
+            f"with vocab_size >= {tokenizer.vocab_size}, e.g. --model example:gpt-micro, or "
+            f"--model-config '{{\"vocab_size\": {tokenizer.vocab_size}}}'."
+        )
+    limit = find_context_length(model)
+    context = context or limit or 64
+    if limit is not None and context > limit:
+        raise CliError(f"--context {context} is longer than the model's context length {limit}. "
+                       f"Pass --context {limit} or less.")
+    text = load_corpus(None if spec == "default" else Path(spec))
+    data = make_lm_dataset(text, tokenizer, context, val_fraction)
+    return data.train, (data.val if data.val.shape[0] else None), context
+
+
+def _start_wandb(opts: dict, config: dict, run_dir):
+    """The W&B session (or None when disabled), its message printed."""
+    if opts["wandb"] == "disabled":
+        return None
+    from utils.training.wandb_setup import init_wandb
+
+    session = init_wandb(opts["wandb_project"], config=config, mode=opts["wandb"], run_dir=run_dir)
+    print(session.message)
+    return session
+
+
+# ---- train ---------------------------------------------------------------------------------------
+def _command_file(resume: str) -> Path:
+    path = Path(resume)
+    folder = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/latest.pt
+    return folder / COMMAND_FILE
+
+
+def train_options(args: argparse.Namespace) -> dict:
+    """Defaults, then the resumed run's command.json, then what was given on this command line."""
+    given = {k: v for k, v in vars(args).items() if v is not None and k in TRAIN_DEFAULTS}
+    saved = {}
+    if args.resume is not None:
+        path = _command_file(args.resume)
+        if path.is_file():
+            saved = {k: v for k, v in json.loads(path.read_text()).items() if k in RESUMED}
+    opts = {**TRAIN_DEFAULTS, **saved, **given}
+    opts["run_dir"] = opts["run_dir"] or (str(_command_file(args.resume).parent) if args.resume else None)
+    if opts["model"] is None:
+        raise CliError("--model is required (unless --resume names a run folder with a command.json).")
+    if opts["run_dir"] is None:
+        raise CliError("--run-dir is required: the folder for metrics.jsonl and checkpoints.")
+    return opts
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from utils.training import train
+
+    opts = train_options(args)
+    world = World.detect()
+    if not world.is_rank_zero:  # one copy of each warning, from rank 0
+        warnings.simplefilter("ignore")
+    torch.manual_seed(opts["seed"])
+    model = build_model(opts["model"], opts["model_config"], opts["class_name"])
+    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    opts["context"] = context
+    run_dir = Path(opts["run_dir"])
+    if world.is_rank_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / COMMAND_FILE).write_text(json.dumps({k: v for k, v in opts.items() if k != "resume"},
+                                                       indent=2) + "\n")
+    session = _start_wandb(opts, opts, run_dir) if world.is_rank_zero else None
+    callbacks = []
+    if session is not None:
+        from utils.training import AmpWandbCallback
+
+        callbacks.append(AmpWandbCallback(precision=opts["precision"]))
+    try:
+        result = train(model, train_ids, val_data=val_ids, precision=opts["precision"], device=opts["device"],
+                       epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
+                       lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
+                       callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
+                       resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
+                       progress=opts["progress"])
+    finally:
+        if session is not None:
+            session.finish()
+    if world.is_rank_zero:
+        print(train_summary(result, opts, world))
+    return 130 if result.interrupted else 0
+
+
+def train_summary(result, opts: dict, world: World) -> str:
+    """What a person wants to know when a run ends, in a few lines."""
+    def fmt(x):
+        return "n/a" if x is None else f"{x:.4f}"
+
+    last_val = next((e for e in reversed(result.epochs) if e.get("val_loss") is not None), {})
+    how = "interrupted at" if result.interrupted else "trained to"
+    lines = [
+        f"{opts['model']} {how} step {result.global_step} in {result.wall_time_s:.1f} s "
+        f"({world.world_size} process(es), global batch {opts['batch_size'] * world.world_size}, "
+        f"{result.tokens_per_second:,.0f} tokens/s)",
+        f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
+        f"  skipped steps  {result.skipped_steps}   final loss scale {result.final_loss_scale}",
+        f"  precision      {result.precision.describe()}",
+        f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/{'latest.pt'})",
+        f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
+    ]
+    return "\n".join(lines)
+
+
+# ---- bench ---------------------------------------------------------------------------------------
+def run_bench(args: argparse.Namespace) -> int:
+    from utils.training import benchmark_amp
+
+    if World.detect().is_distributed:
+        raise CliError("bench runs in one process; launch it with python, not torchrun.")
+    opts = {**TRAIN_DEFAULTS, **{k: v for k, v in vars(args).items() if v is not None}}
+    torch.manual_seed(opts["seed"])
+    model = build_model(opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
+    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    session = _start_wandb(opts, {**opts, "context": context, "command": "bench"}, None)
+    try:
+        bench = benchmark_amp(model, train_ids, precisions=args.precisions, steps=args.steps,
+                              warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
+                              device=opts["device"], lr=opts["lr"], eval_data=val_ids,
+                              log_to_wandb=session is not None)
+    finally:
+        if session is not None:
+            session.finish()
+    print(f"AMP benchmark: {opts['model'] or 'example:gpt-tiny'}, context {context}, on {bench.device}\n")
+    print(bench.to_markdown())
+    if args.json:
+        Path(args.json).write_text(json.dumps(bench.to_dict(), indent=2) + "\n")
+        print(f"\nFull results: {args.json}")
+    return 1 if all(r.error for r in bench.rows) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 bad options, 130 interrupted)."""
+    args = build_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        return run_train(args) if args.command == "train" else run_bench(args)
+    except (CliError, ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+        print(f"python -m utils.training {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"interrupted after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        return 130
