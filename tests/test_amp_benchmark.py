@@ -357,3 +357,10 @@ def test_loss_tolerance_flags_a_delta_beyond_it():
     compare_to_baseline(rows, tolerance=0.05)
     assert [r.exceeds_tolerance for r in rows] == [False, True, False]
     assert rows[1].loss_delta == pytest.approx(0.06)
+
+
+def test_without_an_fp32_row_the_comparisons_are_empty_and_a_note_says_why():
+    b = quiet_benchmark(micro, ids(8), precisions=("bf16-mixed",), steps=1, warmup=0, repeats=1, batch_size=4,
+                        device="cpu")
+    assert b.row("bf16-mixed").step_time_s is not None and b.row("bf16-mixed").speedup is None
+    assert any(note.startswith("No '32-true' row") for note in b.notes)

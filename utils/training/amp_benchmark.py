@@ -29,7 +29,7 @@ from utils.training.benchmark_measure import (
     state_bytes,
     state_checksum,
 )
-from utils.training.benchmark_results import AmpBenchmark, AmpRow, compare_to_baseline
+from utils.training.benchmark_results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.benchmark_scan import Fp16Scan, scan_fp16_overflow
 from utils.training.loop import evaluate, train
 from utils.training.precision import PrecisionPlan, canonical_precision, resolve_precision
@@ -201,11 +201,15 @@ class BenchmarkSession:
             row.throughput_unit = self.unit
         rows = list(self.rows.values())
         compare_to_baseline(rows, self.loss_tolerance)
+        notes = list(self.notes)
+        if BASELINE not in self.rows:
+            notes.append(f"No {BASELINE!r} row: speedups, memory ratios and loss deltas compare with it, so "
+                         f"they are left empty. Add {BASELINE!r} to precisions to get them.")
         settings = {"steps": self.steps, "warmup": self.warmup, "repeats": max(self.runs.values()),
                     "batch_size": self.batch_size, "lr": self.lr, "loss_tolerance": self.loss_tolerance,
                     "items_per_step": self.items_per_step, "flops_per_step": self.flops_per_step,
                     "initial_checksum": self.checksum}
-        return AmpBenchmark(rows, str(self.device), settings, list(self.notes), self.fp16_scan)
+        return AmpBenchmark(rows, str(self.device), settings, notes, self.fp16_scan)
 
 
 def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5, repeats=3,

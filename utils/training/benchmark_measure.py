@@ -103,8 +103,8 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer | None = None
     params = tensor_bytes(model.parameters())
     if optimizer is None:
         return params, 0
-    states = [v for s in optimizer.state.values() for v in s.values()
-              if isinstance(v, torch.Tensor) and v.numel() > 1]  # AdamW's step counters are scalars
+    states = [v for s in optimizer.state.values() for k, v in s.items()
+              if isinstance(v, torch.Tensor) and k != "step"]  # Adam's step counter is bookkeeping
     return params, tensor_bytes(states)
 
 
