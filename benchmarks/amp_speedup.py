@@ -1,0 +1,127 @@
+"""Does AMP pay on this machine? ``benchmark_amp`` on the reference model, checked by a plain loop.
+
+Runs the benchmark session behind ``utils.training.benchmark_amp`` on gpt-tiny (the loop
+benchmark's reference model: vocab 4096, width 256, 4 layers, 4 heads, context 128) in 32-true and
+bf16-mixed (``--fp16`` adds 16-mixed), and after each of its runs the hand-written loop of
+``benchmarks/loop_overhead.py`` on the same initial weights and batches: ours A, plain A, ours B,
+plain B, ... repeated, so drift hits both alike. Prints the benchmark's table, then the ratios:
+ours/plain step time per precision, bf16's speed over fp32 as each loop measures it, the
+activation-bytes ratio and the loss difference.
+
+    python -m benchmarks.amp_speedup                  # a few minutes on a 2-core CPU without native bf16
+    python -m benchmarks.amp_speedup --batch-size 16 --steps 20 --warmup 5 --repeats 3   # a GPU / bf16 CPU
+
+The small defaults are for CPUs without AVX512-BF16/AMX, where bf16 matmuls are emulated and a
+bf16 step takes many times an fp32 one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
+
+from benchmarks.loop_overhead import run_plain  # noqa: E402  the independent hand-written loop
+from utils.models import example_model  # noqa: E402
+from utils.training import PrecisionWarning  # noqa: E402
+from utils.training.amp_benchmark import BenchmarkSession  # noqa: E402
+from utils.training.precision import cpu_has_native_bf16  # noqa: E402
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="gpt-tiny", help="example model (default: gpt-tiny, the reference)")
+    p.add_argument("--batch-size", type=int, default=8, help="default 8")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per run (default 3)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
+    p.add_argument("--fp16", action="store_true", help="also run 16-mixed (very slow on a CPU)")
+    p.add_argument("--device", default=None, help="default: the best available")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    return p.parse_args(argv)
+
+
+def _ratio_line(label: str, value: float | None, target: str = "") -> str:
+    shown = "n/a" if value is None else f"{value:.3f}"
+    return f"  {label:<58} {shown:>8}  {target}"
+
+
+def main(argv=None):
+    args = parse(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    factory = lambda: example_model(args.model)  # noqa: E731
+    config = factory().config
+    gen = torch.Generator().manual_seed(0)
+    rows = (args.warmup + args.steps) * args.batch_size  # one epoch: the plain loop reads epoch 0 only
+    data = torch.randint(0, config.vocab_size, (rows, config.block_size + 1), generator=gen)
+    eval_data = torch.randint(0, config.vocab_size, (4 * args.batch_size, config.block_size + 1), generator=gen)
+    precisions = ["32-true", "bf16-mixed"] + (["16-mixed"] if args.fp16 else [])
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)  # said once, below
+        session = BenchmarkSession(factory, data, precisions=precisions, steps=args.steps, warmup=args.warmup,
+                                   batch_size=args.batch_size, device=args.device, eval_data=eval_data)
+    native = cpu_has_native_bf16()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"model={args.model} batch={args.batch_size}x{config.block_size} steps={args.steps} "
+          f"warmup={args.warmup} repeats={args.repeats} device={session.device} "
+          f"threads={torch.get_num_threads()} native_cpu_bf16={native} load_avg={load}")
+    if session.device.type == "cpu" and not native:
+        print("note: this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 and fp16 matmuls are emulated and "
+              "run far slower than fp32, so bf16-mixed cannot be faster here; its memory saving still shows.")
+
+    plain = {name: [] for name in session.precisions}
+    for r in range(args.repeats):
+        for name in session.precisions:  # ours A, plain A, ours B, plain B: drift hits both alike
+            session.run(name)
+            if session.rows[name].error is None:
+                plain[name] += run_plain(factory, session.initial, data, session.plans[name], args,
+                                         args.warmup + args.steps)
+            print(f"  repeat {r + 1}/{args.repeats} {name} done", flush=True)
+    bench = session.result()
+    print()
+    print(bench.to_markdown())
+    report(bench, plain)
+
+
+def report(bench, plain: dict) -> None:
+    med = {name: statistics.median(t) if t else None for name, t in plain.items()}
+    print("\nplain hand-written loop (benchmarks/loop_overhead.py), same process, interleaved:")
+    for row in bench.rows:
+        p = med[row.precision]
+        print(f"  {row.precision:<11} plain median {p * 1e3 if p else float('nan'):9.1f} ms   "
+              f"ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms")
+    fp32, bf16 = bench.row("32-true"), bench.row("bf16-mixed")
+    ours_speedup = bf16.speedup
+    plain_speedup = med["32-true"] / med["bf16-mixed"] if med["32-true"] and med["bf16-mixed"] else None
+    agree = ours_speedup / plain_speedup if ours_speedup and plain_speedup else None
+    saved = (bf16.activation_bytes + bf16.weight_copy_bytes) / fp32.activation_bytes \
+        if bf16.activation_bytes and fp32.activation_bytes else None
+    print("\nratios:")
+    for row in bench.rows:
+        mine, theirs = row.step_time_s, med[row.precision]
+        print(_ratio_line(f"{row.precision}: ours / plain step time", mine / theirs if mine and theirs else None,
+                          "(1.0 = the same; target within 0.90-1.10)"))
+    print(_ratio_line("bf16-mixed speedup over fp32, ours (fp32 / bf16 median)", ours_speedup, "(target >= 1.40)"))
+    print(_ratio_line("bf16-mixed speedup over fp32, plain loop", plain_speedup))
+    print(_ratio_line("ours speedup / plain speedup", agree, "(target within 0.90-1.10)"))
+    print(_ratio_line("bf16-mixed / fp32 activation bytes", bf16.activation_ratio, "(target <= 0.70)"))
+    print(_ratio_line("bf16-mixed / fp32 incl. autocast weight copies", saved))
+    print(_ratio_line("bf16-mixed - fp32 final train loss", bf16.loss_delta, "(target |x| <= 0.05)"))
+    print(_ratio_line("bf16-mixed - fp32 eval loss", bf16.eval_loss_delta, "(target |x| <= 0.05)"))
+    for row in bench.rows:
+        if row.error:
+            print(f"  {row.precision} failed: {row.error}")
+
+
+if __name__ == "__main__":
+    main()
