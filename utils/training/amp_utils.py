@@ -112,9 +112,10 @@ class AmpWandbCallback:
 
     W&B steps never go backwards (W&B drops such rows): with our loop the step is the loop's
     global step; under Lightning rows carry ``trainer/global_step``, WandbLogger's step metric,
-    and pass no ``step=``. If a W&B call raises (network, quota), one :class:`WandbWarning` is
-    shown and W&B is left alone for the rest of that run; the loop's ``metrics.jsonl`` is complete
-    either way.
+    and pass no ``step=``. Give each ``train()`` call its own W&B run (or continue with
+    ``resume_from``): a second fresh call restarts at step 1, which W&B would drop. If a W&B call
+    raises (network, quota), one :class:`WandbWarning` is shown and W&B is left alone for the rest
+    of that run; the loop's ``metrics.jsonl`` is complete either way.
 
     Args:
         enabled: AMP is on for this run (the seed's flag; default True). When False, no loss scale
