@@ -283,7 +283,7 @@ def _grad_norm_figure(norms: dict, groups: dict):
     ax.set_yscale("log")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("gradient norm")
-    ax.set_title("Gradient norm per parameter (red: missing, zero, vanishing or exploding)")
+    ax.set_title("Gradient norm per parameter (red: missing, zero, vanishing or exploding)", fontsize=8)
     return fig
 
 
