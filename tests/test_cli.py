@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import wandb_records
 
 from utils.data import load_corpus
 from utils.training import cli
@@ -97,6 +98,17 @@ def test_resume_into_the_same_folder_appends_to_its_metrics(trained, tmp_path):
     subprocess.run(["cp", "-r", str(trained[0]), str(copy)], check=True)
     assert cli.main(["train", "--resume", str(copy), "--max-steps", "8", "--no-progress"]) == 0
     assert steps_in(copy) == [2, 4, 6, 8]
+
+
+def test_wandb_offline_records_the_run_in_the_run_folder(tmp_path, text_file, capsys):
+    run_dir = tmp_path / "run"
+    assert cli.main(["train", *TINY, "--data", str(text_file), "--max-steps", "4", "--run-dir", str(run_dir),
+                     "--wandb", "offline"]) == 0
+    assert "W&B: offline (mode='offline' was passed)" in capsys.readouterr().out
+    records = wandb_records.wait_for_exit(next(run_dir.glob("wandb/offline-run-*/run-*.wandb")))
+    rows = [r for r in wandb_records.history(records) if "train/loss" in r]
+    assert [r["_step"] for r in rows] == steps_in(run_dir) == [2, 4]
+    assert wandb_records.config(records)["model"] == "example:gpt-micro"
 
 
 def test_torchrun_two_processes_train_and_rank_zero_reports(tmp_path, text_file):
