@@ -315,7 +315,7 @@ def test_callbacks_see_hooks_in_order_with_the_trainer_state():
     run(tiny(), data(32), val_data=data(8), precision="32-true", epochs=1, batch_size=8, log_every=2,
         callbacks=[Recorder()])
     assert events == [("start", 0, "32-true"), ("step", 2, False), ("step", 4, False), ("val", True),
-                      ("epoch", 1, True), ("end", 4)]
+                      ("epoch", 0, True), ("end", 4)]
 
 
 def test_progress_bar_runs():

@@ -227,7 +227,9 @@ class Trainer:
 
     def _write(self, record: dict) -> None:
         if self._metrics_file is not None:
-            self._metrics_file.write(json.dumps(record) + "\n")
+            # Strict JSON (jq, pandas): a non-finite number is written as null.
+            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+            self._metrics_file.write(json.dumps(clean) + "\n")
             self._metrics_file.flush()
 
     def _log_step(self) -> None:
@@ -266,10 +268,10 @@ class Trainer:
             _call(self.callbacks, "on_validation_end", self, val)
         self.epoch_records.append(record)
         self._write(record)
+        _call(self.callbacks, "on_train_epoch_end", self, self.model)  # current_epoch: the one that ended
         if complete:
             self.current_epoch += 1
             self.batch_in_epoch = 0
-        _call(self.callbacks, "on_train_epoch_end", self, self.model)
         is_best = record.get("val_loss") is not None and (
             self.best_val_loss is None or record["val_loss"] < self.best_val_loss)
         if is_best:
