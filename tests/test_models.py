@@ -323,3 +323,31 @@ def test_gist_raw_url_on_another_host_is_refused(server):
     with pytest.raises(ValueError, match=re.escape(
             "refusing to download https://evil.example.com/model.py: only HTTPS from the gist hosts is allowed.")):
         load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+# ---- load_model: the one dispatcher for notebook settings and CLI flags -------------------------
+
+def test_load_model_builds_examples_by_name():
+    from utils.models import load_model
+
+    assert load_model("example").config.n_embd == 256  # gpt-tiny, the reference
+    assert load_model("example:gpt-micro").config.vocab_size == 256
+    assert load_model("example:gpt-micro", config={"n_layer": 1}).config.n_layer == 1
+
+
+def test_load_model_reads_a_file(tmp_path):
+    from utils.models import load_model
+
+    path = tmp_path / "mine.py"
+    path.write_text("import torch\nclass Mine(torch.nn.Module):\n    def __init__(self, d=3):\n"
+                    "        super().__init__()\n        self.lin = torch.nn.Linear(d, d)\n")
+    assert load_model(str(path), config={"d": 5}).lin.in_features == 5
+
+
+def test_load_model_rejects_anything_else_with_the_forms():
+    import re
+
+    from utils.models import load_model
+
+    with pytest.raises(ValueError, match=re.escape("load_model(source='resnet'): not a model source. Use 'example', 'example:NAME'")):
+        load_model("resnet")

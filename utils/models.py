@@ -553,3 +553,39 @@ def _pick_gist_file(files: dict, filename: str | None, call: str) -> tuple[str, 
     if len(python) > 1:
         raise ValueError(f"{call}: the gist has several .py files: {', '.join(python)}. Pass filename=.")
     return python[0], files[python[0]]
+
+
+# ----------------------------------------------------------------------------------------------
+# One entry point for "the model the user named"
+
+def load_model(source: str = "example", *, class_name: str | None = None, config: dict | None = None) -> nn.Module:
+    """Build the model a notebook setting or a command-line flag names.
+
+    Example::
+
+        >>> load_model("example:gpt-micro").config.vocab_size
+        256
+
+    Args:
+        source: ``"example"`` (gpt-tiny), ``"example:NAME"`` (a built-in example), ``"PATH.py"``
+            (a file defining an ``nn.Module``; it is executed), ``"gist:ID"``, a gist URL or a bare
+            gist id (the gist's code is downloaded and executed).
+        class_name, config: passed on to the file or gist loader; ``config`` are overrides for an example.
+
+    Raises:
+        ValueError: ``source`` is none of these; the message lists them.
+    """
+    text = str(source).strip()
+    kind, sep, rest = text.partition(":")
+    if text == "example" or (sep and kind == "example"):
+        return example_model(rest or "gpt-tiny", **(config or {}))
+    if sep and kind == "gist":
+        return load_model_from_gist(rest, class_name, config)
+    if "://" in text or _GIST_ID.fullmatch(text):
+        return load_model_from_gist(text, class_name, config)
+    if text.endswith(".py"):
+        return load_model_from_file(text, class_name, config)
+    raise ValueError(
+        f"load_model(source={source!r}): not a model source. Use 'example', 'example:NAME' (NAME one of "
+        f"{', '.join(EXAMPLE_MODELS)}), a path to a .py file, 'gist:ID' or a gist URL."
+    )
