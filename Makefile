@@ -17,7 +17,7 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	touch $(STAMP)
 
 test: $(STAMP)
-	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest
+	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest tests notebooks --nbval-lax
 
 demo: $(STAMP)
 	$(BIN)/python -m utils.demo

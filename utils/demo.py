@@ -1,23 +1,93 @@
-"""`make demo`: show the precision plan this machine gets, then (once built) run the notebooks.
+"""`make demo`: run the four notebooks with papermill on this machine and say what they found.
 
-Run as ``python -m utils.demo``.
+Run as ``python -m utils.demo [--quick]``. Writes ``runs/<timestamp>/``: the executed notebooks,
+``metrics.jsonl``, the plots as PNG, the benchmark as markdown and JSON, and the offline W&B run.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
 import warnings
+from pathlib import Path
 
+from utils.notebook import find_repo_root, new_run_dir
+from utils.project import NOTEBOOKS
 from utils.training import resolve_precision
+
+# Sized for a 2-core CPU: a few minutes in all. A Colab user gets the notebooks' own defaults.
+CPU_PARAMETERS = {
+    "precision": "auto", "model_source": "example:gpt-micro", "max_steps": 150, "batch_size": 16,
+    "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 8,
+    "bench_warmup": 2, "bench_repeats": 2,
+}
+QUICK_PARAMETERS = {**CPU_PARAMETERS, "max_steps": 20, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1}
+
+
+def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:
+    """Execute every notebook into ``run_dir`` with ``parameters``; CUDA-only cells skipped off a GPU."""
+    import papermill
+    import torch
+
+    extra = {} if torch.cuda.is_available() else {"skip_cells_with_tag": "requires-cuda"}
+    done = []
+    for name in NOTEBOOKS:
+        out = run_dir / name
+        sys.stdout.write(f"running {name} ...\n")
+        sys.stdout.flush()
+        papermill.execute_notebook(root / "notebooks" / name, out, parameters={**parameters, "run_dir": str(run_dir)},
+                                   cwd=str(root), progress_bar=False, **extra)
+        done.append(out)
+    return done
+
+
+def summary(run_dir: Path) -> list[str]:
+    """What the run found, read back from the files the notebooks wrote."""
+    lines = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        steps = [r for r in records if r["type"] == "step"]
+        epochs = [r for r in records if r["type"] == "epoch" and r.get("val_loss") is not None]
+        if steps:
+            lines.append(f"training: {steps[-1]['step']} steps, final train loss {steps[-1]['loss']:.4f}, "
+                         f"skipped steps {steps[-1]['skipped_steps']}")
+        if epochs:
+            lines.append(f"validation: loss {epochs[-1]['val_loss']:.4f}, perplexity {epochs[-1].get('val_perplexity') or float('nan'):.2f}")
+    bench = run_dir / "benchmark.json"
+    if bench.is_file():
+        for row in json.loads(bench.read_text()).get("rows", []):
+            speed = row.get("speedup")
+            lines.append(f"benchmark {row['precision']}: step {row['step_time_s'] * 1e3:.1f} ms, "
+                         f"speedup {speed:.2f}x, final loss {row.get('final_loss')}"
+                         if row.get("error") is None and speed is not None else
+                         f"benchmark {row['precision']}: {row.get('error')}")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
+    p = argparse.ArgumentParser(description="Run the four notebooks headless on this machine.")
+    p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
+    p.add_argument("--runs", default="runs", help="parent folder of the run folder (default: runs)")
+    args = p.parse_args(argv)
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    root = find_repo_root(Path(__file__).parent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         plan = resolve_precision("auto")
     sys.stdout.write(f"Precision plan for this machine: {plan.describe()}\n")
-    for w in caught:
-        sys.stdout.write(f"  note: {w.message}\n")
+    run_dir = new_run_dir(root / args.runs)
+    t0 = time.perf_counter()
+    run_notebooks(run_dir, QUICK_PARAMETERS if args.quick else CPU_PARAMETERS, root)
+    for line in summary(run_dir):
+        sys.stdout.write(line + "\n")
+    sys.stdout.write(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}/\n")
+    for path in sorted(run_dir.iterdir()):
+        sys.stdout.write(f"  {path.name}\n")
     return 0
 
 

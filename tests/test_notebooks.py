@@ -1,0 +1,136 @@
+"""The notebooks as files: valid, clean, thin, consistently pinned; their helpers in utils/notebook.py."""
+import ast
+import importlib.util
+import re
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from utils import notebook as nb
+from utils.project import NOTEBOOKS, REPO_REF, REPO_SLUG, colab_badge, colab_url
+
+ROOT = Path(__file__).resolve().parents[1]
+BOOKS = {name: nbformat.read(ROOT / "notebooks" / name, as_version=4) for name in NOTEBOOKS}
+REQUIRED_PARAMETERS = {"precision", "max_steps", "batch_size", "model_source", "wandb_mode"}
+
+
+def code_cells(book):
+    return [c for c in book.cells if c.cell_type == "code"]
+
+
+def tags(cell):
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def assigned(source):
+    return {t.id for node in ast.walk(ast.parse(source)) if isinstance(node, (ast.Assign, ast.For))
+            for t in ([node.target] if isinstance(node, ast.For) else node.targets) if isinstance(t, ast.Name)}
+
+
+def used(source):
+    return {n.id for n in ast.walk(ast.parse(source)) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_valid_and_stored_clean(name):
+    book = BOOKS[name]
+    nbformat.validate(book)
+    assert all(c.outputs == [] and c.execution_count is None for c in code_cells(book))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_one_parameters_cell_with_the_required_settings_as_colab_fields(name):
+    cells = [c for c in code_cells(BOOKS[name]) if "parameters" in tags(c)]
+    assert len(cells) == 1
+    source = cells[0].source
+    assert REQUIRED_PARAMETERS <= assigned(source)
+    assignments = [line for line in source.splitlines() if "=" in line]
+    assert all("#@param" in line for line in assignments)
+    assert re.search(r'^precision = "auto"\s+#@param \["auto", "32-true", "bf16-mixed", "16-mixed"\]', source, re.M)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_title_has_the_colab_badge_at_the_pinned_ref(name):
+    first = BOOKS[name].cells[0]
+    assert first.cell_type == "markdown" and first.source.startswith("# ")
+    assert colab_badge(name) in first.source
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_setup_cell_pins_the_project_and_never_deletes(name):
+    setup = code_cells(BOOKS[name])[0].source
+    assert f'REPO_SLUG, REPO_REF = "{REPO_SLUG}", "{REPO_REF}"' in setup
+    assert 'if "google.colab" in sys.modules:' in setup
+    assert "requirements.txt" in setup and "torch" not in setup.replace("# Installs only what Colab lacks (wandb); requirements.txt never names torch.", "")
+    assert REPO_REF != "main" and not re.search(r"rmtree|rm -rf|shutil", setup)
+
+
+def test_readme_badges_point_at_the_pinned_notebooks():
+    readme = (ROOT / "README.md").read_text()
+    for name in NOTEBOOKS:
+        assert colab_url(name) in readme
+
+
+def test_requirements_never_reinstall_torch_on_colab():
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert not [line for line in lines if re.match(r"torch\b", line)]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_cells_are_thin_and_every_step_is_explained(name):
+    cells = BOOKS[name].cells
+    for i, cell in enumerate(cells):
+        if cell.cell_type != "code":
+            continue
+        assert len(cell.source.splitlines()) <= 20, f"cell {i} has {len(cell.source.splitlines())} lines"
+        if cell.source.startswith("#@title"):
+            assert cells[i - 1].cell_type == "markdown", f"cell {i} ({cell.source.splitlines()[0]}) has no markdown before it"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_each_needed_step_is_remembered_by_an_earlier_cell(name):
+    provided = set()
+    for cell in code_cells(BOOKS[name]):
+        for step in re.findall(r'nb\.need\("(\w+)"\)', cell.source):
+            assert step in provided, f"{step!r} is needed before any cell remembers it"
+        provided |= set(re.findall(r'nb\.remember\("(\w+)"', cell.source))
+        if "nb.use_settings(" in cell.source:
+            provided.add("settings")
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_cuda_only_cells_are_leaves(name):
+    """Skipping a requires-cuda cell on a CPU must not break a later cell."""
+    defined_by_cuda = set()
+    for cell in code_cells(BOOKS[name]):
+        if "requires-cuda" in tags(cell):
+            defined_by_cuda |= assigned(cell.source)
+        else:
+            assert not (used(cell.source) & defined_by_cuda)
+
+
+def test_a_cell_run_out_of_order_says_which_cell_to_run(monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    with pytest.raises(nb.RunCellFirst, match=re.escape("Run the settings cell (2. Settings) and the cell after it first.")):
+        nb.need("settings")
+
+
+def test_use_settings_checks_each_value(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    with pytest.raises(ValueError, match=re.escape("precision='fp61' is not a known precision.")):
+        nb.use_settings(precision="fp61", run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("wandb_mode='cloud' is not allowed. Use one of 'offline', 'online', 'disabled'.")):
+        nb.use_settings(wandb_mode="cloud", run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("max_steps=0 is not allowed: it must be an integer >= 1.")):
+        nb.use_settings(max_steps=0, run_dir=str(tmp_path))
+    cfg = nb.use_settings(max_steps=5, run_dir=str(tmp_path / "run"), bench_steps=3)
+    assert nb.need("settings") is cfg and cfg.run_dir.is_dir() and cfg.extra == {"bench_steps": 3}
+
+
+def test_ci_overrides_touch_only_the_cells_own_settings():
+    spec = importlib.util.spec_from_file_location("nb_conftest", ROOT / "notebooks" / "conftest.py")
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    extra = conftest.ci_overrides('max_steps = 300  #@param {type:"integer"}\nprecision = "auto"', "/tmp/x")
+    assert "max_steps = 12" in extra and "bench_steps" not in extra and "run_dir" not in extra

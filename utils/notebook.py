@@ -1,0 +1,135 @@
+"""What the notebooks' cells call, so each cell stays a few lines over a tested package.
+
+Example::
+
+    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=32, model_source="example",
+    ...                    wandb_mode="offline")                       # doctest: +SKIP
+    >>> cfg = need("settings")          # in a later cell: says which cell to run when it wasn't
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from utils.training.precision import canonical_precision
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+# The steps a later cell may need, and how to tell the user to provide them.
+_STEPS = {
+    "settings": "Run the settings cell (2. Settings) and the cell after it first.",
+    "model": "Run the model cell (3. Model) first.",
+    "data": "Run the data cell (4. Data) first.",
+    "report": "Run the cell that runs the tier first.",
+    "toggle": "Run the AMP toggle cell first.",
+    "wandb": "Run the Weights & Biases cell first.",
+    "training": "Run the training cell first.",
+    "benchmark": "Run the benchmark cell first.",
+}
+_DONE: dict[str, object] = {}
+
+
+class RunCellFirst(RuntimeError):
+    """A cell needs the result of an earlier cell that has not run in this kernel."""
+
+
+def remember(step: str, value):
+    """Record a cell's result under ``step`` for later cells; returns ``value``."""
+    if step not in _STEPS:
+        raise ValueError(f"step={step!r} is not a notebook step. Known: {', '.join(map(repr, _STEPS))}.")
+    _DONE[step] = value
+    return value
+
+
+def need(step: str):
+    """The result of an earlier cell, or a :class:`RunCellFirst` that says which cell to run."""
+    if step not in _STEPS:
+        raise ValueError(f"step={step!r} is not a notebook step. Known: {', '.join(map(repr, _STEPS))}.")
+    if step not in _DONE:
+        raise RunCellFirst(_STEPS[step])
+    return _DONE[step]
+
+
+def find_repo_root(start: Path | None = None) -> Path:
+    """The folder holding ``utils/`` (the notebook's folder, or one of its parents)."""
+    here = Path(start or Path.cwd()).resolve()
+    for folder in (here, *here.parents):
+        if (folder / "utils" / "__init__.py").is_file():
+            return folder
+    raise FileNotFoundError(f"No repository root (a folder with utils/__init__.py) at or above {here}.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The notebook's settings, checked once."""
+
+    precision: str = "auto"
+    max_steps: int = 300
+    batch_size: int = 32
+    model_source: str = "example"
+    wandb_mode: str = "offline"
+    run_dir: Path = field(default_factory=lambda: Path("runs"))
+    extra: dict = field(default_factory=dict)
+
+
+def _positive_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1.")
+    return value
+
+
+def new_run_dir(base="runs") -> Path:
+    """``base/<timestamp>/``, created."""
+    path = Path(base) / time.strftime("%Y%m%d-%H%M%S")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def use_settings(*, precision="auto", max_steps=300, batch_size=32, model_source="example",
+                 wandb_mode="offline", run_dir="", **extra) -> Settings:
+    """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
+
+    Args:
+        run_dir: where this run writes; empty means a new ``runs/<timestamp>/``.
+        extra: any other settings of the notebook, kept in ``Settings.extra``.
+
+    Raises:
+        ValueError: a value that is not allowed, named with what is.
+    """
+    canonical_precision(precision)  # raises the resolver's listing error for a typo
+    if wandb_mode not in WANDB_MODES:
+        raise ValueError(f"wandb_mode={wandb_mode!r} is not allowed. Use one of {', '.join(map(repr, WANDB_MODES))}.")
+    if not isinstance(model_source, str) or not model_source.strip():
+        raise ValueError(f"model_source={model_source!r} is not allowed: use 'example', a .py file path, or a gist id/URL.")
+    folder = new_run_dir() if not run_dir else Path(run_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["WANDB_MODE"] = wandb_mode  # in the environment: wandb reads it at exit too
+    return remember("settings", Settings(precision, _positive_int("max_steps", max_steps),
+                                         _positive_int("batch_size", batch_size), model_source.strip(),
+                                         wandb_mode, folder, dict(extra)))
+
+
+def save_figure(fig, name: str) -> Path:
+    """Save ``fig`` as ``<run_dir>/<name>.png`` (the run folder from the settings) and return the path."""
+    path = Path(need("settings").run_dir) / f"{name}.png"
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    return path
+
+
+def show_figure(fig, name: str) -> Path:
+    """Save ``fig`` to the run folder and display it as an image (works headless and in any frontend)."""
+    from IPython.display import Image, display
+
+    path = save_figure(fig, name)
+    display(Image(filename=str(path)))
+    return path
+
+
+def show_markdown(text: str) -> None:
+    """Display markdown in the notebook."""
+    from IPython.display import Markdown, display
+
+    display(Markdown(text))
