@@ -323,7 +323,7 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
         f"  skipped steps  {result.skipped_steps}   final loss scale {result.final_loss_scale}",
         f"  precision      {result.precision.describe()}",
-        f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/{'latest.pt'})",
+        f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
         f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
     ]
     return "\n".join(lines)

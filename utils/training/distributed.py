@@ -205,7 +205,7 @@ class World:
             finished = True
             return result
         finally:
-            trainer.net = trainer.model
+            trainer.net = unwrap(trainer.net)  # the wrapper must be gone before teardown
             teardown(owned, device, barrier=finished)
 
     def check_resume(self, path, state: dict, batch_size: int, tensor_data: bool) -> None:
