@@ -202,6 +202,9 @@ class BenchmarkSession:
         rows = list(self.rows.values())
         compare_to_baseline(rows, self.loss_tolerance)
         notes = list(self.notes)
+        if any(r.mfu and r.mfu > 1 for r in rows):
+            notes.append("MFU above 100%: the matmul ceiling was measured low, most likely while other work "
+                         "shared the device; rerun on an idle machine for a meaningful MFU.")
         if BASELINE not in self.rows:
             notes.append(f"No {BASELINE!r} row: speedups, memory ratios and loss deltas compare with it, so "
                          f"they are left empty. Add {BASELINE!r} to precisions to get them.")
