@@ -93,7 +93,7 @@ def _model_spec(text: str) -> str:
     kind, sep, rest = text.partition(":")
     if sep and kind == "example" and rest in EXAMPLE_MODELS:
         return text
-    if sep and kind == "gist" and rest:
+    if (sep and kind == "gist" and rest) or "://" in text or text == "example":
         return text
     if text.endswith(".py"):
         return text
@@ -204,14 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- shared: the model and the data --------------------------------------------------------------
 def build_model(spec: str, config: dict, class_name: str | None):
-    from utils.models import example_model, load_model_from_file, load_model_from_gist
+    from utils.models import load_model
 
-    kind, _, rest = spec.partition(":")
-    if kind == "example":
-        return example_model(rest, **config)
-    if kind == "gist":
-        return load_model_from_gist(rest, class_name, config or None)
-    return load_model_from_file(spec, class_name, config or None)
+    return load_model(spec, class_name=class_name, config=config or None)
 
 
 def load_data(spec: str, model, context: int | None, val_fraction: float):
