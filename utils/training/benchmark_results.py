@@ -195,6 +195,45 @@ class AmpBenchmark:
             lines.append(f"\nfp16 scan: {self.fp16_scan.recommendation}")
         return "\n".join(lines)
 
+    def recommendation(self) -> str:
+        """The table's verdict in words: the fastest precision whose loss stays within tolerance of fp32.
+
+        Example::
+
+            >>> bench.recommendation()                                     # doctest: +SKIP
+            'Use bf16-mixed: 1.52x faster than 32-true (41.0 ms against 62.3 ms a step) ...'
+        """
+        base = next((r for r in self.rows if r.precision == BASELINE and r.error is None), None)
+        if base is None or base.step_time_s is None:
+            return f"No usable {BASELINE} row, so nothing to compare against: include {BASELINE!r} in precisions."
+        lines, fine = [], []
+        for r in self.rows:
+            if r is base:
+                continue
+            if r.error:
+                lines.append(f"{r.precision} failed here: {r.error}")
+            elif r.exceeds_tolerance:
+                lines.append(f"{r.precision} drifts from fp32 (loss Δ {_fmt(r.loss_delta, '+.4f')}, over the "
+                             f"tolerance {self.settings.get('loss_tolerance')}): not recommended.")
+            elif r.speedup is not None:
+                fine.append(r)
+        best = max(fine, key=lambda r: r.speedup, default=None)
+        if best is not None and best.speedup >= 1.05:
+            verdict = (f"Use {best.precision}: {best.speedup:.2f}x faster than {BASELINE} "
+                       f"({best.step_time_s * 1e3:.1f} ms against {base.step_time_s * 1e3:.1f} ms a step), loss "
+                       f"within tolerance (Δ {_fmt(best.loss_delta, '+.4f')})")
+            if best.memory_reduction_pct is not None:
+                verdict += f", {best.memory_reduction_pct:.0f}% less memory saved for backward"
+            verdict += "." + (" fp16 needs its GradScaler: keep it on." if best.precision == "16-mixed" else "")
+        elif best is not None and best.speedup >= 0.95 and (best.memory_reduction_pct or 0) >= 20:
+            verdict = (f"{best.precision} is about as fast as {BASELINE} ({best.speedup:.2f}x) but saves "
+                       f"{best.memory_reduction_pct:.0f}% of the memory saved for backward: use it when memory "
+                       f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
+        else:
+            verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
+        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason})" for r in fine if r.speedup < 0.95]
+        return " ".join([verdict] + [s if s.endswith(".") else s + "." for s in slower + lines])
+
     def plot(self):
         """A matplotlib ``Figure``: median step time with its min–max spread, and memory, side by side."""
         from utils.report import new_figure

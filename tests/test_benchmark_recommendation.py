@@ -1,0 +1,44 @@
+"""AmpBenchmark.recommendation(): the verdict in words must match the measured table."""
+from utils.training.benchmark_results import AmpBenchmark, AmpRow, compare_to_baseline
+
+
+def bench(*rows, tolerance=0.05):
+    rows = list(rows)
+    compare_to_baseline(rows, tolerance)
+    return AmpBenchmark(rows, "cpu", settings={"loss_tolerance": tolerance})
+
+
+def row(precision, ms, loss=2.0, act=1000, error=None, reason="why"):
+    return AmpRow(precision, step_time_s=None if ms is None else ms / 1e3, final_loss=loss, activation_bytes=act, error=error, reason=reason)
+
+
+def test_faster_amp_within_tolerance_is_recommended_with_its_figures():
+    text = bench(row("32-true", 60.0), row("bf16-mixed", 40.0, loss=2.01, act=640)).recommendation()
+    assert text.startswith("Use bf16-mixed: 1.50x faster than 32-true (40.0 ms against 60.0 ms a step), "
+                           "loss within tolerance (Δ +0.0100), 36% less memory saved for backward.")
+
+
+def test_slower_amp_keeps_fp32_and_says_how_much_slower():
+    text = bench(row("32-true", 50.0), row("bf16-mixed", 1000.0, reason="this CPU emulates bf16")).recommendation()
+    assert text == ("Stay with 32-true: no mixed precision was faster here. "
+                    "bf16-mixed is 20.0x slower (this CPU emulates bf16).")
+
+
+def test_faster_but_drifting_precision_is_not_recommended():
+    text = bench(row("32-true", 60.0), row("16-mixed", 30.0, loss=2.5)).recommendation()
+    assert text.startswith("Stay with 32-true")
+    assert "16-mixed drifts from fp32 (loss Δ +0.5000, over the tolerance 0.05): not recommended." in text
+
+
+def test_same_speed_with_less_memory_is_offered_for_memory_bound_runs():
+    text = bench(row("32-true", 60.0), row("bf16-mixed", 59.0, act=500)).recommendation()
+    assert text.startswith("bf16-mixed is about as fast as 32-true (1.02x) but saves 50%")
+
+
+def test_failed_rows_are_reported_and_fp16_reminds_of_the_scaler():
+    text = bench(row("32-true", 60.0), row("16-mixed", 30.0), row("bf16-mixed", None, error="bf16 unsupported")).recommendation()
+    assert "fp16 needs its GradScaler: keep it on." in text and "bf16-mixed failed here: bf16 unsupported." in text
+
+
+def test_without_fp32_there_is_nothing_to_compare():
+    assert bench(row("bf16-mixed", 40.0)).recommendation().startswith("No usable 32-true row")
