@@ -359,3 +359,18 @@ def test_model_without_trainable_parameters_is_an_error():
     model.requires_grad_(False)
     with pytest.raises(ValueError, match=re.escape("model has no trainable parameters")):
         run(model, data())
+
+
+def test_throughput_excludes_validation_time():
+    class SlowEval(TinyLM):
+        def forward(self, x):
+            if not self.training:
+                import time
+
+                time.sleep(0.05)
+            return super().forward(x)
+
+    torch.manual_seed(0)
+    result = run(SlowEval(), data(16), val_data=data(32), precision="32-true", epochs=1, batch_size=8)
+    train_s = result.wall_time_s - 4 * 0.05  # 4 validation batches slept 0.2 s
+    assert result.tokens_per_second >= 0.9 * (16 * T) / train_s

@@ -37,7 +37,8 @@ from utils.training.precision import PrecisionPlan, resolve_precision
 
 @dataclass
 class TrainResult:
-    """What a run did. ``history`` holds the logged steps, ``epochs`` the per-epoch records."""
+    """What a run did. ``history`` holds the logged steps, ``epochs`` the per-epoch records;
+    ``tokens_per_second`` counts training time only (validation excluded), ``wall_time_s`` all of it."""
 
     history: list[dict]
     epochs: list[dict]
@@ -262,8 +263,11 @@ class Trainer:
         record = {"type": "epoch", "epoch": self.current_epoch, "step": self.global_step, "complete": complete,
                   "train_loss": train_loss}
         if self.val_batches is not None:
+            t_eval = time.perf_counter()
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
                            loss_fn=self.loss_fn)
+            self._eval_s += time.perf_counter() - t_eval
+            self._win_t0 = time.perf_counter()  # throughput counts training time only
             record.update(val)
             _call(self.callbacks, "on_validation_end", self, val)
         self.epoch_records.append(record)
@@ -402,7 +406,7 @@ class Trainer:
     def fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        t0, self._tokens_done, interrupted = time.perf_counter(), 0, False
+        t0, self._tokens_done, self._eval_s, interrupted = time.perf_counter(), 0, 0.0, False
         self._bar = tqdm(total=self._total_steps(), initial=self.global_step,
                          disable=not (self.args.progress and self.world.is_rank_zero),
                          desc=f"train [{self.precision.name}]", unit="step")
@@ -434,7 +438,7 @@ class Trainer:
             history=self.history, epochs=self.epoch_records,
             final_loss=self.history[-1]["loss"] if self.history else None,
             skipped_steps=self.skipped_steps, final_loss_scale=self._scale, precision=self.precision,
-            wall_time_s=wall, tokens_per_second=self._tokens_done / wall if wall > 0 else 0.0,
+            wall_time_s=wall, tokens_per_second=self._tokens_done / max(wall - self._eval_s, 1e-9),
             interrupted=interrupted, checkpoint_path=self.checkpoint_path, global_step=self.global_step,
             best_val_loss=self.best_val_loss,
         )
