@@ -203,8 +203,9 @@ class BenchmarkSession:
         compare_to_baseline(rows, self.loss_tolerance)
         notes = list(self.notes)
         if any(r.mfu and r.mfu > 1 for r in rows):
-            notes.append("MFU above 100%: the matmul ceiling was measured low, most likely while other work "
-                         "shared the device; rerun on an idle machine for a meaningful MFU.")
+            notes.append("MFU above 100%: the ceiling (one square matmul per dtype) understates what this device "
+                         "does on the model's shapes, as when other work shared it during that measurement or "
+                         "the dtype is emulated (bf16 on a CPU without AVX512-BF16); read MFU as rough there.")
         if BASELINE not in self.rows:
             notes.append(f"No {BASELINE!r} row: speedups, memory ratios and loss deltas compare with it, so "
                          f"they are left empty. Add {BASELINE!r} to precisions to get them.")
