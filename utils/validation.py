@@ -26,6 +26,7 @@ from torch import nn
 
 from utils.model_io import get_logits, input_spec, model_device, preserved_state
 from utils.report import Check, Report, new_figure, run_check
+from utils.training.benchmark_measure import saved_tensor_bytes, synchronize
 from utils.training.precision import PrecisionPlan, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
@@ -470,12 +471,13 @@ def check_memory(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    fp32 = {b: _saved_activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), None) for b in batch_sizes}
+    fp32_plan = _measuring_plan("32-true", spec.device)
+    fp32 = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan) for b in batch_sizes}
     activations = {"32-true": fp32}
     # The 16-bit precision worth comparing: the plan's when it autocasts (e.g. 16-mixed on a GPU
     # without bf16), otherwise bf16-mixed, to show what it would save here.
     half = plan.name if plan is not None and plan.autocast_dtype is not None else "bf16-mixed"
-    activations[half] = _scaled_activations(model, spec, fp32, _autocast_dtype(half), gen)
+    activations[half] = _scaled_activations(model, spec, fp32, _measuring_plan(half, spec.device), gen)
     training = {name: {b: _training_bytes(name, trainable, param_bytes + buffer_bytes, act)
                        for b, act in acts.items()} for name, acts in activations.items()}
     available = _device_memory_bytes(spec.device)
@@ -496,42 +498,37 @@ def check_memory(
                  f"{half} about {_mib(training[half][big])}.", details, fig)
 
 
-def _autocast_dtype(name: str) -> torch.dtype:
-    return torch.bfloat16 if name.startswith("bf16") else torch.float16
+def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
+    """``name``'s autocast (``"32-true"`` or a ``-mixed`` precision) on ``device``, built directly:
+    the memory check reports what a precision would hold on this device even where
+    :func:`resolve_precision` would warn about its speed, so it skips the resolver's checks."""
+    dtype = None if name == "32-true" else (torch.bfloat16 if name.startswith("bf16") else torch.float16)
+    return PrecisionPlan(name, device.type, device, autocast_dtype=dtype, param_dtype=torch.float32,
+                         use_scaler=False, reason="Tier 1's memory check measures it.")
 
 
-def _scaled_activations(model: nn.Module, spec, fp32: dict, dtype: torch.dtype, gen) -> dict[int, int]:
-    """Activation bytes under autocast to ``dtype``, from two short measurements instead of full ones
+def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen) -> dict[int, int]:
+    """Activation bytes under ``plan``'s autocast, from two short measurements instead of full ones
     (16-bit matmuls can be 100x slower than fp32 on a CPU without native support).
 
     Batches of 1 and 2 give the per-sample ratio to fp32 and a constant part (the cached 16-bit
     weight copies autocast keeps for backward); fp32's full-size measurements are scaled by them.
     """
     short = spec.random_ids(2, min(spec.max_seq_len, 16), gen)
-    f1, f2 = (_saved_activation_bytes(model, short[:n], None) for n in (1, 2))
-    l1, l2 = (_saved_activation_bytes(model, short[:n], dtype) for n in (1, 2))
+    fp32_plan = _measuring_plan("32-true", spec.device)
+    f1, f2 = (_activation_bytes(model, short[:n], fp32_plan) for n in (1, 2))
+    l1, l2 = (_activation_bytes(model, short[:n], plan) for n in (1, 2))
     ratio = (l2 - l1) / max(f2 - f1, 1)
     constant = max(l1 - ratio * f1, 0)
     return {b: int(ratio * v + constant) for b, v in fp32.items()}
 
 
-def _saved_activation_bytes(model: nn.Module, ids: torch.Tensor, dtype: torch.dtype | None) -> int:
-    """Bytes of the distinct tensors autograd saves during one train-mode forward (parameters excluded)."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
-
-    def pack(t: torch.Tensor):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    device = model_device(model)
-    with preserved_state(model), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.train()
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _forward(model, ids)
-    return sum(seen.values())
+def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) -> int:
+    """Bytes autograd saves in one train-mode forward of ``ids`` to the logits (no loss), parameters
+    left out. Autocast's 16-bit weight copies count here too: like activations, they are memory a
+    training step holds beyond the weights (the constant part :func:`_scaled_activations` finds)."""
+    saved = saved_tensor_bytes(model, ids, plan, loss_fn=_forward)
+    return saved.activations + saved.weight_copies
 
 
 def _training_bytes(precision: str, trainable: int, weight_bytes: int, activation_bytes: int) -> int:
@@ -626,11 +623,11 @@ def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, r
         for b, ids in inputs.items():
             times = []
             for i in range(warmup + repeats):
-                _synchronize(device)
+                synchronize(device)
                 start = time.perf_counter()
                 with plan.autocast() if plan is not None else torch.autocast(device.type, enabled=False):
                     _forward(model, ids)
-                _synchronize(device)
+                synchronize(device)
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
             lat_median[b] = 1e3 * statistics.median(times)
@@ -642,11 +639,6 @@ def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, r
 def _percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _latency_figure(results: dict):

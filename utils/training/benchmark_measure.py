@@ -136,6 +136,8 @@ def saved_tensor_bytes(model: nn.Module, batch, plan: PrecisionPlan, loss_fn=Non
         model: already on ``plan.device`` (``train()`` leaves it there).
         batch: one batch, as ``train()`` takes it.
         loss_fn: ``loss_fn(model, batch) -> scalar``, as for ``train()``; default: the loop's loss.
+            Its result is only dropped, so any forward can be measured: Tier 1's memory check
+            passes one that stops at the logits.
     """
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     activations: dict[int, int] = {}
