@@ -364,3 +364,12 @@ def test_without_an_fp32_row_the_comparisons_are_empty_and_a_note_says_why():
                         device="cpu")
     assert b.row("bf16-mixed").step_time_s is not None and b.row("bf16-mixed").speedup is None
     assert any(note.startswith("No '32-true' row") for note in b.notes)
+
+
+def test_a_resolver_warning_goes_into_the_notes_not_onto_stderr():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = benchmark_amp(micro, ids(8), precisions=("32-true", "16-mixed"), steps=1, warmup=0, repeats=1,
+                               batch_size=4, device="cpu")
+    assert not [w for w in caught if issubclass(w.category, PrecisionWarning)]
+    assert any("precision='16-mixed' on device='cpu' is honoured but slow" in note for note in result.notes)

@@ -38,8 +38,10 @@ def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:
         out = run_dir / name
         sys.stdout.write(f"running {name} ...\n")
         sys.stdout.flush()
-        papermill.execute_notebook(root / "notebooks" / name, out, parameters={**parameters, "run_dir": str(run_dir)},
-                                   cwd=str(root), progress_bar=False, **extra)
+        source = root / "notebooks" / name
+        own = set(papermill.inspect_notebook(source))  # pass each notebook only the settings it has
+        values = {k: v for k, v in {**parameters, "run_dir": str(run_dir)}.items() if k in own}
+        papermill.execute_notebook(source, out, parameters=values, cwd=str(root), progress_bar=False, **extra)
         done.append(out)
     return done
 
@@ -62,7 +64,7 @@ def summary(run_dir: Path) -> list[str]:
         for row in json.loads(bench.read_text()).get("rows", []):
             speed = row.get("speedup")
             lines.append(f"benchmark {row['precision']}: step {row['step_time_s'] * 1e3:.1f} ms, "
-                         f"speedup {speed:.2f}x, final loss {row.get('final_loss')}"
+                         f"speedup {speed:.2f}x, final loss {row.get('final_loss'):.4f}"
                          if row.get("error") is None and speed is not None else
                          f"benchmark {row['precision']}: {row.get('error')}")
     return lines

@@ -119,13 +119,11 @@ def save_figure(fig, name: str) -> Path:
     return path
 
 
-def show_figure(fig, name: str) -> Path:
+def show_figure(fig, name: str) -> None:
     """Save ``fig`` to the run folder and display it as an image (works headless and in any frontend)."""
     from IPython.display import Image, display
 
-    path = save_figure(fig, name)
-    display(Image(filename=str(path)))
-    return path
+    display(Image(filename=str(save_figure(fig, name))))
 
 
 def show_markdown(text: str) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -32,7 +33,7 @@ from utils.training.benchmark_measure import (
 from utils.training.benchmark_results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.benchmark_scan import Fp16Scan, scan_fp16_overflow
 from utils.training.loop import evaluate, train
-from utils.training.precision import PrecisionPlan, canonical_precision, resolve_precision
+from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
 
@@ -128,7 +129,10 @@ class BenchmarkSession:
         dev = resolve_precision("32-true", device).device
         for p in precisions:
             try:
-                plan, error = resolve_precision(p, dev), None
+                with warnings.catch_warnings(record=True) as caught:  # into the notes, not onto stderr
+                    warnings.simplefilter("always", PrecisionWarning)
+                    plan, error = resolve_precision(p, dev), None
+                self.notes += [str(w.message) for w in caught if issubclass(w.category, PrecisionWarning)]
             except ValueError as e:  # the device cannot run it (bf16 on an old GPU): that row says so
                 plan, error = None, str(e)
             name = plan.name if plan else canonical_precision(p)

@@ -231,7 +231,7 @@ class AmpBenchmark:
                        f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
-        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason})" for r in fine if r.speedup < 0.95]
+        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine if r.speedup < 0.95]
         return " ".join([verdict] + [s if s.endswith(".") else s + "." for s in slower + lines])
 
     def plot(self):
