@@ -5,6 +5,7 @@ WANDB_DIR) or stand-ins that record calls.
 """
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -331,6 +332,7 @@ def test_init_wandb_goes_offline_when_not_logged_in(monkeypatch, tmp_path):
     with pytest.warns(WandbWarning, match="you are not logged in to W&B") as caught:
         session = init_wandb("amp-tests", run_dir=tmp_path)
     assert (session.mode, module.inits, len(caught)) == ("offline", ["offline"], 1)
+    assert os.environ["WANDB_MODE"] == "offline"  # so wandb's exit hook does not look for the network
     assert f"`wandb sync {tmp_path / 'wandb' / 'offline-run-x'}`" in session.message
 
 

@@ -138,7 +138,8 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
     .. note::
         An online start that fails (no network, bad key, quota) falls back to offline with a
         warning: a training run never waits on W&B. Tests and unattended runs should set
-        ``WANDB_MODE=offline`` in the environment: wandb still tries a lookup at exit otherwise.
+        ``WANDB_MODE=offline`` in the environment: wandb still tries a lookup at exit otherwise;
+        ``init_wandb`` sets it there itself when it starts an offline or disabled run.
     """
     wandb = import_wandb()
     chosen, why, degraded = choose_mode(mode, wandb is not None, lambda: _logged_in(wandb))
@@ -153,6 +154,8 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
             except Exception as e:  # unreachable, bad key, quota: the run goes on offline
                 chosen, why, degraded = "offline", f"W&B could not be reached: {type(e).__name__}: {e}", True
         if run is None:
+            if chosen != "online":  # wandb reads the environment at exit too: no lookup from an offline run
+                os.environ["WANDB_MODE"] = chosen
             run = wandb.init(mode=chosen, **kwargs)
     message, folder = _message(chosen, why, run, run_dir)
     if degraded:
