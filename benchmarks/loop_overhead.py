@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import warnings
 
 import torch
@@ -26,33 +25,17 @@ from utils.model_io import get_logits
 from utils.models import example_model
 from utils.training import PrecisionWarning, resolve_precision, train
 from utils.training.batches import TensorBatches
+from utils.training.benchmark_measure import StepClock
 from utils.training.precision import cpu_has_native_bf16
-
-
-class StepClock:
-    """A train() callback that stamps the end of every step (log_every=1 reads the loss, which syncs)."""
-
-    def __init__(self):
-        self.stamps = []
-
-    def on_train_start(self, trainer):
-        self.stamps = [time.perf_counter()]
-
-    def on_step_end(self, trainer, metrics):
-        self.stamps.append(time.perf_counter())
-
-
-def step_times(stamps, warmup):
-    return [b - a for a, b in zip(stamps[:-1], stamps[1:])][warmup:]
 
 
 def run_ours(factory, init, data, plan, args, n_steps):
     model = factory()
     model.load_state_dict(init)
-    clock = StepClock()
+    clock = StepClock(plan.device)
     train(model, data, precision=plan, max_steps=n_steps, batch_size=args.batch_size, lr=3e-4,
           weight_decay=0.01, max_grad_norm=1.0, log_every=1, progress=False, callbacks=[clock], seed=0)
-    return step_times(clock.stamps, args.warmup)
+    return clock.step_times()[args.warmup:]
 
 
 def run_plain(factory, init, data, plan, args, n_steps):
@@ -63,10 +46,9 @@ def run_plain(factory, init, data, plan, args, n_steps):
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.01)
     scaler = torch.amp.GradScaler(plan.device_type, enabled=plan.use_scaler)
     ctx = plan.autocast
-    stamps = [time.perf_counter()]
-    for x in TensorBatches(data, args.batch_size, seed=0).epoch(0):
-        if len(stamps) > n_steps:
-            break
+    clock = StepClock(plan.device)  # the clock train() runs with in run_ours, stamped by hand here
+    clock.on_train_start(trainer=None)
+    for _, x in zip(range(n_steps), TensorBatches(data, args.batch_size, seed=0).epoch(0)):
         x = x.to(plan.device)
         with ctx():
             logits = get_logits(model(x[:, :-1]))
@@ -78,8 +60,8 @@ def run_plain(factory, init, data, plan, args, n_steps):
         scaler.update()
         opt.zero_grad(set_to_none=True)
         loss.item()  # a hand-written loop reads its loss too; on a GPU this is the sync
-        stamps.append(time.perf_counter())
-    return step_times(stamps, args.warmup)
+        clock.on_step_end(trainer=None, metrics=None)
+    return clock.step_times()[args.warmup:]
 
 
 def main(argv=None):
