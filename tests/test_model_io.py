@@ -9,7 +9,9 @@ from torch import nn
 from utils.model_io import (
     DEFAULT_CONTEXT,
     find_context_length,
+    find_hidden_size,
     find_input_embedding,
+    find_num_layers,
     find_vocab_size,
     get_attentions,
     get_logits,
@@ -87,6 +89,22 @@ def test_sizes_from_hugging_face_configs():
     assert (find_vocab_size(gpt2), find_context_length(gpt2)) == (50, 24)
     assert find_input_embedding(gpt2) is gpt2.transformer.wte
     assert (find_vocab_size(bert), find_context_length(bert)) == (60, 40)
+
+
+@pytest.mark.parametrize("config, expected", [
+    ({"n_layer": 3, "n_embd": 48}, (3, 48)),  # GPT-2 / nanoGPT names
+    ({"num_hidden_layers": 5, "hidden_size": 64, "num_layers": 9}, (5, 64)),  # Hugging Face names first
+    ({"num_layers": 2, "d_model": 32}, (2, 32)),  # T5 / nn.Transformer-style names
+    ({"n_layer": True, "n_embd": 0}, (None, None)),  # a flag and a zero are not sizes
+])
+def test_layers_and_width_from_a_config(config, expected):
+    model = Positional()
+    model.config = config
+    assert (find_num_layers(model), find_hidden_size(model)) == expected
+
+
+def test_layers_and_width_are_none_without_a_config():
+    assert (find_num_layers(Positional()), find_hidden_size(Positional())) == (None, None)
 
 
 def test_no_context_limit_is_none():

@@ -8,6 +8,8 @@ Example::
     >>> logits = get_logits(model(input_ids))      # doctest: +SKIP
     >>> find_vocab_size(model), find_context_length(model)   # doctest: +SKIP
     (4096, 128)
+    >>> find_num_layers(model), find_hidden_size(model)      # doctest: +SKIP
+    (4, 256)
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from torch import nn
 
 _CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len",
                   "max_seq_length", "context_length", "max_len", "seq_len")
+_LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
+_WIDTH_ATTRS = ("n_embd", "hidden_size", "d_model", "dim")
 
 
 def _field(output, name: str):
@@ -118,6 +122,18 @@ def find_context_length(model: nn.Module) -> int | None:
         if isinstance(module, nn.Embedding) and "pos" in name.lower():
             return module.num_embeddings
     return None
+
+
+def find_num_layers(model: nn.Module) -> int | None:
+    """The number of transformer layers the config names (``n_layer``, ``num_hidden_layers``,
+    ``num_layers``, ``n_layers``, on ``model.config`` or the model); None when it names none."""
+    return _config_int(model, _LAYER_ATTRS)
+
+
+def find_hidden_size(model: nn.Module) -> int | None:
+    """The model's width as its config names it (``n_embd``, ``hidden_size``, ``d_model``, ``dim``,
+    on ``model.config`` or the model); None when it names none."""
+    return _config_int(model, _WIDTH_ATTRS)
 
 
 # ----------------------------------------------------------------------------------------------

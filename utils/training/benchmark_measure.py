@@ -21,12 +21,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from utils.model_io import _config_int, preserved_state
+from utils.model_io import find_hidden_size, find_num_layers, preserved_state
 from utils.training.batches import forward_loss, move_to, prepare_batch
 from utils.training.precision import PrecisionPlan
-
-_LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
-_WIDTH_ATTRS = ("n_embd", "hidden_size", "d_model", "dim")
 
 
 def synchronize(device: torch.device) -> None:
@@ -211,9 +208,10 @@ def model_flops_per_step(model: nn.Module, tokens: int, seq_len: int) -> float:
     """Training FLOPs of one step: ``6 × matmul parameters × tokens`` plus attention,
     ``12 × layers × width × seq_len`` per token (PaLM's appendix B, as nanoGPT's ``estimate_mfu``).
 
-    The attention term needs the layer count and width from the model's config (``n_layer`` /
+    The attention term needs the layer count and width from the model's config
+    (:func:`~utils.model_io.find_num_layers`, :func:`~utils.model_io.find_hidden_size`: ``n_layer`` /
     ``num_hidden_layers``, ``n_embd`` / ``hidden_size`` / ``d_model``); without them it is left out.
     """
-    layers, width = _config_int(model, _LAYER_ATTRS), _config_int(model, _WIDTH_ATTRS)
+    layers, width = find_num_layers(model), find_hidden_size(model)
     attention = 12 * layers * width * seq_len if layers and width else 0
     return float((6 * matmul_params(model) + attention) * tokens)
