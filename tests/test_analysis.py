@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from user_models import TransformerLM, TupleLM, tiny_gpt2
 
 from utils.analysis import (
     capture_attention,
@@ -28,43 +29,6 @@ TIER2 = ["attention_patterns", "token_substitution", "embedding_noise", "batch_c
 @pytest.fixture(autouse=True)
 def seeded():
     torch.manual_seed(0)
-
-
-class TransformerLM(nn.Module):
-    """A causal LM on ``torch.nn.Transformer``: encoder, decoder and cross attention."""
-
-    def __init__(self, vocab_size=64, width=32):
-        super().__init__()
-        self.emb = nn.Embedding(vocab_size, width)
-        self.transformer = nn.Transformer(width, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
-                                          dim_feedforward=64, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(width, vocab_size)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
-        return self.head(self.transformer(x, x, src_mask=mask, tgt_mask=mask, memory_mask=mask))
-
-
-class TupleLM(nn.Module):
-    """No attention at all; returns ``(logits, hidden)``."""
-
-    def __init__(self, vocab_size=50, width=16):
-        super().__init__()
-        self.emb = nn.Embedding(vocab_size, width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU())
-        self.head = nn.Linear(width, vocab_size)
-
-    def forward(self, ids):
-        hidden = self.mlp(self.emb(ids))
-        return self.head(hidden), hidden
-
-
-def tiny_gpt2(attn_implementation):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=96, n_positions=24, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0, attn_implementation=attn_implementation)
-    return transformers.GPT2LMHeadModel(config)
 
 
 # --- recomputing SDPA's weights -------------------------------------------------------------------
@@ -136,13 +100,13 @@ def test_capture_from_nn_transformer_gets_every_multihead_attention():
 
 
 def test_capture_from_hugging_face_output_attentions():
-    cap = capture_attention(tiny_gpt2("eager"), torch.randint(0, 96, (1, 6)))
+    cap = capture_attention(tiny_gpt2(attn_implementation="eager"), torch.randint(0, 96, (1, 6)))
     assert cap.source == "output_attentions" and list(cap.maps) == ["layer 0", "layer 1"]
     assert cap.maps["layer 0"].shape == (1, 2, 6, 6)
 
 
 def test_capture_from_hugging_face_sdpa_recomputes_the_weights():
-    model = tiny_gpt2("sdpa")
+    model = tiny_gpt2(attn_implementation="sdpa")
     ids = torch.randint(0, 96, (1, 6))
     cap = capture_attention(model, ids)
     assert cap.source == "F.scaled_dot_product_attention"
@@ -274,8 +238,8 @@ def test_a_model_that_mixes_the_batch_fails_consistency():
     (lambda: example_model("encoder-classifier"), "nn.MultiheadAttention"),
     (TransformerLM, "nn.MultiheadAttention"),
     (TupleLM, None),
-    (lambda: tiny_gpt2("eager"), "output_attentions"),
-    (lambda: tiny_gpt2("sdpa"), "F.scaled_dot_product_attention"),
+    (lambda: tiny_gpt2(attn_implementation="eager"), "output_attentions"),
+    (lambda: tiny_gpt2(attn_implementation="sdpa"), "F.scaled_dot_product_attention"),
 ], ids=["gpt-micro", "encoder-classifier", "nn.Transformer", "tuple", "hf-gpt2-eager", "hf-gpt2-sdpa"])
 def test_tier2_passes_on_every_kind_of_model(make, source):
     report = run_tier2(make(), figures=False)

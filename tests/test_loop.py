@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from user_models import TransformerLM
 
 from utils.models import example_model
 from utils.training import PrecisionWarning, train
@@ -166,20 +167,9 @@ def test_hugging_face_gpt2_with_dict_batches_uses_its_own_loss():
 
 
 def test_torch_nn_transformer_model_trains():
-    class Seq2Seq(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(V, 32)
-            self.core = nn.Transformer(32, 2, 1, 1, 64, dropout=0.0, batch_first=True)
-            self.head = nn.Linear(32, V)
-
-        def forward(self, x):
-            h = self.emb(x)
-            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1])
-            return self.head(self.core(h, h, tgt_mask=mask, tgt_is_causal=True))
-
     torch.manual_seed(0)
-    result = run(Seq2Seq(), pattern_data(), precision="32-true", max_steps=20, batch_size=16, lr=3e-3, log_every=5)
+    result = run(TransformerLM(vocab_size=V), pattern_data(), precision="32-true", max_steps=20, batch_size=16,
+                 lr=3e-3, log_every=5)
     assert result.final_loss < result.history[0]["loss"]
 
 

@@ -6,6 +6,7 @@ import matplotlib
 import pytest
 import torch
 from torch import nn
+from user_models import TransformerLM, TupleLM, tiny_gpt2
 
 from utils.models import example_model
 from utils.report import Check, Report, run_check
@@ -29,46 +30,6 @@ def seeded():
 
 TIER1 = ["shape_robustness", "gradient_flow", "numerical_stability", "initialization",
          "memory_footprint", "inference_speed"]
-
-
-# --- models users bring ---------------------------------------------------------------------------
-
-class TransformerLM(nn.Module):
-    """A causal LM on ``torch.nn.Transformer``, with no position table: no fixed context."""
-
-    def __init__(self, vocab_size=64, width=32):
-        super().__init__()
-        self.emb = nn.Embedding(vocab_size, width)
-        self.transformer = nn.Transformer(width, nhead=2, num_encoder_layers=1, num_decoder_layers=1,
-                                          dim_feedforward=64, dropout=0.0, batch_first=True)
-        self.head = nn.Linear(width, vocab_size)
-
-    def forward(self, ids):
-        x = self.emb(ids)
-        mask = nn.Transformer.generate_square_subsequent_mask(ids.shape[1], device=ids.device)
-        return self.head(self.transformer(x, x, src_mask=mask, tgt_mask=mask, memory_mask=mask))
-
-
-class TupleLM(nn.Module):
-    """Returns ``(logits, hidden)`` like many hand-written models."""
-
-    def __init__(self, vocab_size=50, width=16):
-        super().__init__()
-        self.vocab_size = vocab_size
-        self.emb = nn.Embedding(vocab_size, width)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
-        self.head = nn.Linear(width, vocab_size)
-
-    def forward(self, ids):
-        hidden = self.mlp(self.emb(ids))
-        return self.head(hidden), hidden
-
-
-def tiny_gpt2(**kw):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=96, n_positions=24, n_embd=32, n_layer=2, n_head=2,
-                                     bos_token_id=0, eos_token_id=0, **kw)
-    return transformers.GPT2LMHeadModel(config)
 
 
 # --- broken models --------------------------------------------------------------------------------
