@@ -1,0 +1,47 @@
+"""04_benchmark_amp.ipynb in JupyterLab: it runs clean, and the table and the chart render."""
+import json
+
+import pytest
+from browser_lab import PLAYWRIGHT_MISSING, error_outputs, png_size, unexecuted_cells
+
+expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
+NOTEBOOK = "04_benchmark_amp.ipynb"
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
+
+def test_run_all_cells_leaves_no_error_output(notebook):
+    saved = notebook.saved()
+    assert error_outputs(saved) == []
+    assert unexecuted_cells(saved) == []
+
+
+def test_benchmark_table_renders_a_row_per_precision(notebook):
+    output = notebook.code_cell("#@title 6. Benchmark").locator(".jp-OutputArea")
+    table = output.locator(".jp-RenderedMarkdown table")
+    expect(table).to_have_count(1)
+    notebook.screenshot("benchmark-table", output)
+    measured = [row["precision"] for row in json.loads((notebook.run_dir / "benchmark.json").read_text())["rows"]]
+    assert table.locator("tbody tr td:first-child").all_text_contents() == measured
+    columns = table.locator("thead th").count()
+    assert columns > 1 and all(row.locator("td").count() == columns for row in table.locator("tbody tr").all())
+
+
+def test_benchmark_chart_is_an_image_in_the_page(notebook):
+    output = notebook.code_cell("#@title 7. Chart").locator(".jp-OutputArea")
+    image = output.locator("img")
+    expect(image).to_have_count(1)
+    image.scroll_into_view_if_needed()
+    decoded = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
+    assert tuple(decoded) == png_size(notebook.run_dir / "benchmark.png")
+    notebook.screenshot("benchmark-chart", output)
+
+
+def test_recommendation_renders_as_text(notebook):
+    output = notebook.code_cell("#@title 8. Recommendation").locator(".jp-OutputArea")
+    shown = output.locator(".jp-RenderedMarkdown")
+    expect(shown).to_have_count(1)
+    saved = next(c for c in notebook.saved()["cells"] if c["source"].startswith("#@title 8. Recommendation"))
+    markdown = saved["outputs"][0]["data"]["text/markdown"]
+    # The first words of the verdict, as the page shows them (markdown rendered, not its source).
+    assert shown.inner_text().split()[:3] == markdown.split()[:3]
+    notebook.screenshot("recommendation", output)
