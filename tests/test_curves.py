@@ -49,3 +49,10 @@ def test_loss_scale_panel_marks_skipped_steps(tmp_path):
     scale_ax = fig.axes[1]
     assert scale_ax.get_title() == "Loss scale (2 skipped steps)"
     assert list(scale_ax.lines[1].get_xdata()) == [1, 2]
+
+
+def test_step_axis_has_whole_numbers_only(fp32_run):
+    fig = plot_training_curves(fp32_run[1])
+    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
+    ticks = fig.axes[0].get_xticks()
+    assert all(float(t).is_integer() for t in ticks)

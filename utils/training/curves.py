@@ -36,6 +36,7 @@ def plot_training_curves(source, title: str | None = None):
         A matplotlib Figure (not shown).
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     if hasattr(source, "history"):
         steps, epochs, precision = source.history, source.epochs, source.precision.name
@@ -52,6 +53,8 @@ def plot_training_curves(source, title: str | None = None):
     loss_ax.set(xlabel="optimizer step", ylabel="cross-entropy loss (nats/token)", title="Loss")
     loss_ax.grid(alpha=0.3)
     loss_ax.legend()
+    for ax in (loss_ax, scale_ax):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # optimizer steps are whole numbers
     scales = [(r["step"], r["loss_scale"]) for r in steps if r.get("loss_scale") is not None]
     if scales:
         scale_ax.plot(*zip(*scales), color="tab:green", label="loss scale")
