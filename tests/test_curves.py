@@ -51,8 +51,8 @@ def test_loss_scale_panel_marks_skipped_steps(tmp_path):
     assert list(scale_ax.lines[1].get_xdata()) == [1, 2]
 
 
-def test_step_axis_has_whole_numbers_only(fp32_run):
-    fig = plot_training_curves(fp32_run[1])
-    fig.canvas.draw() if hasattr(fig.canvas, "draw") else None
-    ticks = fig.axes[0].get_xticks()
-    assert all(float(t).is_integer() for t in ticks)
+def test_step_axis_has_whole_numbers_only(tmp_path):
+    steps = [{"type": "step", "step": s, "loss": 1.0 / s, "loss_scale": None} for s in (10, 11)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in steps))
+    ticks = plot_training_curves(tmp_path).axes[0].get_xticks()
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
