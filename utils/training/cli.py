@@ -145,6 +145,13 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
     p.add_argument("--wandb-project", metavar="NAME", help=f"W&B project (default: {d['wandb_project']})")
 
 
+def _say(text: str, stream=None) -> None:
+    """The program's output (this module is the command line; the library itself never prints)."""
+    stream = stream or sys.stdout
+    stream.write(f"{text}\n")
+    stream.flush()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.training",
@@ -239,7 +246,7 @@ def _start_wandb(opts: dict, config: dict, run_dir):
     from utils.training.wandb_setup import init_wandb
 
     session = init_wandb(opts["wandb_project"], config=config, mode=opts["wandb"], run_dir=run_dir)
-    print(session.message)
+    _say(session.message)
     return session
 
 
@@ -300,7 +307,7 @@ def run_train(args: argparse.Namespace) -> int:
         if session is not None:
             session.finish()
     if world.is_rank_zero:
-        print(train_summary(result, opts, world))
+        _say(train_summary(result, opts, world))
     return 130 if result.interrupted else 0
 
 
@@ -343,11 +350,11 @@ def run_bench(args: argparse.Namespace) -> int:
     finally:
         if session is not None:
             session.finish()
-    print(f"AMP benchmark: {opts['model'] or 'example:gpt-tiny'}, context {context}, on {bench.device}\n")
-    print(bench.to_markdown())
+    _say(f"AMP benchmark: {opts['model'] or 'example:gpt-tiny'}, context {context}, on {bench.device}\n")
+    _say(bench.to_markdown())
     if args.json:
         Path(args.json).write_text(json.dumps(bench.to_dict(), indent=2) + "\n")
-        print(f"\nFull results: {args.json}")
+        _say(f"\nFull results: {args.json}")
     return 1 if all(r.error for r in bench.rows) else 0
 
 
@@ -358,8 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_train(args) if args.command == "train" else run_bench(args)
     except (CliError, ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
-        print(f"python -m utils.training {args.command}: error: {e}", file=sys.stderr)
+        _say(f"python -m utils.training {args.command}: error: {e}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"interrupted after {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        _say(f"interrupted after {time.perf_counter() - t0:.1f} s", sys.stderr)
         return 130
