@@ -193,6 +193,16 @@ class NotebookPage:
         """The code cell whose source contains ``title`` (for example ``"#@title 8. Curves"``)."""
         return self.page.locator(".jp-CodeCell").filter(has_text=title)
 
+    def image_in_cell(self, title: str):
+        """The output area of the cell titled ``title`` and the decoded (width, height) of its one image."""
+        output = self.code_cell(title).locator(".jp-OutputArea")
+        image = output.locator("img")
+        image.first.wait_for(timeout=10_000)
+        if image.count() != 1:
+            self.fail(f"{title}: expected one image in its output, found {image.count()}")
+        image.scroll_into_view_if_needed()
+        return output, tuple(image.evaluate("img => [img.naturalWidth, img.naturalHeight]"))
+
     def prompts(self) -> list[str]:
         # textContent: cells scrolled out of view (content-visibility) have no innerText
         return [t.strip() for t in self.page.locator(".jp-CodeCell .jp-InputPrompt").all_text_contents()]

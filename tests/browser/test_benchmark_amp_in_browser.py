@@ -27,12 +27,8 @@ def test_benchmark_table_renders_a_row_per_precision(notebook):
 
 
 def test_benchmark_chart_is_an_image_in_the_page(notebook):
-    output = notebook.code_cell("#@title 7. Chart").locator(".jp-OutputArea")
-    image = output.locator("img")
-    expect(image).to_have_count(1)
-    image.scroll_into_view_if_needed()
-    decoded = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-    assert tuple(decoded) == png_size(notebook.run_dir / "benchmark.png")
+    output, decoded = notebook.image_in_cell("#@title 7. Chart")
+    assert decoded == png_size(notebook.run_dir / "benchmark.png")
     notebook.screenshot("benchmark-chart", output)
 
 

@@ -44,10 +44,6 @@ def test_clicking_a_choice_shows_the_resolvers_plan_for_this_runtime(notebook, l
 
 
 def test_loss_curves_are_an_image_in_the_page(notebook):
-    output = notebook.code_cell("#@title 8. Curves").locator(".jp-OutputArea")
-    image = output.locator("img")
-    expect(image).to_have_count(1)
-    image.scroll_into_view_if_needed()
-    decoded = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
-    assert tuple(decoded) == png_size(notebook.run_dir / "training_curves.png")  # the saved PNG, decoded
+    output, decoded = notebook.image_in_cell("#@title 8. Curves")
+    assert decoded == png_size(notebook.run_dir / "training_curves.png")  # the saved PNG, decoded
     notebook.screenshot("loss-curves", output)
