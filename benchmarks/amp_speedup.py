@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, t
 from benchmarks.loop_overhead import run_plain  # noqa: E402  the independent hand-written loop
 from utils.models import example_model  # noqa: E402
 from utils.training import PrecisionWarning  # noqa: E402
-from utils.training.amp_benchmark import BenchmarkSession  # noqa: E402
+from utils.training.benchmark.runner import BenchmarkSession  # noqa: E402
 from utils.training.precision import cpu_has_native_bf16  # noqa: E402
 
 

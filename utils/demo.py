@@ -16,11 +16,13 @@ from pathlib import Path
 
 from utils.notebook import find_repo_root, new_run_dir
 from utils.project import NOTEBOOKS
-from utils.training import resolve_precision
+from utils.training.precision import resolve_precision
+from utils.training.settings import TrainSettings
 
 # Sized for a 2-core CPU: a few minutes in all. A Colab user gets the notebooks' own defaults.
 CPU_PARAMETERS = {
-    "precision": "auto", "model_source": "example:gpt-micro", "max_steps": 150, "batch_size": 16,
+    "precision": TrainSettings.precision, "model_source": "example:gpt-micro", "max_steps": 150,
+    "batch_size": TrainSettings.batch_size,
     "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 8,
     "bench_warmup": 2, "bench_repeats": 2,
 }

@@ -26,8 +26,8 @@ from torch import nn
 
 from utils.model_io import get_logits, input_spec, model_device, preserved_state
 from utils.report import Check, Report, new_figure, run_check
-from utils.training.benchmark_measure import saved_tensor_bytes, synchronize
-from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.benchmark.measure import saved_tensor_bytes, synchronize
+from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 _MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
@@ -499,12 +499,9 @@ def check_memory(
 
 
 def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
-    """``name``'s autocast (``"32-true"`` or a ``-mixed`` precision) on ``device``, built directly:
-    the memory check reports what a precision would hold on this device even where
-    :func:`resolve_precision` would warn about its speed, so it skips the resolver's checks."""
-    dtype = None if name == "32-true" else (torch.bfloat16 if name.startswith("bf16") else torch.float16)
-    return PrecisionPlan(name, device.type, device, autocast_dtype=dtype, param_dtype=torch.float32,
-                         use_scaler=False, reason="Tier 1's memory check measures it.")
+    """``name``'s plan on ``device`` from :func:`plan_for`: the memory check reports what a precision
+    would hold on this device even where :func:`resolve_precision` would warn about its speed."""
+    return plan_for(name, device, reason="Tier 1's memory check measures it.")
 
 
 def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen) -> dict[int, int]:
@@ -533,9 +530,8 @@ def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) 
 
 def _training_bytes(precision: str, trainable: int, weight_bytes: int, activation_bytes: int) -> int:
     """Weights + gradients + Adam's two moments + activations, for one training step."""
-    if precision in ("16-true", "bf16-true"):  # weights, gradients and moments all in 16 bits
-        return weight_bytes // 2 + trainable * 2 * 3 + activation_bytes
-    return weight_bytes + trainable * 4 * 3 + activation_bytes
+    size = precision_facts(precision).param_dtype.itemsize  # "-true": weights, gradients, moments in 16 bits
+    return weight_bytes * size // 4 + trainable * size * 3 + activation_bytes
 
 
 def _device_memory_bytes(device: torch.device) -> int | None:

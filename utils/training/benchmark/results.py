@@ -15,7 +15,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from utils.training.benchmark_scan import Fp16Scan
+from utils.training.benchmark.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
 _MIB = 2**20
