@@ -61,3 +61,11 @@ def test_amp_utils_loads_by_file_path_with_the_seed_names():
     spec.loader.exec_module(module)
     assert module.AmpWandbCallback is AmpWandbCallback
     assert module.compute_effective_precision is compute_effective_precision
+
+
+def test_the_exports_are_listed_in_all():
+    import utils.training
+    import utils.training.benchmark
+
+    for package in (utils.training, utils.training.benchmark):
+        assert sorted(package.__all__) == sorted(package._EXPORTS)

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.strict_json import json_safe
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
 from utils.training.batches import (
@@ -201,8 +202,7 @@ class Trainer:
     def _write(self, record: dict) -> None:
         if self._metrics_file is not None:
             # Strict JSON (jq, pandas): a non-finite number is written as null.
-            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self._metrics_file.write(json.dumps(clean) + "\n")
+            self._metrics_file.write(json.dumps(json_safe(record)) + "\n")
             self._metrics_file.flush()
 
     def _log_step(self) -> None:
