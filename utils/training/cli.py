@@ -6,7 +6,7 @@ Example::
     $ python -m utils.training train --model example:gpt-micro --data default --max-steps 200 \\
           --batch-size 16 --run-dir runs/micro
     $ python -m utils.training train --resume runs/micro --max-steps 400      # the same options again
-    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --run-dir runs/ddp
+    $ torchrun --standalone --nproc_per_node=2 -m utils.training train --model example:gpt-micro --run-dir runs/ddp
     $ python -m utils.training bench --model example:gpt-micro --precisions 32-true,bf16-mixed
 
 This module is a program: it prints. The library it calls (``train``, ``benchmark_amp``) does not.
@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.training",
         description="Train or benchmark a PyTorch transformer with automatic mixed precision. Run "
-                    "`train` under `torchrun --nproc_per_node=N -m utils.training train ...` to use N "
+                    "`train` under `torchrun --standalone --nproc_per_node=N -m utils.training train ...` to use N "
                     "processes (DistributedDataParallel).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench}")
     d = TRAIN_DEFAULTS

@@ -7,7 +7,7 @@ joins the process group (nccl on CUDA, gloo on CPU) unless one exists, wraps the
 
 Example::
 
-    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --batch-size 8 \\
+    $ torchrun --standalone --nproc_per_node=2 -m utils.training train --model example:gpt-micro --batch-size 8 \\
           --max-steps 100 --run-dir runs/ddp
 
     >>> world = World.detect()                 # rank and world size from torchrun's environment
