@@ -10,10 +10,12 @@ export PYTHONHASHSEED ?= 0
 
 .PHONY: test demo lint clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt
+	# the project itself, editable: notebooks and benchmarks import utils without touching sys.path
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -25,7 +25,7 @@ from utils.model_io import get_logits
 from utils.models import example_model
 from utils.training import PrecisionWarning, resolve_precision, train
 from utils.training.batches import TensorBatches
-from utils.training.benchmark_measure import StepClock
+from utils.training.benchmark.measure import StepClock
 from utils.training.precision import cpu_has_native_bf16
 
 

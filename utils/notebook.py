@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=32, model_source="example",
+    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=16, model_source="example",
     ...                    wandb_mode="offline")                       # doctest: +SKIP
     >>> cfg = need("settings")          # in a later cell: says which cell to run when it wasn't
 """
@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.training.precision import canonical_precision
+from utils.training.settings import TrainSettings
 
 WANDB_MODES = ("offline", "online", "disabled")
+NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
 
 # The steps a later cell may need, and how to tell the user to provide them.
 _STEPS = {
@@ -64,11 +66,11 @@ def find_repo_root(start: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """The notebook's settings, checked once."""
+    """The notebook's settings, checked once; the training ones default to :class:`TrainSettings`'s."""
 
-    precision: str = "auto"
-    max_steps: int = 300
-    batch_size: int = 32
+    precision: str = TrainSettings.precision
+    max_steps: int = NOTEBOOK_MAX_STEPS
+    batch_size: int = TrainSettings.batch_size
     model_source: str = "example"
     wandb_mode: str = "offline"
     run_dir: Path = field(default_factory=lambda: Path("runs"))
@@ -88,7 +90,8 @@ def new_run_dir(base="runs") -> Path:
     return path
 
 
-def use_settings(*, precision="auto", max_steps=300, batch_size=32, model_source="example",
+def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_STEPS,
+                 batch_size=TrainSettings.batch_size, model_source="example",
                  wandb_mode="offline", run_dir="", **extra) -> Settings:
     """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
 

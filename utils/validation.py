@@ -18,7 +18,6 @@ import copy
 import math
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
@@ -26,8 +25,8 @@ from torch import nn
 
 from utils.model_io import get_logits, input_spec, model_device, preserved_state
 from utils.report import Check, Report, new_figure, run_check
-from utils.training.benchmark_measure import saved_tensor_bytes, synchronize
-from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.benchmark.measure import saved_tensor_bytes
+from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 _MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
@@ -499,12 +498,9 @@ def check_memory(
 
 
 def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
-    """``name``'s autocast (``"32-true"`` or a ``-mixed`` precision) on ``device``, built directly:
-    the memory check reports what a precision would hold on this device even where
-    :func:`resolve_precision` would warn about its speed, so it skips the resolver's checks."""
-    dtype = None if name == "32-true" else (torch.bfloat16 if name.startswith("bf16") else torch.float16)
-    return PrecisionPlan(name, device.type, device, autocast_dtype=dtype, param_dtype=torch.float32,
-                         use_scaler=False, reason="Tier 1's memory check measures it.")
+    """``name``'s plan on ``device`` from :func:`plan_for`: the memory check reports what a precision
+    would hold on this device even where :func:`resolve_precision` would warn about its speed."""
+    return plan_for(name, device, reason="Tier 1's memory check measures it.")
 
 
 def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen) -> dict[int, int]:
@@ -533,9 +529,8 @@ def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) 
 
 def _training_bytes(precision: str, trainable: int, weight_bytes: int, activation_bytes: int) -> int:
     """Weights + gradients + Adam's two moments + activations, for one training step."""
-    if precision in ("16-true", "bf16-true"):  # weights, gradients and moments all in 16 bits
-        return weight_bytes // 2 + trainable * 2 * 3 + activation_bytes
-    return weight_bytes + trainable * 4 * 3 + activation_bytes
+    size = precision_facts(precision).param_dtype.itemsize  # "-true": weights, gradients, moments in 16 bits
+    return weight_bytes * size // 4 + trainable * size * 3 + activation_bytes
 
 
 def _device_memory_bytes(device: torch.device) -> int | None:
@@ -616,29 +611,26 @@ def check_inference_speed(
 
 
 def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int) -> dict:
-    lat_median, lat_p95, tps = {}, {}, {}
+    """Forward latency per batch size: ``repeats`` timed calls after ``warmup`` untimed ones, each
+    timed by ``torch.utils.benchmark.Timer`` (it waits for CUDA's queue) on this process's threads."""
+    from torch.utils import benchmark  # ~0.9 s to import: only when speed is measured
+
     device = model_device(model)
+    autocast = plan.autocast if plan is not None else (lambda: torch.autocast(device.type, enabled=False))
+    lat_median, lat_p95, tps = {}, {}, {}
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for b, ids in inputs.items():
-            times = []
-            for i in range(warmup + repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                with plan.autocast() if plan is not None else torch.autocast(device.type, enabled=False):
-                    _forward(model, ids)
-                synchronize(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            lat_median[b] = 1e3 * statistics.median(times)
-            lat_p95[b] = 1e3 * _percentile(times, 0.95)
-            tps[b] = ids.numel() / statistics.median(times)
+            timer = benchmark.Timer("with autocast(): forward(model, ids)", num_threads=torch.get_num_threads(),
+                                    globals={"autocast": autocast, "forward": _forward, "model": model, "ids": ids})
+            if warmup:
+                timer.timeit(warmup)
+            times = [timer.timeit(1).mean for _ in range(repeats)]
+            median = statistics.median(times)
+            lat_median[b], tps[b] = 1e3 * median, ids.numel() / median
+            # p95 between samples (inclusive method); with one sample, that sample
+            lat_p95[b] = 1e3 * (statistics.quantiles(times, n=20, method="inclusive")[-1] if repeats > 1 else times[0])
     return {"latency_ms_median": lat_median, "latency_ms_p95": lat_p95, "tokens_per_s": tps}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 def _latency_figure(results: dict):

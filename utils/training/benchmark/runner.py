@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from utils.training.batches import TensorBatches, as_batches, prepare_batch
-from utils.training.benchmark_measure import (
+from utils.training.benchmark.measure import (
     StepClock,
     matmul_peak_flops,
     model_flops_per_step,
@@ -30,8 +30,8 @@ from utils.training.benchmark_measure import (
     state_bytes,
     state_checksum,
 )
-from utils.training.benchmark_results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
-from utils.training.benchmark_scan import Fp16Scan, scan_fp16_overflow
+from utils.training.benchmark.overflow_scan import Fp16Scan, scan_fp16_overflow
+from utils.training.benchmark.results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.loop import evaluate, train
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from utils.model_io import model_device
+from utils.strict_json import json_safe
 from utils.training.batches import move_to, prepare_batch
 
 FP16_MAX = 65504.0  # the largest finite fp16; anything bigger becomes inf
@@ -61,8 +62,7 @@ class Fp16Scan:
 
     def to_dict(self) -> dict:
         """JSON-safe: an infinite ``max_abs`` becomes None (the module is flagged ``overflow``)."""
-        rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(m).items()}
-                for m in self.modules]
+        rows = [json_safe(asdict(m)) for m in self.modules]
         return {"modules": rows, "recommendation": self.recommendation}
 
     @classmethod
