@@ -6,6 +6,7 @@ a venv and never touches this checkout's git config.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -115,3 +116,22 @@ def test_committed_notebooks_pass_through_the_filter_unchanged():
     stripped = _run([sys.executable, "-m", "nbstripout", "--keep-id", "-t", *map(str, paths)], ROOT)
     assert stripped.returncode == 0, stripped.stderr
     assert stripped.stdout == "".join(path.read_text(encoding="utf-8") for path in paths)
+
+
+def _readme_commands() -> list[str]:
+    """Every line of the README's ```bash blocks, continuation lines included."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+
+
+def test_readme_runs_the_command_line_with_the_venvs_python():
+    commands = [c for c in _readme_commands() if "-m utils.training" in c]
+    assert len(commands) >= 4  # train, resume, bench, torchrun
+    assert [c for c in commands if not c.startswith((".venv/bin/python ", ".venv/bin/torchrun "))] == []
+
+
+def test_every_make_target_in_the_readme_exists():
+    targets = {m.group(1) for c in _readme_commands() if (m := re.match(r"make ([\w-]+)", c))}
+    assert {"lab", "train", "test", "demo"} <= targets
+    rules = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(encoding="utf-8"), re.M))
+    assert targets - rules == set()
