@@ -162,6 +162,16 @@ def test_collapsed_heads_fail_and_are_named():
             "transformer.h.0.attn head 1.") in check.summary
 
 
+def test_a_collapsed_head_in_a_trained_model_fails_with_the_trained_reason():
+    model = example_model("gpt-micro", n_layer=1)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(1e4)
+    check = check_attention_patterns(model, trained=True, figure=False)
+    assert not check.passed
+    assert ("Collapsed (each query puts nearly all its weight on one key; after training, the head attends "
+            "to one key whatever the input): transformer.h.0.attn head 0") in check.summary
+
+
 UNIFORM_NOTE = ("Uniform heads are expected before training: at random initialization the attention logits "
                 "q·k/√d are near zero, so the softmax is near uniform.")
 
@@ -188,7 +198,7 @@ def test_uniform_heads_before_training_pass_with_the_reason():
 def test_uniform_heads_in_a_model_declared_trained_fail():
     check = check_attention_patterns(_uniform_gpt(), trained=True, figure=False)
     assert not check.passed
-    assert check.details["trained"] is True and check.details["trained_reason"] == "as passed (trained=...)"
+    assert check.details["trained"] is True and check.details["trained_reason"] == "given: trained=True"
     assert check.summary.endswith(
         "0 collapsed, 2 uniform heads. Uniform after training (each query spreads its weight evenly, so the "
         "head learned nothing): transformer.h.0.attn head 0, transformer.h.0.attn head 1.")

@@ -328,7 +328,7 @@ def check_attention_patterns(
                      {"source": None}, skipped=True)
     layers = {name: _head_stats(w, collapsed_below, uniform_above) for name, w in capture.maps.items()}
     broken = [n for n, s in layers.items() if not s["finite"] or s["row_sum_error"] > 1e-3]
-    trained, trained_reason = (trained, "as passed (trained=...)") if trained is not None else looks_trained(model)
+    trained, trained_reason = (trained, f"given: trained={trained}") if trained is not None else looks_trained(model)
     details = {
         "source": capture.source,
         "causal": all(s["causal"] for s in layers.values()),
@@ -355,8 +355,9 @@ def _head_verdict(collapsed: list[str], uniform: list[str], trained: bool | None
     """What fails and what is only said, for the named collapsed and uniform heads."""
     problems, notes = [], []
     if collapsed:
-        cause = ("after training, the head attends to one key whatever the input" if trained else
-                 "untrained, this means attention logits far too large: check the query/key init scale")
+        cause = {True: "after training, the head attends to one key whatever the input",
+                 False: "untrained, this means attention logits far too large: check the query/key init scale",
+                 None: "the attention logits are far too large"}[trained]
         problems.append(f"Collapsed (each query puts nearly all its weight on one key; {cause}): "
                         f"{_names(collapsed)}.")
     if uniform and trained:
@@ -413,8 +414,8 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _at_init(norm: nn.Module) -> bool:
-    weight, bias = norm.weight.detach(), getattr(norm, "bias", None)
-    constant = bool((weight == weight.flatten()[0]).all())
+    weight, bias = norm.weight.detach().flatten(), getattr(norm, "bias", None)
+    constant = weight.numel() == 0 or bool((weight == weight[0]).all())
     return constant and (not isinstance(bias, torch.Tensor) or not bool(bias.detach().any()))
 
 
