@@ -550,11 +550,23 @@ def _memory_figure(training: dict):
     ax = fig.add_subplot()
     for name, by_batch in training.items():
         ax.plot(list(by_batch), [v / 2**20 for v in by_batch.values()], marker="o", label=name)
-    ax.set_xlabel("batch size")
+    _batch_size_axis(ax, [b for by_batch in training.values() for b in by_batch])
     ax.set_ylabel("MiB (weights + grads + Adam + activations)")
     ax.set_title("Training memory by batch size and precision")
     ax.legend()
     return fig
+
+
+def _batch_size_axis(ax, batch_sizes) -> None:
+    """Ticks at the measured batch sizes only (a count has no 1.5); a log2 axis when they span 8x or more."""
+    from matplotlib.ticker import NullLocator
+
+    ticks = sorted(set(batch_sizes))
+    if ticks[-1] >= 8 * ticks[0]:
+        ax.set_xscale("log", base=2)  # 1, 2, 4, ..., 64 evenly spaced instead of crowded at the left
+    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())  # the log axis would add unlabelled ticks between
+    ax.set_xlabel("batch size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,7 +652,7 @@ def _latency_figure(results: dict):
         batches = list(r["latency_ms_median"])
         ax.plot(batches, list(r["latency_ms_median"].values()), marker="o", label=f"{name} median")
         ax.plot(batches, list(r["latency_ms_p95"].values()), linestyle="--", label=f"{name} p95")
-    ax.set_xlabel("batch size")
+    _batch_size_axis(ax, [b for r in results.values() for b in r["latency_ms_median"]])
     ax.set_ylabel("forward latency (ms)")
     ax.set_title("Inference latency by batch size")
     ax.legend()
