@@ -40,7 +40,7 @@ def project(tmp_path):
     requirement files (``PYTHON=false``: were the venv rule ever to run, it would fail at once)."""
     for name in ("Makefile", ".gitattributes"):
         shutil.copy(ROOT / name, tmp_path / name)
-    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt"):
+    for name in ("requirements.txt", "requirements-dev.txt", "constraints.txt", "pyproject.toml"):
         (tmp_path / name).touch()
         os.utime(tmp_path / name, (0, 0))
     (tmp_path / "stamp").touch()
