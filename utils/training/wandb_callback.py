@@ -141,7 +141,8 @@ class AmpWandbCallback:
       (cumulative) and ``amp/overflow`` (1 when a step was skipped since the last logged one);
       with our loop also ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``,
       ``epoch`` and, after evaluation, ``val/loss``, ``val/accuracy``, ``val/perplexity``;
-    - each epoch end: ``amp/enabled`` and ``amp/loss_scale`` (the seed's record);
+    - each epoch end, through ``wandb.log``: ``amp/enabled``, ``amp/precision`` (as passed, e.g. ``'16'``)
+      and ``amp/loss_scale`` (the seed's record);
     - the summary: ``amp/precision``, ``amp/skipped_steps``, ``amp/final_loss_scale``.
 
     W&B steps never go backwards (W&B drops such rows): with our loop the step is the loop's
@@ -247,11 +248,10 @@ class AmpWandbCallback:
             )
 
     def _log(self, row: dict, step: int | None = None) -> None:
+        """``wandb.log`` (the module's, which logs to ``wandb.run``), so any stand-in for the module works."""
         row = {k: v for k, v in row.items() if v is not None}
-        if step is None:
-            self._call("log", lambda run: run.log(row))
-        else:
-            self._call("log", lambda run: run.log(row, step=step))
+        kwargs = {} if step is None else {"step": step}
+        self._call("log", lambda run: self._wandb.log(row, **kwargs))
 
     # ---- hooks: our loop calls (trainer, ...), Lightning calls (trainer, pl_module, ...) ------
     def on_train_start(self, trainer, pl_module=None) -> None:
@@ -294,8 +294,10 @@ class AmpWandbCallback:
             self._log(row, step=trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module=None) -> None:
-        """The seed's epoch record: ``amp/enabled`` and, when there is one, ``amp/loss_scale``."""
-        row = {"amp/enabled": int(bool(self.enabled)),
+        """The seed's epoch record: ``amp/enabled``, ``amp/precision`` (as passed; the trainer's when
+        ``"auto"``) and, when a GradScaler is in use, ``amp/loss_scale``."""
+        precision = self.precision if self.precision_name != "auto" else self._view(trainer).precision_name()
+        row = {"amp/enabled": int(bool(self.enabled)), "amp/precision": None if precision is None else str(precision),
                "amp/loss_scale": self._get_loss_scale(trainer) if self._reads_scale(trainer) else None}
         self._view(trainer).log(self, row)
 
