@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from utils.model_io import find_context_length, find_vocab_size
+from utils.model_calls import find_context_length, find_vocab_size
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
 
