@@ -357,7 +357,8 @@ def call_with_targets(model: nn.Module, args: tuple, kwargs: dict, targets: torc
     ``forward`` takes them (convention ``"targets"``); returns the raw output."""
     call = model_call(model)
     if call.convention == TARGETS and targets is not None:
-        return model(*args, **kwargs, **{call.target_arg: targets})
+        # Contiguous: the loop's targets are a slice (ids[:, 1:]), and such models often .view(-1) them.
+        return model(*args, **kwargs, **{call.target_arg: targets.contiguous()})
     return model(*args, **kwargs)
 
 
