@@ -321,3 +321,31 @@ def test_cli_a_file_that_fails_to_import_is_one_message(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == (
         f"python -m utils.training train: error: --model {path}: building the model failed with "
         f"ModuleNotFoundError: No module named 'not_a_module_anywhere'. Check the file, --class-name and --model-config.")
+
+
+def test_tier1_explains_a_last_position_model_it_cannot_pass_targets_to():
+    from utils.validation import check_shapes
+
+    check = check_shapes(ShortcutWithOtherName(), max_seq_len=8, batch_sizes=(2,))
+    assert not check.passed
+    assert check.details["problems"][0] == (
+        "input (2, 2): ShortcutWithOtherName.forward(idx, tgt=None) returned logits of shape (2, 1, 256): one "
+        "position of 2. Models that return only the last position's logits unless they get the targets must name "
+        "that argument targets, labels, target or y, so the suite can pass it; or return every position's logits.")
+
+
+def test_tier1_names_where_it_looked_for_a_context_it_did_not_find():
+    from utils.validation import check_shapes
+
+    class Hidden(nn.Module):  # a 16-row table in a buffer: no attribute says so
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(256, 4)
+            self.register_buffer("table", torch.zeros(16, 4))
+
+        def forward(self, idx):
+            return self.emb(idx) + self.table[:idx.shape[1]]
+
+    problems = check_shapes(Hidden(), batch_sizes=(1,)).details["problems"]
+    assert problems[0].endswith(f"(the context length 64 is a default: none of {CONTEXT_SEARCH} was found; "
+                                f"pass max_seq_len=)")

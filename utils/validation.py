@@ -24,7 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_calls import input_spec, model_call, model_device, predict, preserved_state
+from utils.model_calls import (
+    CONTEXT_SEARCH,
+    input_spec,
+    model_call,
+    model_device,
+    predict,
+    preserved_state,
+    short_logits_error,
+)
 from utils.report import Check, Report, new_figure, run_check
 from utils.training.benchmark_measure import saved_tensor_bytes, synchronize
 from utils.training.precision import PrecisionPlan, resolve_precision
@@ -145,7 +153,10 @@ def check_shapes(
             try:
                 out = predict(model, ids)
             except Exception as e:  # a shape the model cannot take is the finding itself
-                problems.append(f"input {key} raised {type(e).__name__}: {e}")
+                problems.append(f"input {key} raised {type(e).__name__}: {e}{_default_context_hint(spec)}")
+                continue
+            if error := short_logits_error(model, out, t):  # the inference shortcut, under another name
+                problems.append(f"input {key}: {error}")
                 continue
             shapes[key] = tuple(out.shape)
             problems += _shape_problems(key, out, b, t)
@@ -162,6 +173,13 @@ def check_shapes(
     return Check("shape_robustness", True,
                  f"All {len(cases)} inputs (batch {min(batch_sizes)}-{max(batch_sizes)}, length 1-{long}, "
                  f"ids 0 and {spec.vocab_size - 1}) give {details['output']}.", details)
+
+
+def _default_context_hint(spec) -> str:
+    if spec.context_from != "default":
+        return ""
+    return (f" (the context length {spec.max_seq_len} is a default: none of {CONTEXT_SEARCH} was found; "
+            f"pass max_seq_len=)")
 
 
 def _shape_problems(key: str, out: torch.Tensor, b: int, t: int) -> list[str]:
