@@ -279,13 +279,13 @@ def test_a_default_config_method_takes_the_dict(tmp_path):
 
 # ---- the command line ---------------------------------------------------------------------------
 def cli_args(path, *extra):
-    return ["--model", str(path), "--batch-size", "4", "--no-progress", *extra]
+    return ["--model", str(path), "--batch-size", "4", *extra]
 
 
 def test_cli_trains_a_config_object_model_from_its_file(tmp_path, capsys):
     path = copy_user_models(tmp_path)
     status = cli.main(["train", *cli_args(path, "--class-name", "NanoGPT", "--model-config", '{"n_layer": 1}',
-                                          "--max-steps", "2", "--run-dir", str(tmp_path / "run"))])
+                                          "--max-steps", "2", "--no-progress", "--run-dir", str(tmp_path / "run"))])
     assert status == 0, capsys.readouterr().err
     assert "trained to step 2" in capsys.readouterr().out
 
