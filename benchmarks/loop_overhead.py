@@ -21,7 +21,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from utils.model_io import get_logits
+from utils.model_calls import get_logits
 from utils.models import example_model
 from utils.training import PrecisionWarning, resolve_precision, train
 from utils.training.batches import TensorBatches

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.model_io import find_input_embedding, get_attentions, get_logits, input_spec, preserved_state
+from utils.model_calls import find_input_embedding, get_attentions, input_spec, predict, preserved_state
 from utils.report import Check, Report, new_figure, run_check
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -56,7 +56,7 @@ def run_tier2(
 
     Args:
         model: maps token ids ``(B, T)`` to logits (a tensor, tuple, dict or ``ModelOutput``).
-        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_io.input_spec``).
+        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_calls.input_spec``).
         device: default None: where the model already is. Otherwise the model is moved there.
         seq_len: the length analyzed (default ``min(max_seq_len, 32)``).
         batch_size: sequences per check (default 2; the consistency check uses at least 3).
@@ -90,8 +90,8 @@ def _length(spec, seq_len: int | None) -> int:
     return min(seq_len or 32, spec.max_seq_len)
 
 
-def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return get_logits(model(ids)).detach().float()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return predict(model, ids).detach().float()  # (B, T, V), whatever the calling convention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -517,7 +517,7 @@ def check_token_substitution(
     changed[rows, where] = (ids[rows, where] + shift) % spec.vocab_size  # always a different token
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y, y2 = _forward(model, ids), _forward(model, changed)
+        y, y2 = _logits(model, ids), _logits(model, changed)
     if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
         return Check("token_substitution", False, "The output has NaN/Inf on random or substituted tokens.", {})
     rel = ((y2 - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp_min(1e-12)).tolist()
@@ -578,10 +578,10 @@ def check_embedding_noise(
     changes, finite = {}, True
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = _forward(model, ids)
+        y = _logits(model, ids)
         for level in noise_levels:
             with _noisy(embedding, level, gen):
-                y2 = _forward(model, ids)
+                y2 = _logits(model, ids)
             finite &= bool(torch.isfinite(y2).all())
             changes[level] = float((y2 - y).norm() / y.norm().clamp_min(1e-12)) if finite else math.inf
     details = {"embedding": type(embedding).__name__, "relative_change": changes}
@@ -627,9 +627,9 @@ def check_batch_consistency(
     ids = spec.random_ids(batch_size, _length(spec, seq_len), torch.Generator().manual_seed(seed))
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = _forward(model, ids)
-        alone = torch.cat([_forward(model, ids[i:i + 1]) for i in range(batch_size)])
-        reversed_ = _forward(model, ids.flip(0)).flip(0)
+        y = _logits(model, ids)
+        alone = torch.cat([_logits(model, ids[i:i + 1]) for i in range(batch_size)])
+        reversed_ = _logits(model, ids.flip(0)).flip(0)
     scale = max(float(y.abs().max()), 1e-12)
     alone_diff = ((alone - y).flatten(1).abs().amax(1) / scale).tolist()
     reversed_diff = float((reversed_ - y).abs().max()) / scale

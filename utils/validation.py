@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_io import get_logits, input_spec, model_device, preserved_state
+from utils.model_calls import (
+    CONTEXT_SEARCH,
+    input_spec,
+    model_call,
+    model_device,
+    predict,
+    preserved_state,
+    short_logits_error,
+)
 from utils.report import Check, Report, new_figure, run_check
 from utils.training.benchmark.measure import saved_tensor_bytes
 from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
@@ -99,16 +107,13 @@ def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
         "max_seq_len": context,
         "device": str(spec.device),
         "precision": plan.describe(),
+        "calling": model_call(model).describe(),
     }
 
 
 def _seq_grid(max_seq_len: int) -> list[int]:
     """1, 2, a quarter, a half and all of the context: the edges and the middle."""
     return sorted({n for n in (1, 2, max_seq_len // 4, max_seq_len // 2, max_seq_len) if n >= 1})
-
-
-def _forward(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return get_logits(model(ids))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,9 +150,12 @@ def check_shapes(
         for key, ids in cases:
             b, t = ids.shape
             try:
-                out = _forward(model, ids)
+                out = predict(model, ids)
             except Exception as e:  # a shape the model cannot take is the finding itself
-                problems.append(f"input {key} raised {type(e).__name__}: {e}")
+                problems.append(f"input {key} raised {type(e).__name__}: {e}{_default_context_hint(spec)}")
+                continue
+            if error := short_logits_error(model, out, t):  # the inference shortcut, under another name
+                problems.append(f"input {key}: {error}")
                 continue
             shapes[key] = tuple(out.shape)
             problems += _shape_problems(key, out, b, t)
@@ -166,6 +174,13 @@ def check_shapes(
                  f"ids 0 and {spec.vocab_size - 1}) give {details['output']}.", details)
 
 
+def _default_context_hint(spec) -> str:
+    if spec.context_from != "default":
+        return ""
+    return (f" (the context length {spec.max_seq_len} is a default: none of {CONTEXT_SEARCH} was found; "
+            f"pass max_seq_len=)")
+
+
 def _shape_problems(key: str, out: torch.Tensor, b: int, t: int) -> list[str]:
     if out.dim() == 0 or out.shape[0] != b:
         return [f"input {key} gave output {tuple(out.shape)}: the first dimension is not the batch size {b}"]
@@ -182,7 +197,7 @@ def _too_long_behaviour(model: nn.Module, spec) -> str:
     with preserved_state(model), torch.no_grad():
         model.eval()
         try:
-            _forward(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device))
+            predict(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device))
         except Exception as e:  # raising is the good outcome here
             return f"refused ({type(e).__name__})"
     return "accepted (the model does not enforce its context length)"
@@ -224,7 +239,7 @@ def check_gradient_flow(
         model.train()
         for _, p in params:
             p.grad = None
-        logits = _forward(model, ids)
+        logits = predict(model, ids)
         if not logits.requires_grad:
             return Check("gradient_flow", False,
                          "The output does not depend on any trainable parameter: no gradient reaches the model.",
@@ -319,7 +334,7 @@ def check_numerical_stability(
     problems, details = [], {}
     with preserved_state(model), torch.no_grad():
         model.eval()
-        outs = [_forward(model, ids) for ids in batches]
+        outs = [predict(model, ids) for ids in batches]
         bad_trials = [i for i, out in enumerate(outs) if not torch.isfinite(out).all()]
         if bad_trials:
             problems.append(f"{len(bad_trials)} of {trials} random batches give NaN/Inf")
@@ -328,7 +343,7 @@ def check_numerical_stability(
         details.update(bad_tokens=bad_tokens[:_MAX_NAMED], tokens_swept=swept)
         if bad_tokens:
             problems.append(f"{len(bad_tokens)} token id(s) alone give NaN/Inf, e.g. {bad_tokens[:5]}")
-        diff = (_forward(model, batches[0]).float() - outs[0].float()).abs().nan_to_num(0.0).max()
+        diff = (predict(model, batches[0]).float() - outs[0].float()).abs().nan_to_num(0.0).max()
         details["eval_repeat_max_diff"] = float(diff)
         if diff > 1e-6 * max(1.0, details["max_abs_output"]):
             problems.append(f"eval mode is not deterministic: the same batch twice differs by {float(diff):.3g}")
@@ -352,7 +367,7 @@ def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator,
         ids = torch.randperm(spec.vocab_size, generator=gen)[:max_tokens].sort().values
     bad = []
     for part in ids.split(chunk):
-        out = _forward(model, part.view(-1, 1).to(spec.device))  # (n, 1, V) or (n, C)
+        out = predict(model, part.view(-1, 1).to(spec.device))  # (n, 1, V) or (n, C)
         finite = torch.isfinite(out.reshape(len(part), -1)).all(dim=1).cpu()
         bad += part[~finite].tolist()
     return bad, len(ids)
@@ -360,7 +375,7 @@ def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator,
 
 def _autocast_finite(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) -> dict:
     with plan.autocast():
-        out = _forward(model, ids)
+        out = predict(model, ids)
     return {"autocast_precision": plan.name, "autocast_finite": bool(torch.isfinite(out).all())}
 
 
@@ -523,7 +538,7 @@ def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) 
     """Bytes autograd saves in one train-mode forward of ``ids`` to the logits (no loss), parameters
     left out. Autocast's 16-bit weight copies count here too: like activations, they are memory a
     training step holds beyond the weights (the constant part :func:`_scaled_activations` finds)."""
-    saved = saved_tensor_bytes(model, ids, plan, loss_fn=_forward)
+    saved = saved_tensor_bytes(model, ids, plan, loss_fn=predict)
     return saved.activations + saved.weight_copies
 
 
@@ -634,7 +649,7 @@ def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, r
         model.eval()
         for b, ids in inputs.items():
             timer = benchmark.Timer("with autocast(): forward(model, ids)", num_threads=torch.get_num_threads(),
-                                    globals={"autocast": autocast, "forward": _forward, "model": model, "ids": ids})
+                                    globals={"autocast": autocast, "forward": predict, "model": model, "ids": ids})
             if warmup:
                 timer.timeit(warmup)
             times = [timer.timeit(1).mean for _ in range(repeats)]

@@ -15,6 +15,7 @@ This module is a program: it prints. The library it calls (``train``, ``benchmar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from utils.model_io import find_context_length, find_vocab_size
+from utils.model_calls import check_context, find_context_length, find_vocab_size
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
 from utils.training.settings import TrainSettings
@@ -88,19 +89,13 @@ def _precision(text: str) -> str:
 
 
 def _model_spec(text: str) -> str:
-    from utils.models import EXAMPLE_MODELS
+    from utils.models import parse_model_source
 
-    kind, sep, rest = text.partition(":")
-    if sep and kind == "example" and rest in EXAMPLE_MODELS:
-        return text
-    if (sep and kind == "gist" and rest) or "://" in text or text == "example":
-        return text
-    if text.endswith(".py"):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not a model: use example:NAME (NAME one of {', '.join(EXAMPLE_MODELS)}), "
-        f"PATH.py or gist:ID"
-    )
+    try:
+        parse_model_source(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 def _json_object(text: str) -> dict:
@@ -211,9 +206,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---- shared: the model and the data --------------------------------------------------------------
 def build_model(spec: str, config: dict, class_name: str | None):
+    """The model ``--model`` names; a failure in the user's own code becomes one message."""
     from utils.models import load_model
 
-    return load_model(spec, class_name=class_name, config=config or None)
+    try:
+        return load_model(spec, class_name=class_name, config=config or None)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # the user's file failed to import or build: no traceback, its error named
+        raise CliError(f"--model {spec}: building the model failed with {type(e).__name__}: {e}. "
+                       f"Check the file, --class-name and --model-config.") from e
 
 
 def load_data(spec: str, model, context: int | None, val_fraction: float):
@@ -230,10 +232,12 @@ def load_data(spec: str, model, context: int | None, val_fraction: float):
             f"--model-config '{{\"vocab_size\": {tokenizer.vocab_size}}}'."
         )
     limit = find_context_length(model)
+    source = "argument" if context else "model" if limit else "default"
     context = context or limit or 64
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
+    check_context(model, context, source, "--context N")
     text = load_corpus(None if spec == "default" else Path(spec))
     data = make_lm_dataset(text, tokenizer, context, val_fraction)
     return data.train, (data.val if data.val.shape[0] else None), context
@@ -343,7 +347,9 @@ def run_bench(args: argparse.Namespace) -> int:
     train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
     session = _start_wandb(opts, {**opts, "context": context, "command": "bench"}, None)
     try:
-        bench = benchmark_amp(model, train_ids, precisions=args.precisions, steps=args.steps,
+        # A factory, never the instance: every run builds the model from the file again.
+        factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
+        bench = benchmark_amp(factory, train_ids, precisions=args.precisions, steps=args.steps,
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                               device=opts["device"], lr=opts["lr"], eval_data=val_ids,
                               log_to_wandb=session is not None)

@@ -19,9 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from utils.model_io import model_device
+from utils.model_calls import model_device
 from utils.strict_json import json_safe
-from utils.training.batches import move_to, prepare_batch
+from utils.training.batches import move_to, prepare_batch, run_model
 
 FP16_MAX = 65504.0  # the largest finite fp16; anything bigger becomes inf
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal (~6e-8); smaller magnitudes flush to zero
@@ -128,8 +128,7 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
             if loss_fn is not None:
                 loss_fn(model, batch)
             else:
-                prepared = prepare_batch(batch)
-                model(*prepared.args, **prepared.kwargs)
+                run_model(model, prepare_batch(batch))  # with the targets, when forward takes them
     finally:
         for handle in handles:
             handle.remove()
