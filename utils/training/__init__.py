@@ -10,6 +10,8 @@ from utils.training.benchmark_results import AmpBenchmark
 from utils.training.benchmark_scan import scan_fp16_overflow
 from utils.training.loop import Trainer, TrainResult, evaluate, train
 from utils.training.precision import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
+from utils.training.precision_report import PrecisionReport, compare_precisions
+from utils.training.scale_health import ScaleHealth
 from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb
 
 __all__ = [
@@ -17,12 +19,15 @@ __all__ = [
     "AmpWandbCallback",
     "Capabilities",
     "PrecisionPlan",
+    "PrecisionReport",
     "PrecisionWarning",
+    "ScaleHealth",
     "TrainResult",
     "Trainer",
     "WandbSession",
     "WandbWarning",
     "benchmark_amp",
+    "compare_precisions",
     "compute_effective_precision",
     "evaluate",
     "init_wandb",

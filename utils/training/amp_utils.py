@@ -108,7 +108,11 @@ class AmpWandbCallback:
       with our loop also ``train/loss``, ``train/lr``, ``train/grad_norm``, ``train/tokens_per_s``,
       ``epoch`` and, after evaluation, ``val/loss``, ``val/accuracy``, ``val/perplexity``;
     - each epoch end: ``amp/enabled`` and ``amp/loss_scale`` (the seed's record);
-    - the summary: ``amp/precision``, ``amp/skipped_steps``, ``amp/final_loss_scale``.
+    - the summary: ``amp/precision``, ``amp/skipped_steps``, ``amp/final_loss_scale``; with our loop
+      under ``16-mixed`` also ``amp/scale_health`` (``"ok"`` or ``"warning"``) and, when it warned,
+      ``amp/scale_health_step``; each logged step then has ``amp/skip_rate`` (over the health window);
+    - ``wandb.alert`` once, when our loop's :class:`ScaleHealth` warns the loss scale is collapsing;
+    - the config ``amp.keep_fp32``: the modules ``train(keep_fp32=...)`` ran in fp32, when any.
 
     W&B steps never go backwards (W&B drops such rows): with our loop the step is the loop's
     global step; under Lightning rows carry ``trainer/global_step``, WandbLogger's step metric,
@@ -153,6 +157,7 @@ class AmpWandbCallback:
         self._scale: float | None = None
         self._skipped = self._logged_skipped = 0
         self._last_step: int | None = None
+        self._alerted = False  # the loss-scale health alert goes out once per run
 
     # ---- reading the trainer -----------------------------------------------------------------
     def _get_loss_scale(self, trainer) -> float | None:
@@ -190,9 +195,10 @@ class AmpWandbCallback:
         plan = getattr(trainer, "precision", None)
         if isinstance(plan, PrecisionPlan):
             dtype = plan.autocast_dtype or plan.param_dtype
+            kept = getattr(trainer, "keep_fp32", None)
             return {**config, "precision": plan.name, "dtype": str(dtype).removeprefix("torch."),
                     "param_dtype": str(plan.param_dtype).removeprefix("torch."), "device": str(plan.device),
-                    "reason": plan.reason, "loss_scaling": plan.use_scaler}
+                    "reason": plan.reason, "loss_scaling": plan.use_scaler, **({"keep_fp32": kept} if kept else {})}
         name = self._trainer_precision(trainer) or (None if plan is None else str(plan)) or self.precision_name
         device = getattr(getattr(trainer, "strategy", None), "root_device", None)
         return {**config, "precision": name, "dtype": _dtype_name(name),
@@ -236,7 +242,7 @@ class AmpWandbCallback:
 
     # ---- hooks: our loop calls (trainer, ...), Lightning calls (trainer, pl_module, ...) ------
     def on_train_start(self, trainer, pl_module=None) -> None:
-        self._tracking = None
+        self._tracking, self._alerted = None, False
         self._tracks_scale(trainer)
         self._scale = self._get_loss_scale(trainer) if self._tracking else None
         self._skipped = self._logged_skipped = getattr(trainer, "skipped_steps", 0)
@@ -253,7 +259,18 @@ class AmpWandbCallback:
                **{f"train/{k}": metrics.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s")}}
         if self._tracks_scale(trainer):
             row.update(self._amp_row(metrics.get("loss_scale"), metrics.get("skipped_steps", 0)))
+        if "skip_rate" in metrics:  # our loop under 16-mixed: its ScaleHealth's view
+            row["amp/skip_rate"] = metrics["skip_rate"]
         self._log(row, step=metrics["step"])
+        self._alert_scale_health(trainer)
+
+    def _alert_scale_health(self, trainer) -> None:
+        """``wandb.alert`` once, when our loop's :class:`ScaleHealth` has warned."""
+        message = getattr(getattr(trainer, "scale_health", None), "message", None)
+        if message is None or self._alerted or self._run() is None:
+            return
+        self._alerted = True
+        self._call("alert", lambda run: run.alert(title="fp16 loss scale collapsing", text=message, level="WARN"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Lightning, after each batch: count skipped steps, log every ``log_every`` optimizer steps."""
@@ -289,8 +306,11 @@ class AmpWandbCallback:
         """The summary: the precision, the total skipped steps and the final loss scale."""
         result = pl_module_or_result
         if isinstance(result, TrainResult):
+            self._alert_scale_health(trainer)  # a warning after the last logged step
+            health = result.scale_health or {}
             summary = {"amp/precision": result.precision.name, "amp/skipped_steps": result.skipped_steps,
-                       "amp/final_loss_scale": result.final_loss_scale if self._tracks_scale(trainer) else None}
+                       "amp/final_loss_scale": result.final_loss_scale if self._tracks_scale(trainer) else None,
+                       "amp/scale_health": health.get("status"), "amp/scale_health_step": health.get("step")}
         else:
             summary = {"amp/precision": self._trainer_precision(trainer) or self.precision_name,
                        "amp/skipped_steps": self._skipped,

@@ -94,22 +94,22 @@ def units_to_keep(model: nn.Module, flagged: list[str]) -> list[str]:
 
     A flagged leaf (a Linear inside an MLP) is kept with its parent, so the ops after it in that
     block (activation, projection) also see fp32; a flagged leaf directly under the model is kept
-    alone. A flagged container is kept when the overflow starts in its own code: none of its
-    children is flagged and no module called before it was (else it only passes an earlier
-    overflow on, as a residual stream does). The model itself is never kept.
+    alone. A flagged container is kept only when no module was flagged before it: then the
+    overflow starts in its own code. Otherwise it holds the source (its submodules return before
+    it does) or passes an earlier overflow on, as a residual stream does. The model itself is
+    never kept.
+
+    .. note:: A second overflow that starts in a container's own code, after an earlier one, is
+        not found; the run's :class:`ScaleHealth` warning then still says the scale collapses.
     """
     modules = dict(model.named_modules())
     flagged = [n for n in flagged if n]
     units: list[str] = []
     for i, name in enumerate(flagged):
-        module = modules[name]
-        children = [f"{name}.{c}" for c, _ in module.named_children()]
-        if not children:
+        if next(modules[name].children(), None) is None:  # a leaf
             parent = name.rpartition(".")[0]
             unit = parent if parent else name
-        elif any(c in flagged for c in children):
-            continue
-        elif any(not f.startswith(name + ".") for f in flagged[:i]):
+        elif i:
             continue
         else:
             unit = name
