@@ -26,9 +26,11 @@ from utils.training import (
     compare_precisions,
     init_wandb,
     resolve_precision,
+    scan_fp16_overflow,
     train,
 )
 from utils.training.keep_fp32 import KeptModules, select_modules, units_to_keep
+from utils.training.precision_report import make_fp16_hostile
 
 matplotlib.use("Agg")
 
@@ -392,3 +394,15 @@ def test_offline_run_records_scale_health_in_the_summary(tmp_path):
     summary = wandb_records.summary(records)
     assert (summary["amp/scale_health"], summary["amp/scale_health_step"]) == ("warning", 3)
     assert result.scale_health["step"] == 3
+
+
+def test_make_fp16_hostile_scales_one_linear_to_the_asked_peak():
+    model, batch = example_model("gpt-micro", n_layer=1), token_ids(2)
+    assert make_fp16_hostile(model, batch) == "transformer.h.0.mlp.c_fc"  # the first Linear with "mlp" in its name
+    peaks = {m.name: m.max_abs for m in scan_fp16_overflow(model, batch).modules}
+    assert peaks["transformer.h.0.mlp.c_fc"] == pytest.approx(4 * FP16_MAX, rel=1e-5)
+    assert peaks["transformer.h.0.attn.c_attn"] < FP16_MAX
+    assert compare_precisions(model, batch).keep_fp32 == ["transformer.h.0.mlp"]
+    with pytest.raises(ValueError, match=re.escape("make_fp16_hostile(module='lm_haed'): not an nn.Linear of GPT. "
+                                                   "Its Linears: transformer.h.0.attn.c_attn,")):
+        make_fp16_hostile(model, batch, module="lm_haed")

@@ -20,7 +20,7 @@ from torch import nn
 
 from utils.model_io import model_device
 from utils.training.batches import forward_loss, move_to, prepare_batch
-from utils.training.benchmark_scan import _float_tensors
+from utils.training.benchmark_scan import _float_tensors, scan_fp16_overflow
 from utils.training.keep_fp32 import units_to_keep
 from utils.training.precision import PrecisionPlan, PrecisionWarning, resolve_precision
 
@@ -212,3 +212,40 @@ def _rows(model, ref_out, out, ref_grads, grads, dtype_max: float) -> list[Modul
             range_frac=max_abs / dtype_max,
             underflow_frac=float((nonzero & (got == 0)).sum()) / max(int(nonzero.sum()), 1), order=order))
     return sorted(rows, key=lambda r: (-(r.rel_error if not math.isnan(r.rel_error) else math.inf), r.order))
+
+
+def make_fp16_hostile(model: nn.Module, batch, module: str | None = None, *, peak: float = 4 * 65504.0) -> str:
+    """Scale one Linear's weights and bias so its largest output on ``batch`` is ``peak`` (default
+    4x fp16's 65504): a model that is fine in fp32 and overflows under ``16-mixed``, to demonstrate
+    the scan, :func:`compare_precisions` and ``keep_fp32`` on. Changes ``model`` in place.
+
+    Example::
+
+        >>> model = example_model("gpt-micro")
+        >>> make_fp16_hostile(model, torch.randint(0, 256, (2, 17)))
+        'transformer.h.0.mlp.c_fc'
+
+    Args:
+        module: the Linear's name; default: the first Linear with ``mlp`` or ``fc`` in its name,
+            else the first Linear.
+
+    Returns:
+        The name of the Linear it scaled.
+
+    Raises:
+        ValueError: ``module`` is not a Linear of the model, or the model has none.
+    """
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if module is None:
+        module = next((n for n in linears if "mlp" in n or "fc" in n), linears[0] if linears else None)
+    if module not in linears:
+        raise ValueError(f"make_fp16_hostile(module={module!r}): not an nn.Linear of {type(model).__name__}. "
+                         f"Its Linears: {', '.join(linears) or 'none'}.")
+    scan = scan_fp16_overflow(model, batch)
+    current = next(m.max_abs for m in scan.modules if m.name == module)
+    linear = dict(model.named_modules())[module]
+    with torch.no_grad():
+        for p in (linear.weight, linear.bias):
+            if p is not None:
+                p.mul_(peak / current)
+    return module
