@@ -54,10 +54,10 @@ class ScaleHealth:
     window: int = 50
     threshold: float = 0.25
     lr: float | None = None
-    step: int | None = None  # the step the warning fired at
-    scale: float | None = None  # the scale then
-    message: str | None = None
-    _recent: deque = field(default_factory=deque, repr=False)
+    step: int | None = field(default=None, init=False)  # the step the warning fired at
+    scale: float | None = field(default=None, init=False)  # the scale then
+    message: str | None = field(default=None, init=False)
+    _recent: deque = field(init=False, repr=False)
 
     def __post_init__(self):
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
