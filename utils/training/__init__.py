@@ -25,7 +25,9 @@ _EXPORTS = {
     "AmpWandbCallback": "utils.training.wandb_callback",
     "Capabilities": "utils.training.precision",
     "PrecisionPlan": "utils.training.precision",
+    "PrecisionReport": "utils.training.precision_report",
     "PrecisionWarning": "utils.training.precision",
+    "ScaleHealth": "utils.training.scale_health",
     "TrainResult": "utils.training.loop",
     "TrainSettings": "utils.training.settings",
     "Trainer": "utils.training.loop",
@@ -33,6 +35,7 @@ _EXPORTS = {
     "WandbWarning": "utils.training.wandb_setup",
     "benchmark_amp": "utils.training.benchmark.runner",
     "compute_effective_precision": "utils.training.precision",
+    "compare_precisions": "utils.training.precision_report",
     "evaluate": "utils.training.loop",
     "init_wandb": "utils.training.wandb_setup",
     "resolve_precision": "utils.training.precision",
@@ -44,13 +47,16 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "AmpWandbCallback",
     "Capabilities",
     "PrecisionPlan",
+    "PrecisionReport",
     "PrecisionWarning",
+    "ScaleHealth",
     "TrainResult",
     "TrainSettings",
     "Trainer",
     "WandbSession",
     "WandbWarning",
     "benchmark_amp",
+    "compare_precisions",
     "compute_effective_precision",
     "evaluate",
     "init_wandb",
@@ -72,6 +78,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
         compute_effective_precision,
         resolve_precision,
     )
+    from utils.training.precision_report import PrecisionReport, compare_precisions
+    from utils.training.scale_health import ScaleHealth
     from utils.training.settings import TrainSettings
     from utils.training.wandb_callback import AmpWandbCallback
     from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb

@@ -33,7 +33,9 @@ from utils.training.batches import (
     move_to,
     prepare_batch,
 )
+from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
 from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.scale_health import ScaleHealth
 from utils.training.settings import TrainSettings
 
 
@@ -54,6 +56,7 @@ class TrainResult:
     checkpoint_path: str | None = None
     global_step: int = 0
     best_val_loss: float | None = None
+    scale_health: dict | None = None  # ScaleHealth.to_dict() under 16-mixed, else None
 
 
 TrainArgs = TrainSettings  # the loop's old name for its settings, kept for code that imports it
@@ -136,6 +139,8 @@ class Trainer:
         self._resume_rng = None
         self._checked_ids = False
         self._scale = scaler.get_scale() if scaler.is_enabled() else None
+        self.scale_health = ScaleHealth(lr=args.lr) if scaler.is_enabled() else None
+        self.keep_fp32: list[str] = []  # modules train() runs in fp32 under autocast
         self._bad_step = torch.full((), -1, dtype=torch.int64, device=plan.device)
         self._reset_window()
         self._metrics_file = None
@@ -178,6 +183,7 @@ class Trainer:
             self._skipped = new_scale < self._scale
             self._scale = new_scale
             self.skipped_steps += self._skipped
+            self.scale_health.update(self.global_step, new_scale, self._skipped)  # host values: no sync
         else:  # no scaler to absorb a non-finite loss: remember the first bad step, on the device
             bad = ~torch.isfinite(step_loss) & (self._bad_step < 0)
             self._bad_step = torch.where(bad, self.global_step, self._bad_step)
@@ -220,6 +226,8 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": self._win_count / elapsed,
         }
+        if self.scale_health is not None:
+            metrics.update({"scale_health": self.scale_health.status, "skip_rate": self.scale_health.skip_rate})
         self.history.append(metrics)
         self._write(metrics)
         if self._bar is not None:
@@ -413,6 +421,7 @@ class Trainer:
             wall_time_s=wall, tokens_per_second=self._tokens_done / max(wall - self._eval_s, 1e-9),
             interrupted=interrupted, checkpoint_path=self.checkpoint_path, global_step=self.global_step,
             best_val_loss=self.best_val_loss,
+            scale_health=None if self.scale_health is None else self.scale_health.to_dict(),
         )
         _call(self.callbacks, "on_train_end", self, result)
         return result
@@ -435,7 +444,8 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           grad_accum_steps=TrainSettings.grad_accum_steps, max_grad_norm=TrainSettings.max_grad_norm,
           warmup_steps=TrainSettings.warmup_steps, loss_fn=None, callbacks=(), run_dir=None,
           checkpoint_every=TrainSettings.checkpoint_every, resume_from=None, seed=TrainSettings.seed,
-          log_every=TrainSettings.log_every, progress=TrainSettings.progress) -> TrainResult:
+          log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
+          scaler_kwargs=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -464,6 +474,12 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         run_dir: folder for ``metrics.jsonl`` and ``checkpoints/{latest,best}.pt``.
         checkpoint_every: also checkpoint every N steps (epoch ends and the run end always do).
         resume_from: a checkpoint file or a run folder; continues that run exactly.
+        keep_fp32: modules to run in fp32 under autocast: names, glob patterns (``"*.ln_f"``) or
+            ``nn.Module`` types, or ``"auto"`` (under ``16-mixed``, those :func:`scan_fp16_overflow`
+            flags on the first batch). The plan's ``reason`` names them; the model is left as it
+            was when the call returns. See :mod:`utils.training.keep_fp32`.
+        scaler_kwargs: GradScaler settings (``init_scale``, ``growth_factor``, ``backoff_factor``,
+            ``growth_interval``), see :meth:`PrecisionPlan.make_scaler`.
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary, targets that do
@@ -472,7 +488,9 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
 
     .. note::
         Metrics are read from the device every ``log_every`` steps only; ``16-mixed`` reads the
-        loss scale once per step (one host sync) to count skipped steps. KeyboardInterrupt ends
+        loss scale once per step (one host sync) to count skipped steps, and watches it with a
+        :class:`ScaleHealth` (one :class:`PrecisionWarning` when the scale collapses, ``scale_health``
+        in the step metrics and ``TrainResult``). KeyboardInterrupt ends
         the run cleanly with a checkpoint and ``interrupted=True``.
 
     .. note::
@@ -491,17 +509,25 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
+    scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
     model = _place(model, plan)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
+    kept = []
+    if keep_fp32 is not None:
+        def first_batch():
+            return next(iter(batches.epoch(0) if isinstance(batches, TensorBatches) else batches))
+        kept, plan = plan_keep_fp32(model, keep_fp32, plan, first_batch, loss_fn)
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
     optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
     warm = max(warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    trainer = Trainer(model, plan, optimizer, scheduler, plan.make_scaler(), batches, val_batches, args,
+    trainer = Trainer(model, plan, optimizer, scheduler, scaler, batches, val_batches, args,
                       loss_fn, callbacks, run_dir, world)
+    trainer.keep_fp32 = kept
     if resume_from is not None:
         trainer.restore(resume_from)
     else:
         torch.manual_seed(seed)
         random.seed(seed)
-    return world.fit(trainer)
+    with KeptModules(model, kept, plan.device_type):  # removed on the way out: the model is left as it was
+        return world.fit(trainer)

@@ -31,6 +31,7 @@ from utils.training.benchmark.measure import (
 )
 from utils.training.benchmark.overflow_scan import Fp16Scan, scan_fp16_overflow
 from utils.training.benchmark.results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
+from utils.training.keep_fp32 import KeptModules, select_modules, units_to_keep
 from utils.training.loop import evaluate, train
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
@@ -84,7 +85,8 @@ class BenchmarkSession:
     """
 
     def __init__(self, model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5,
-                 batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, loss_tolerance=0.05):
+                 batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, loss_tolerance=0.05,
+                 keep_fp32=None):
         for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("batch_size", batch_size, 1)):
             _check_int(name, value, low)
         self.steps, self.warmup, self.batch_size, self.lr = steps, warmup, batch_size, lr
@@ -110,11 +112,31 @@ class BenchmarkSession:
         self.fp16_scan: Fp16Scan | None = None
         if "16-mixed" in self.plans:
             self.fp16_scan = scan_fp16_overflow(template.to(self.device), self.first_batch, loss_fn=loss_fn)
+        self.keep: dict[str, list[str]] = {}  # row -> modules it runs in fp32
+        if keep_fp32 is not None:
+            self._add_keep_row(template, keep_fp32)
         del template
         self.peaks = {dtype: matmul_peak_flops(self.device, dtype) for dtype in
                       {_compute_dtype(p) for p in self.plans.values() if p is not None}}
         self.times: dict[str, list[float]] = {name: [] for name in self.rows}
         self.runs: dict[str, int] = {name: 0 for name in self.rows}
+
+    def _add_keep_row(self, template: nn.Module, keep_fp32) -> None:
+        """A ``16-mixed+fp32[...]`` row beside ``16-mixed``: the same run with those modules in fp32."""
+        plan = self.plans.get("16-mixed")
+        if plan is None:
+            self.notes.append(f"keep_fp32={keep_fp32!r} applies to 16-mixed, which is not measured here (not asked for, or not possible on this device): no extra row.")
+            return
+        auto = isinstance(keep_fp32, str) and keep_fp32 == "auto"
+        names = (units_to_keep(template, [m.name for m in self.fp16_scan.overflowing]) if auto
+                 else select_modules(template, keep_fp32))
+        if not names:
+            self.notes.append("keep_fp32='auto': the fp16 scan flagged no module, so there is no 16-mixed+fp32 row.")
+            return
+        name = f"16-mixed+fp32[{','.join(names)}]"
+        self.rows[name] = AmpRow(name, [f"16-mixed, keep_fp32={keep_fp32!r}"],
+                                 reason=f"16-mixed with {', '.join(names)} kept in fp32.")
+        self.plans[name], self.keep[name] = plan, names
 
     @property
     def precisions(self) -> list[str]:
@@ -170,7 +192,7 @@ class BenchmarkSession:
         try:
             result = train(model, self.data, precision=plan, max_steps=self.warmup + self.steps,
                            batch_size=self.batch_size, lr=self.lr, loss_fn=self.loss_fn, callbacks=[clock],
-                           log_every=1, progress=False, seed=0)
+                           log_every=1, progress=False, seed=0, keep_fp32=self.keep.get(precision))
             self.times[precision] += clock.step_times()[self.warmup:]
             if plan.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(plan.device)
@@ -184,10 +206,11 @@ class BenchmarkSession:
     def _measure_once(self, row: AmpRow, plan: PrecisionPlan, model: nn.Module, optimizer, result) -> None:
         row.final_loss, row.skipped_steps = result.final_loss, result.skipped_steps
         row.param_bytes, row.optimizer_bytes = state_bytes(model, optimizer)
-        row.activation_bytes, row.weight_copy_bytes = saved_tensor_bytes(model, self.first_batch, plan, self.loss_fn)
-        if self.eval_data is not None:
-            scores = evaluate(model, self.eval_data, plan, batch_size=self.batch_size, loss_fn=self.loss_fn)
-            row.eval_loss, row.eval_accuracy = scores["val_loss"], scores["val_accuracy"]
+        with KeptModules(model, self.keep.get(row.precision, []), plan.device_type):
+            row.activation_bytes, row.weight_copy_bytes = saved_tensor_bytes(model, self.first_batch, plan, self.loss_fn)
+            if self.eval_data is not None:
+                scores = evaluate(model, self.eval_data, plan, batch_size=self.batch_size, loss_fn=self.loss_fn)
+                row.eval_loss, row.eval_accuracy = scores["val_loss"], scores["val_accuracy"]
         total = self.warmup + self.steps
         if not math.isfinite(result.final_loss) or 2 * result.skipped_steps > total:
             scan = " See the fp16 scan." if self.fp16_scan is not None and not self.fp16_scan.ok else ""
@@ -224,7 +247,7 @@ class BenchmarkSession:
 
 def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5, repeats=3,
                   batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, log_to_wandb=False,
-                  loss_tolerance=0.05) -> AmpBenchmark:
+                  loss_tolerance=0.05, keep_fp32=None) -> AmpBenchmark:
     """Train the same model from the same weights on the same batches in each precision; compare.
 
     Example::
@@ -251,6 +274,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
         eval_data: held-out data for ``evaluate()`` after the first run of each precision.
         log_to_wandb: also log a W&B Table and summary metrics (:meth:`AmpBenchmark.log_to_wandb`).
         loss_tolerance: the largest |loss difference| from fp32 not flagged (default 0.05).
+        keep_fp32: when ``16-mixed`` is measured, also a row ``16-mixed+fp32[names]`` that keeps those
+            modules in fp32 (as ``train(keep_fp32=...)``; ``"auto"``: what the fp16 scan flags).
 
     Returns:
         :class:`AmpBenchmark` with one :class:`AmpRow` per precision.
@@ -269,7 +294,7 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
     _check_int("repeats", repeats, 1)
     session = BenchmarkSession(model_factory, data, precisions=precisions, steps=steps, warmup=warmup,
                                batch_size=batch_size, device=device, lr=lr, loss_fn=loss_fn,
-                               eval_data=eval_data, loss_tolerance=loss_tolerance)
+                               eval_data=eval_data, loss_tolerance=loss_tolerance, keep_fp32=keep_fp32)
     for _ in range(repeats):
         for precision in session.precisions:  # A B A B: drift hits every precision alike
             session.run(precision)
