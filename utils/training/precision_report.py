@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from utils.model_io import model_device
+from utils.model_calls import model_device
 from utils.training.batches import forward_loss, move_to, prepare_batch
 from utils.training.benchmark.overflow_scan import _float_tensors, scan_fp16_overflow
 from utils.training.keep_fp32 import units_to_keep
