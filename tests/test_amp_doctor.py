@@ -361,6 +361,7 @@ class FakeRun:
 def fake_wandb(monkeypatch):
     module = types.ModuleType("wandb")
     module.run = FakeRun()
+    module.log = lambda row, step=None: module.run.log(row, step=step)  # as wandb.log logs to wandb.run
     monkeypatch.setitem(sys.modules, "wandb", module)
     return module
 
