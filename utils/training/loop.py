@@ -23,6 +23,7 @@ from torch import nn
 
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
+from utils.training.acceleration import compile_model, tf32_matmuls
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -460,7 +461,8 @@ def _place(model: nn.Module, plan: PrecisionPlan) -> nn.Module:
 def train(model: nn.Module, train_data, *, val_data=None, precision="auto", device=None, epochs=1,
           max_steps=None, batch_size=8, lr=3e-4, weight_decay=0.01, optimizer=None, grad_accum_steps=1,
           max_grad_norm=1.0, warmup_steps=0, loss_fn=None, callbacks=(), run_dir=None,
-          checkpoint_every=None, resume_from=None, seed=0, log_every=10, progress=True) -> TrainResult:
+          checkpoint_every=None, resume_from=None, seed=0, log_every=10, progress=True, compile=False,
+          tf32=False) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -489,6 +491,11 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
         run_dir: folder for ``metrics.jsonl`` and ``checkpoints/{latest,best}.pt``.
         checkpoint_every: also checkpoint every N steps (epoch ends and the run end always do).
         resume_from: a checkpoint file or a run folder; continues that run exactly.
+        compile: ``torch.compile`` the model in place (default False); True, or a dict of
+            ``torch.compile`` options such as ``{"backend": "eager"}``. The first step compiles.
+            See :func:`~utils.training.acceleration.compile_model`.
+        tf32: let fp32 matmuls use TF32 on CUDA GPUs of compute capability >= 8.0 (default False);
+            elsewhere it warns and is ignored. The flags are restored when the run ends.
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary, targets that do
@@ -514,7 +521,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
-    model = _place(model, plan)
+    model = compile_model(_place(model, plan), compile)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
     optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
@@ -527,4 +534,5 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
     else:
         torch.manual_seed(seed)
         random.seed(seed)
-    return world.fit(trainer)
+    with tf32_matmuls(plan.device, tf32):
+        return world.fit(trainer)
