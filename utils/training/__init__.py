@@ -9,6 +9,7 @@ from utils.training.amp_utils import AmpWandbCallback, compute_effective_precisi
 from utils.training.benchmark_results import AmpBenchmark
 from utils.training.benchmark_scan import scan_fp16_overflow
 from utils.training.loop import Trainer, TrainResult, evaluate, train
+from utils.training.memory_plan import MemoryPlan, find_batch_size, plan_memory
 from utils.training.precision import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
 from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb
 
@@ -16,6 +17,7 @@ __all__ = [
     "AmpBenchmark",
     "AmpWandbCallback",
     "Capabilities",
+    "MemoryPlan",
     "PrecisionPlan",
     "PrecisionWarning",
     "TrainResult",
@@ -25,7 +27,9 @@ __all__ = [
     "benchmark_amp",
     "compute_effective_precision",
     "evaluate",
+    "find_batch_size",
     "init_wandb",
+    "plan_memory",
     "resolve_precision",
     "scan_fp16_overflow",
     "train",
