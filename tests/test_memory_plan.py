@@ -126,3 +126,15 @@ def test_a_training_step_trial_leaves_the_weights_as_they_were():
 def test_measured_peak_is_cuda_only():
     with pytest.raises(ValueError, match=re.escape("measured_peak_bytes(device='cpu'): only CUDA reports a peak")):
         measured_peak_bytes(tiny(), ids(4), "32-true", 2, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="only CUDA reports a measured peak")
+def test_the_plan_is_within_25_percent_of_the_measured_cuda_peak():
+    from utils.models import example_model
+
+    model = example_model("gpt-micro")
+    batch = torch.randint(0, 256, (16, model.config.block_size + 1), generator=torch.Generator().manual_seed(0))
+    plan = plan_memory(model, batch[:4], precisions=("32-true", "16-mixed"), device="cuda")
+    for precision in ("32-true", "16-mixed"):
+        measured = measured_peak_bytes(example_model("gpt-micro"), batch, precision, 8)
+        assert 0.75 <= plan.peak_bytes(precision, 8) / measured <= 1.25, precision
