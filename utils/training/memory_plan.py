@@ -207,7 +207,7 @@ def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, sa
                      saved.activations / samples, output_grads / samples, plan.reason)
 
 
-def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=tuple(GPUS), device="cpu",
+def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=tuple(GPUS), device=None,
                 optimizer_states: int = 2, margin: float = DEFAULT_MARGIN) -> MemoryPlan:
     """Predict a training step's memory per precision, and the largest batch per GPU.
 
@@ -223,8 +223,9 @@ def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=
             by its sample count, at its sequence length.
         precisions: canonical names or aliases (not ``"auto"``); default 32-true, 16-mixed, bf16-mixed.
         gpus: names from :data:`GPUS` shown by :meth:`MemoryPlan.to_markdown`.
-        device: where to measure (default ``"cpu"``; any device gives the same bytes up to
-            autocast's per-device op lists).
+        device: where to measure (default: the best available; any device gives the same bytes up
+            to autocast's per-device op lists). Every precision is measured there as asked, even
+            fp16 on a CPU (one forward; slow but honoured).
         optimizer_states: tensors of parameter size the optimizer keeps (AdamW: 2, SGD with
             momentum: 1, SGD: 0); in the parameters' dtype.
         margin: share of each GPU's memory held back (default :data:`DEFAULT_MARGIN`).
@@ -244,6 +245,7 @@ def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=
     prepared = prepare_batch(batch)
     ids = prepared.input_ids
     samples = ids.shape[0] if ids is not None and ids.dim() >= 2 else prepared.count  # count is tokens for ids
+    device = resolve_precision("32-true", device).device  # explicit, so fp16 on a CPU is measured as fp16
     plans = [_measure_plan(p, device) for p in precisions]
     model.to(plans[0].device)
     rows = [_row(model, batch, plan, optimizer_states, samples) for plan in plans]
