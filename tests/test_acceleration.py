@@ -59,3 +59,23 @@ def test_tf32_asked_for_where_it_cannot_apply_warns_and_changes_nothing():
                                                         "capability is (7, 5)")):
         with tf32_matmuls("cuda", True, capability=(7, 5)) as on:
             assert not on and torch.backends.cuda.matmul.allow_tf32 == before
+
+
+def test_train_asked_for_tf32_on_a_cpu_warns_and_trains_in_fp32():
+    with pytest.warns(PrecisionWarning, match=re.escape("tf32=True is ignored: TF32 off: it is a CUDA feature")):
+        result = train(micro(), ids(), max_steps=1, batch_size=4, precision="32-true", device="cpu",
+                       progress=False, tf32=True)
+    assert result.precision.name == "32-true" and result.final_loss > 0
+
+
+def test_the_benchmarks_fp32_row_says_whether_tf32_was_on():
+    import warnings
+
+    from utils.training import benchmark_amp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        bench = benchmark_amp(micro, ids(), precisions=("32-true",), steps=1, warmup=0, repeats=1, batch_size=4,
+                              device="cpu", max_seconds=0, tf32=True)
+    assert bench.row("32-true").reason.endswith(tf32_decision("cpu", True)[1])
+    assert bench.settings["tf32"] is True
