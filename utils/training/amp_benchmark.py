@@ -360,7 +360,9 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
 
     .. note::
         Each step's end is observed through a callback with ``log_every=1``, which reads the loss
-        (a host sync, as on CUDA timing needs anyway). Throughput assumes equal-sized batches.
+        (a host sync, as on CUDA timing needs anyway); CUDA steps are timed with CUDA events.
+        Rows report the median and IQR of their timed steps; MFU only for a dtype the device runs
+        natively, against a measured matmul ceiling, at most 100%. Throughput assumes equal-sized batches.
         When ``16-mixed`` is requested, :func:`scan_fp16_overflow` runs first on one batch.
     """
     _check_int("repeats", repeats, 1)

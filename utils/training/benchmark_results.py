@@ -176,8 +176,9 @@ def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow]) -> str:
 class AmpBenchmark:
     """Rows per precision, the settings they were measured with, and notes on what was decided.
 
-    ``settings`` holds ``steps``, ``warmup``, ``repeats``, ``batch_size``, ``lr``,
-    ``loss_tolerance``, ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
+    ``settings`` holds ``steps``, ``warmup``, ``repeats`` (those run, extra ones included),
+    ``noise_bound``, ``compile``, ``tf32``, ``batch_size``, ``lr``, ``loss_tolerance``,
+    ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
     that two requests resolved to the same precision and were measured once.
     """
 
