@@ -331,10 +331,11 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
             deltas compare with the ``"32-true"`` row, so include it to get them.
         steps: timed optimizer steps per run (default 20), after ``warmup`` untimed ones (default 5).
         repeats: runs per precision (default 3), interleaved A B A B so drift hits all alike.
-        max_seconds: time budget (default 60) for further interleaved repeats, added while any row's
-            step times have an IQR / median above ``NOISE_BOUND`` (10%). A row still above it is
-            marked ``noisy`` and :meth:`AmpBenchmark.recommendation` then recommends nothing on speed.
-            ``0`` runs exactly ``repeats``.
+        max_seconds: time budget (default 60) for extra interleaved repeats after the first
+            ``repeats``: another round starts while any row's step times have an IQR / median above
+            ``NOISE_BOUND`` (10%) and the extra rounds have taken less than ``max_seconds``. A row
+            still above it is marked ``noisy`` and :meth:`AmpBenchmark.recommendation` then
+            recommends nothing on speed. ``0`` runs exactly ``repeats``.
         compile: ``False`` (default), ``True``, or ``(False, True)``: rows with ``torch.compile``
             are named ``"<precision>+compile"`` and report ``compile_time_s`` (the first step's
             extra time) apart from the step time; compiling needs ``warmup >= 1``.
@@ -368,16 +369,17 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
     _check_int("repeats", repeats, 1)
     if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds >= 0:
         raise ValueError(f"benchmark_amp(max_seconds={max_seconds!r}): max_seconds must be a number >= 0.")
-    start = time.perf_counter()
     session = BenchmarkSession(model_factory, data, precisions=precisions, steps=steps, warmup=warmup,
                                batch_size=batch_size, device=device, lr=lr, loss_fn=loss_fn,
                                eval_data=eval_data, loss_tolerance=loss_tolerance, compile=compile,
                                compile_options=compile_options, tf32=tf32)
-    done = 0
-    while done < repeats or (session.noisy_rows() and time.perf_counter() - start < max_seconds):
+    for _ in range(repeats):
         for precision in session.precisions:  # A B A B: drift hits every precision alike
             session.run(precision)
-        done += 1
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_seconds and session.noisy_rows():
+        for precision in session.precisions:  # extra rounds stay interleaved
+            session.run(precision)
     bench = session.result()
     if log_to_wandb:
         bench.log_to_wandb()
