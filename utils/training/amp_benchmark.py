@@ -132,9 +132,10 @@ class BenchmarkSession:
         if "16-mixed" in self.plans:
             self.fp16_scan = scan_fp16_overflow(template.to(self.device), self.first_batch, loss_fn=loss_fn)
         del template
-        self.peaks = {dtype: matmul_peak_flops(self.device, dtype) for dtype in
-                      {_compute_dtype(p) for p in self.plans.values() if p is not None}}
-        self.native = {dtype: runs_natively(self.device, dtype) for dtype in self.peaks}
+        dtypes = {_compute_dtype(p) for p in self.plans.values() if p is not None}
+        self.native = {dtype: runs_natively(self.device, dtype) for dtype in dtypes}
+        # A ceiling only where the dtype runs natively: an emulated one has no MFU to report.
+        self.peaks = {dtype: matmul_peak_flops(self.device, dtype) for dtype in dtypes if self.native[dtype]}
         self.shape_peaks: dict[torch.dtype, float] = {}
         self.times: dict[str, list[float]] = {name: [] for name in self.rows}
         self.first_step: dict[str, float] = {}
