@@ -24,6 +24,7 @@ _EXPORTS = {
     "AmpBenchmark": "utils.training.benchmark.results",
     "AmpWandbCallback": "utils.training.wandb_callback",
     "Capabilities": "utils.training.precision",
+    "MemoryPlan": "utils.training.memory_plan",
     "PrecisionPlan": "utils.training.precision",
     "PrecisionReport": "utils.training.precision_report",
     "PrecisionWarning": "utils.training.precision",
@@ -37,7 +38,9 @@ _EXPORTS = {
     "compute_effective_precision": "utils.training.precision",
     "compare_precisions": "utils.training.precision_report",
     "evaluate": "utils.training.loop",
+    "find_batch_size": "utils.training.memory_plan",
     "init_wandb": "utils.training.wandb_setup",
+    "plan_memory": "utils.training.memory_plan",
     "resolve_precision": "utils.training.precision",
     "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
     "train": "utils.training.loop",
@@ -46,6 +49,7 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "AmpBenchmark",
     "AmpWandbCallback",
     "Capabilities",
+    "MemoryPlan",
     "PrecisionPlan",
     "PrecisionReport",
     "PrecisionWarning",
@@ -59,7 +63,9 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "compare_precisions",
     "compute_effective_precision",
     "evaluate",
+    "find_batch_size",
     "init_wandb",
+    "plan_memory",
     "resolve_precision",
     "scan_fp16_overflow",
     "train",
@@ -71,6 +77,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from utils.training.benchmark.results import AmpBenchmark
     from utils.training.benchmark.runner import benchmark_amp
     from utils.training.loop import Trainer, TrainResult, evaluate, train
+    from utils.training.memory_plan import MemoryPlan, find_batch_size, plan_memory
     from utils.training.precision import (
         Capabilities,
         PrecisionPlan,

@@ -24,6 +24,7 @@ from torch import nn
 from utils.strict_json import json_safe
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
+from utils.training.acceleration import compile_model, tf32_matmuls
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -445,7 +446,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           warmup_steps=TrainSettings.warmup_steps, loss_fn=None, callbacks=(), run_dir=None,
           checkpoint_every=TrainSettings.checkpoint_every, resume_from=None, seed=TrainSettings.seed,
           log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
-          scaler_kwargs=None) -> TrainResult:
+          scaler_kwargs=None, compile=False, tf32=False) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -480,6 +481,11 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             was when the call returns. See :mod:`utils.training.keep_fp32`.
         scaler_kwargs: GradScaler settings (``init_scale``, ``growth_factor``, ``backoff_factor``,
             ``growth_interval``), see :meth:`PrecisionPlan.make_scaler`.
+        compile: ``torch.compile`` the model in place (default False); True, or a dict of
+            ``torch.compile`` options such as ``{"backend": "eager"}``. The first step compiles.
+            See :func:`~utils.training.acceleration.compile_model`.
+        tf32: let fp32 matmuls use TF32 on CUDA GPUs of compute capability >= 8.0 (default False);
+            elsewhere it warns and is ignored. The flags are restored when the run ends.
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary, targets that do
@@ -510,7 +516,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
-    model = _place(model, plan)
+    model = compile_model(_place(model, plan), compile)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     kept = []
     if keep_fp32 is not None:
@@ -529,5 +535,5 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     else:
         torch.manual_seed(seed)
         random.seed(seed)
-    with KeptModules(model, kept, plan.device_type):  # removed on the way out: the model is left as it was
+    with tf32_matmuls(plan.device, tf32), KeptModules(model, kept, plan.device_type):  # both undone on the way out
         return world.fit(trainer)
