@@ -172,7 +172,8 @@ def check_structure(path: Path, ckpt) -> None:
     if missing:
         raise ValueError(f"Checkpoint {str(path)!r} is incomplete: missing {missing}.")
     problems = _schema_problems(ckpt, SCHEMA, "")
-    missing = [f"position.{k}" for k in ("epoch", "batch") if k not in ckpt.get("position", {})]
+    position = ckpt["position"] if isinstance(ckpt["position"], dict) else {}
+    missing = [f"position.{k} is missing" for k in ("epoch", "batch") if k not in position]
     rng = ckpt["rng"].get("torch") if isinstance(ckpt["rng"], dict) else None
     if isinstance(rng, torch.Tensor) and rng.dtype != torch.uint8:
         problems.append(f"rng.torch is a {rng.dtype} tensor, expected torch.uint8")
@@ -312,7 +313,10 @@ def claim_run_dir(run_dir, overwrite: bool, argument: str = "run_dir") -> Path |
             f"with resume_from={str(run_dir)!r} (CLI: --resume), pick a new folder, or pass overwrite=True "
             f"(CLI: --overwrite) to move the old run aside."
         )
-    archive = run_dir / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp, n = time.strftime("%Y%m%d-%H%M%S"), 0
+    while (run_dir / f"replaced-{stamp}{f'-{n}' if n else ''}").exists():
+        n += 1
+    archive = run_dir / f"replaced-{stamp}{f'-{n}' if n else ''}"
     archive.mkdir()
     for name in ("checkpoints", METRICS, "command.json", "wandb"):
         if (run_dir / name).exists():
