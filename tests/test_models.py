@@ -219,10 +219,13 @@ class GistServer:
                 if not server.drip:
                     self.wfile.write(body)
                     return
-                for i in range(len(body)):  # a slow server: a byte at a time
-                    self.wfile.write(body[i:i + 1])
-                    self.wfile.flush()
-                    time.sleep(0.2)
+                try:
+                    for i in range(len(body)):  # a slow server: a byte at a time
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                    return
 
             def log_message(self, *args):  # keep test output clean
                 pass
