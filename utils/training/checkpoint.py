@@ -318,7 +318,7 @@ def claim_run_dir(run_dir, overwrite: bool, argument: str = "run_dir") -> Path |
         n += 1
     archive = run_dir / f"replaced-{stamp}{f'-{n}' if n else ''}"
     archive.mkdir()
-    for name in ("checkpoints", METRICS, "command.json", "wandb"):
+    for name in ("checkpoints", METRICS, "command.json"):  # wandb/ keeps one folder per W&B run
         if (run_dir / name).exists():
             shutil.move(str(run_dir / name), str(archive / name))
     return archive
