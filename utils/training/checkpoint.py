@@ -59,6 +59,30 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def epoch_batches(batches, epoch: int, start: int, resume_rng, epoch_rng):
+    """This epoch's batches from batch ``start`` on, the RNG replayed so that a resumed DataLoader
+    reshuffles as the uninterrupted run did. Returns ``(iterator, RNG state at the epoch's start)``."""
+    from utils.training.batches import TensorBatches
+    from utils.training.distributed import set_sampler_epoch
+
+    if isinstance(batches, TensorBatches):  # its order depends on (seed, epoch) alone
+        if resume_rng is not None:
+            set_rng_state(resume_rng)
+        return batches.epoch(epoch, start), epoch_rng
+    set_sampler_epoch(batches, epoch)
+    if resume_rng is not None and start > 0 and epoch_rng is not None:
+        set_rng_state(epoch_rng)
+        it = iter(batches)
+        for _ in range(start):  # a sampler draws its seed at the first next(): replay, don't jump
+            next(it)
+        set_rng_state(resume_rng)
+        return it, epoch_rng
+    if resume_rng is not None:
+        set_rng_state(resume_rng)
+    at_start = rng_state()  # before iter(): a DataLoader draws its seed there
+    return iter(batches), at_start
+
+
 # ---- writing -----------------------------------------------------------------------------------
 def _os_error(e: BaseException) -> OSError | None:
     """The OSError behind ``e`` (torch wraps a failed write in a RuntimeError 'unexpected pos')."""

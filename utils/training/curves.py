@@ -28,6 +28,9 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")
     torn = lines.pop() if lines else ""  # after the last newline: empty unless a write was cut short
+    if torn.strip() and _is_json(torn):  # a whole record, only its newline missing (written by hand)
+        lines.append(torn)
+        torn = ""
     records = []
     for number, line in enumerate(lines, 1):
         if line.strip():
@@ -39,6 +42,14 @@ def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
         warnings.warn(f"{path}: its last line is incomplete (a run stopped mid-write) and was skipped; "
                       f"resuming the run repairs the file.", RuntimeWarning, stacklevel=2)
     return [r for r in records if r.get("type") == "step"], [r for r in records if r.get("type") == "epoch"]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def plot_training_curves(source, title: str | None = None):

@@ -325,25 +325,10 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def _epoch_iter(self):
-        """This epoch's batches from the saved position; RNG replayed so a DataLoader reshuffles the same."""
-        start, resume = self.batch_in_epoch, self._resume_rng
+        it, self.epoch_rng = ckpt_io.epoch_batches(self.batches, self.current_epoch, self.batch_in_epoch,
+                                                   self._resume_rng, self.epoch_rng)
         self._resume_rng = None
-        if isinstance(self.batches, TensorBatches):  # its order depends on (seed, epoch) alone
-            if resume is not None:
-                ckpt_io.set_rng_state(resume)
-            return self.batches.epoch(self.current_epoch, start)
-        distributed.set_sampler_epoch(self.batches, self.current_epoch)
-        if resume is not None and start > 0 and self.epoch_rng is not None:
-            ckpt_io.set_rng_state(self.epoch_rng)
-            it = iter(self.batches)
-            for _ in range(start):  # a sampler draws its seed at the first next(): replay, don't jump
-                next(it)
-            ckpt_io.set_rng_state(resume)
-            return it
-        if resume is not None:
-            ckpt_io.set_rng_state(resume)
-        self.epoch_rng = ckpt_io.rng_state()
-        return iter(self.batches)
+        return it
 
     def _done(self) -> bool:
         if self.args.max_steps is not None:

@@ -30,6 +30,11 @@ def repair(path: Path, keep: int | None = None) -> int:
         return 0
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # after the last complete record (0: none)
+    if end < len(data) and _is_record(data[end:]):  # whole, only its newline missing: keep it
+        with path.open("ab") as f:
+            f.write(b"\n")
+        data += b"\n"
+        end = len(data)
     if end < len(data):
         warnings.warn(f"{path}: its last line was incomplete (a run stopped mid-write); it was removed.",
                       RuntimeWarning, stacklevel=3)
@@ -39,6 +44,13 @@ def repair(path: Path, keep: int | None = None) -> int:
     if end < len(data):
         os.truncate(path, end)
     return len(data) - end
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:  # JSONDecodeError, or bytes that are not UTF-8
+        return False
 
 
 class MetricsLog:
