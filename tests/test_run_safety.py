@@ -491,3 +491,32 @@ def test_a_batch_with_no_target_is_named():
     with pytest.raises(ValueError, match=re.escape(
             "train_data gave a batch with no target to learn from at step 2: every target is IGNORE_INDEX (-100).")):
         run(tiny(), pairs, max_steps=4, log_every=2)
+
+
+def test_train_restores_the_signal_handlers_it_found():
+    def mine(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, mine)
+    try:
+        run(tiny(), data(), max_steps=1)
+        assert signal.getsignal(signal.SIGTERM) is mine
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_train_in_another_thread_installs_no_handler():
+    import threading
+
+    before = signal.getsignal(signal.SIGINT)
+    results, seen = [], []
+
+    class Look:
+        def on_step_end(self, trainer, metrics):
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    worker = threading.Thread(target=lambda: results.append(run(tiny(), data(), max_steps=1, log_every=1,
+                                                                callbacks=[Look()])))
+    worker.start()
+    worker.join()
+    assert results[0].global_step == 1 and seen == [before]

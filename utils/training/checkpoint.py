@@ -445,8 +445,20 @@ class Checkpointer:
         trainer.scheduler.load_state_dict(state["scheduler"])
         if load_scaler and trainer.scaler.is_enabled():
             trainer.scaler.load_state_dict(state["scaler"])
-        trainer.load_position(state)
+        _load_position(trainer, state)
         self.path, self.step = str(path), state["global_step"]
+
+
+def _load_position(trainer, state: dict) -> None:
+    """The counters, the data position and the records of a checkpoint, back into the trainer."""
+    if trainer.scaler.is_enabled():
+        trainer.scale = trainer.scaler.get_scale()
+    trainer.global_step, trainer.skipped_steps = state["global_step"], state.get("skipped_steps", 0)
+    trainer.current_epoch, trainer.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
+    trainer.best_val_loss = state.get("best_val_loss")
+    trainer.history, trainer.epoch_records = list(state.get("history", [])), list(state.get("epochs", []))
+    trainer.epoch_rng, trainer.resume_rng = state.get("epoch_rng"), state["rng"]
+    trainer.resumed = True
 
 
 def state_of(trainer) -> dict:

@@ -58,6 +58,18 @@ class TrainResult:
     checkpoint_step: int | None = None  # the step checkpoint_path holds; == global_step: nothing lost
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "KeyboardInterrupt" when interrupted
 
+    @classmethod
+    def of(cls, trainer: Trainer, wall: float, interrupted: bool) -> TrainResult:
+        return cls(
+            history=trainer.history, epochs=trainer.epoch_records,
+            final_loss=trainer.history[-1]["loss"] if trainer.history else None,
+            skipped_steps=trainer.skipped_steps, final_loss_scale=trainer.scale, precision=trainer.precision,
+            wall_time_s=wall, tokens_per_second=trainer.tokens_done / max(wall - trainer.eval_s, 1e-9),
+            interrupted=interrupted, checkpoint_path=trainer.checkpoints.path, global_step=trainer.global_step,
+            best_val_loss=trainer.best_val_loss, checkpoint_step=trainer.checkpoints.step,
+            stopped_by=trainer.stop.requested or ("KeyboardInterrupt" if interrupted else None),
+        )
+
 
 @dataclass
 class TrainArgs:
@@ -178,16 +190,17 @@ class Trainer:
         self.epoch_records: list[dict] = []
         self.best_val_loss: float | None = None
         self.epoch_rng = None  # RNG state at the start of this epoch, to replay a DataLoader's shuffle
-        self._resume_rng = None
-        self._resumed = False
-        self._scale = scaler.get_scale() if scaler.is_enabled() else None
+        self.resume_rng = None
+        self.resumed = False
+        self.scale = scaler.get_scale() if scaler.is_enabled() else None
         self._grad_norm = torch.zeros((), device=plan.device)
         self._skipped = False
         self._mid_step = False  # True while a step's state is half-applied: an interrupt then saves nothing
         self._epoch_loss, self._epoch_steps = torch.zeros((), device=plan.device), 0
         self._bar = None
-        self._tokens_done, self._eval_s = 0, 0.0
-        self._reset_window()
+        self.tokens_done, self.eval_s = 0, 0.0
+        self._win_loss = torch.zeros((), device=plan.device)  # the steps since the last log step
+        self._win_steps, self._win_count, self._win_t0 = 0, 0, time.perf_counter()
 
     @property
     def checkpoint_path(self) -> str | None:
@@ -225,12 +238,12 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self._skipped = False
-        if self._scale is not None:
+        if self.scale is not None:
             # A skipped step (inf/NaN grads) shows as the scale backing off across update(); this
             # holds for fused optimizers too. One host sync per fp16 step (scaler.step syncs anyway).
             new_scale = self.scaler.get_scale()
-            self._skipped = new_scale < self._scale
-            self._scale = new_scale
+            self._skipped = new_scale < self.scale
+            self.scale = new_scale
             self.skipped_steps += self._skipped
         else:  # no scaler to absorb a non-finite step: remember the first bad one, on the device
             self.checks.observe_step(self.global_step, step_loss, self._grad_norm)
@@ -245,8 +258,8 @@ class Trainer:
         self._optimizer_step(step_loss)
         self.batch_in_epoch += micro_batches
         self._mid_step = False  # from here on the state is one whole step: safe to save
-        if self._scale is not None:
-            self.checks.observe_skip(self._skipped, self._scale, self.global_step)
+        if self.scale is not None:
+            self.checks.observe_skip(self._skipped, self.scale, self.global_step)
         if self._bar is not None:
             self._bar.update(1)
         log_step = self.global_step % self.args.log_every == 0 or self._done()
@@ -267,7 +280,7 @@ class Trainer:
             "loss": float(self._win_loss) / self._win_steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(self._grad_norm),
-            "loss_scale": self._scale,
+            "loss_scale": self.scale,
             "skipped": bool(self._skipped),
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": self._win_count / elapsed,
@@ -276,7 +289,7 @@ class Trainer:
         self.log.write(metrics)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        self._tokens_done += self._win_count
+        self.tokens_done += self._win_count
         self._reset_window()
         self.log.call("on_step_end", self, metrics)
 
@@ -290,7 +303,7 @@ class Trainer:
             t_eval = time.perf_counter()
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
                            loss_fn=self.loss_fn)
-            self._eval_s += time.perf_counter() - t_eval
+            self.eval_s += time.perf_counter() - t_eval
             self._win_t0 = time.perf_counter()  # throughput counts training time only
             record.update(val)
             self.log.call("on_validation_end", self, val)
@@ -309,25 +322,14 @@ class Trainer:
         self.checkpoints.save(self, best=is_best)
 
     # ---- resume ------------------------------------------------------------------------------
-    def load_position(self, state: dict) -> None:
-        """Take the counters, the data position and the records of a checkpoint (see Checkpointer)."""
-        if self.scaler.is_enabled():
-            self._scale = self.scaler.get_scale()
-        self.global_step, self.skipped_steps = state["global_step"], state.get("skipped_steps", 0)
-        self.current_epoch, self.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
-        self.best_val_loss = state.get("best_val_loss")
-        self.history, self.epoch_records = list(state.get("history", [])), list(state.get("epochs", []))
-        self.epoch_rng, self._resume_rng = state.get("epoch_rng"), state["rng"]
-        self._resumed = True
-
     def restore(self, resume_from) -> None:
         self.checkpoints.restore(self, resume_from)
 
     # ---- the loop ----------------------------------------------------------------------------
     def _epoch_iter(self):
         it, self.epoch_rng = ckpt_io.epoch_batches(self.batches, self.current_epoch, self.batch_in_epoch,
-                                                   self._resume_rng, self.epoch_rng)
-        self._resume_rng = None
+                                                   self.resume_rng, self.epoch_rng)
+        self.resume_rng = None
         return it
 
     def _done(self) -> bool:
@@ -368,7 +370,7 @@ class Trainer:
         self.model.train()
         self._reset_window()
         last = self.epoch_records[-1]["step"] if self.epoch_records else -1
-        if self._done() and self._resumed and last < self.global_step:
+        if self._done() and self.resumed and last < self.global_step:
             self._end_epoch(complete=False)  # stopped during its final validation: run it now
         while not self._done():
             complete = self._run_epoch()
@@ -395,7 +397,7 @@ class Trainer:
                          desc=f"train [{self.precision.name}]", unit="step")
         try:
             with self.stop:
-                self.log.open(keep=len(self.history) + len(self.epoch_records) if self._resumed else None)
+                self.log.open(keep=len(self.history) + len(self.epoch_records) if self.resumed else None)
                 try:
                     self._train()
                 except (KeyboardInterrupt, _StopAtBoundary):
@@ -406,18 +408,7 @@ class Trainer:
             self.log.close()
         if not interrupted and self.checkpoints.step != self.global_step:
             self.checkpoints.save(self)
-        return self._result(time.perf_counter() - t0, interrupted)
-
-    def _result(self, wall: float, interrupted: bool) -> TrainResult:
-        result = TrainResult(
-            history=self.history, epochs=self.epoch_records,
-            final_loss=self.history[-1]["loss"] if self.history else None,
-            skipped_steps=self.skipped_steps, final_loss_scale=self._scale, precision=self.precision,
-            wall_time_s=wall, tokens_per_second=self._tokens_done / max(wall - self._eval_s, 1e-9),
-            interrupted=interrupted, checkpoint_path=self.checkpoints.path, global_step=self.global_step,
-            best_val_loss=self.best_val_loss, checkpoint_step=self.checkpoints.step,
-            stopped_by=self.stop.requested or ("KeyboardInterrupt" if interrupted else None),
-        )
+        result = TrainResult.of(self, time.perf_counter() - t0, interrupted)
         self.log.call("on_train_end", self, result)
         return result
 
