@@ -390,6 +390,21 @@ def test_a_read_only_run_folder_is_one_message_naming_the_file(tmp_path):
         folder.chmod(0o700)
 
 
+def test_a_folder_that_refuses_new_files_is_one_message_naming_the_file(tmp_path, monkeypatch):
+    run(tiny(), data(), max_steps=2, run_dir=tmp_path)
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    before = latest.read_bytes()
+
+    def refuse(*args, **kwargs):  # what a read-only folder does, also for root (who ignores chmod)
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(ckpt_io.tempfile, "mkstemp", refuse)
+    with pytest.raises(CheckpointWriteError, match=re.escape(
+            f"Cannot write the checkpoint {str(latest)!r}: Permission denied (EACCES).")):
+        run(tiny(), data(), max_steps=4, run_dir=tmp_path, resume_from=tmp_path)
+    assert latest.read_bytes() == before
+
+
 def test_any_wandb_failure_at_init_disables_wandb_with_one_warning(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     from utils.training.wandb_setup import WandbWarning, init_wandb
