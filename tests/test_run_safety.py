@@ -88,19 +88,34 @@ def test_finite_loss_with_nan_gradients_stops_and_keeps_the_good_checkpoint(tmp_
 
 
 def test_non_finite_weights_are_never_saved(tmp_path):
+    model = tiny()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     calls = []
 
-    def poisoning(model, batch):  # weights go inf at step 3; no log step reads the loss before the save
+    def poisoning(model, batch):  # a finite loss and gradients; Adam's state goes inf during step 4
         calls.append(1)
-        if len(calls) == 3:
-            with torch.no_grad():
-                model.head.bias[0] = float("inf")
-        return lm_loss(model, batch)
+        loss = lm_loss(model, batch)
+        if len(calls) == 4:
+            next(iter(optimizer.state.values()))["exp_avg"].fill_(float("inf"))
+        return loss
 
     with pytest.raises(FloatingPointError, match=re.escape(
             "The weights or optimizer state are not finite at step 4 in 32-true: not saved. The last good "
             f"checkpoint is {tmp_path / 'checkpoints' / 'latest.pt'} (step 2).")):
-        run(tiny(), data(), max_steps=10, log_every=10, checkpoint_every=2, loss_fn=poisoning, run_dir=tmp_path)
+        run(model, data(), max_steps=10, log_every=10, checkpoint_every=2, loss_fn=poisoning, optimizer=optimizer,
+            run_dir=tmp_path)
+    assert load_checkpoint(tmp_path)[1]["global_step"] == 2
+
+
+def test_a_non_finite_step_not_yet_logged_is_never_saved(tmp_path):
+    calls = []
+
+    def poisoned(model, batch):
+        calls.append(1)
+        return lm_loss(model, batch) * (float("nan") if len(calls) == 3 else 1.0)
+
+    with pytest.raises(FloatingPointError, match=re.escape("The loss became non-finite at step 3 in 32-true.")):
+        run(tiny(), data(), max_steps=10, log_every=10, checkpoint_every=2, loss_fn=poisoned, run_dir=tmp_path)
     assert load_checkpoint(tmp_path)[1]["global_step"] == 2
 
 

@@ -401,11 +401,14 @@ class Checkpointer:
         value is finite.
 
         Raises:
-            FloatingPointError: non-finite weights or optimizer state; nothing is written.
+            FloatingPointError: a non-finite step not logged yet, or non-finite weights or optimizer
+                state; nothing is written.
+            ValueError: a bad batch not logged yet (see :class:`StepChecks`); nothing is written.
             CheckpointWriteError: the disk is full or the folder read-only; the previous file is intact.
         """
         if self.folder is None:
             return
+        trainer.checks.verify(None, self.last_good(), trainer.args.lr)  # a bad step not yet logged
         if not all_finite([*trainer.model.parameters(), *_optimizer_tensors(trainer.optimizer)]):
             raise FloatingPointError(
                 f"The weights or optimizer state are not finite at step {trainer.global_step} in "

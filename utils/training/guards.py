@@ -76,14 +76,15 @@ class StepChecks:
 
     # ---- at a log step -------------------------------------------------------------------------
     def verify(self, world, last_good: str, lr: float) -> None:
-        """Raise for what the steps since the last check saw (every rank raises the same).
+        """Raise for what the steps since the last check saw (every rank raises the same; with
+        ``world=None`` this process's view only, with no collective: used before a save).
 
         Raises:
             ValueError: token ids outside the vocabulary, or a batch with no target.
             FloatingPointError: a non-finite step with no GradScaler.
         """
-        found = world.max(torch.stack([self.bad_step, self.empty_step, self.ids[1], -self.ids[0]]))
-        bad, empty, hi, lo = (int(v) for v in found.tolist())
+        found = torch.stack([self.bad_step, self.empty_step, self.ids[1], -self.ids[0]])
+        bad, empty, hi, lo = (int(v) for v in (world.max(found) if world is not None else found).tolist())
         if hi >= 0:
             self._check_range(-lo, hi, "in the steps before this log step")
         if empty >= 0:
