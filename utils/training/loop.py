@@ -267,8 +267,18 @@ class Trainer:
             self._log_step()
         if self.checkpoints.due(self.global_step, log_step):
             self.checkpoints.save(self)
-        if self.stop.requested:
+        if self._stop_now(log_step):
             raise _StopAtBoundary
+
+    def _stop_now(self, can_agree: bool) -> bool:
+        """A stop signal arrived. Under torchrun the ranks agree on it at log steps (a collective there
+        already), so that all stop after the same step: one rank alone would leave the others waiting."""
+        if not self.world.is_distributed:
+            return self.stop.requested is not None
+        if not can_agree:
+            return False
+        flag = torch.tensor(int(self.stop.requested is not None), device=self.precision.device)
+        return bool(self.world.max(flag))
 
     # ---- logging -----------------------------------------------------------------------------
     def _log_step(self) -> None:
@@ -376,7 +386,7 @@ class Trainer:
             complete = self._run_epoch()
             if complete or self._done():
                 self._end_epoch(complete)
-            if self.stop.requested:
+            if self._stop_now(can_agree=True):  # every rank ends its epoch at the same step
                 raise _StopAtBoundary
         if self._win_steps:
             self._log_step()
