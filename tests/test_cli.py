@@ -126,7 +126,8 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, text_file, capsys):
     out_json = tmp_path / "bench.json"
     status = cli.main(["bench", "--model", "example:gpt-micro", "--model-config", '{"n_layer": 1, "n_embd": 32}',
                        "--data", str(text_file), "--context", "16", "--precisions", "32-true", "--steps", "2",
-                       "--warmup", "1", "--repeats", "1", "--batch-size", "4", "--json", str(out_json)])
+                       "--warmup", "1", "--repeats", "1", "--batch-size", "4", "--max-seconds", "0",
+                       "--json", str(out_json)])
     out = capsys.readouterr().out
     assert status == 0
     assert "| precision |" in out and "| 32-true |" in out
