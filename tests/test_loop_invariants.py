@@ -1,17 +1,100 @@
 """What the training loop must keep true whatever its internals look like, tested through ``train()``:
-a resumed run is the run that was never stopped, in its loss scale, growth tracker, learning-rate
-schedule, skipped-step count, RNG and weights."""
+clipping sees the true (unscaled) gradients in every precision, and a resumed run is the run that
+was never stopped, in its loss scale, growth tracker, learning-rate schedule, skipped-step count, RNG
+and weights."""
+import math
 import warnings
 
 import pytest
 import torch
 from torch import nn
 
-from utils.training import PrecisionWarning, train
+from utils.training import PrecisionWarning, resolve_precision, train
 from utils.training.checkpoint import load_checkpoint
 
 V, T = 64, 16
 
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=CUDA)]
+
+
+def quiet_train(model, data, **kw):
+    kw.setdefault("progress", False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        return train(model, data, **kw)
+
+
+def plan_for(precision, device):
+    """The plan for an explicit device; fp16/bf16 on a CPU warn that they are slow, which these tests know."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)
+        try:
+            return resolve_precision(precision, device=device)
+        except ValueError as e:  # bf16 on a GPU without it: the resolver refuses, as it should
+            pytest.skip(str(e))
+
+
+# ---- gradient clipping sees the true (unscaled) gradients in every precision -----------------------------
+
+# One row of inputs, each a multiple of 1/8 (exact in fp16 and bf16). With loss = sum(w · x) / 64
+# the gradient is x / 64 whatever the precision, and with w = 0 one SGD step (lr 1) moves w by
+# exactly the clipped gradient.
+CLIP_X = [((i % 8) - 3.5) / 4 for i in range(64)]  # ±0.125 .. ±0.875
+RAW_NORM = math.sqrt(sum((x / 64) ** 2 for x in CLIP_X))  # by hand: sqrt(21) / 64 ≈ 0.0716
+# Tolerance: clip_grad_norm_ divides by (norm + 1e-6), 1.4e-5 relative at this norm, and float32
+# rounding adds a few 1e-7; the bugs this must see are off by factors of 2**16 (clipping the scaled
+# gradient) or RAW_NORM / max_grad_norm (not clipping): 2e-5 relative separates them.
+CLIP_REL = 2e-5
+ALL_PRECISIONS = ["32-true", "bf16-mixed", "16-mixed"]
+
+
+def linear_step(precision, device, max_grad_norm):
+    """One train() step of a zero-initialized Linear(64 -> 1) under SGD(lr=1); the weight delta and the log."""
+    plan = plan_for(precision, device)
+    model = nn.Linear(64, 1, bias=False)
+    nn.init.zeros_(model.weight)
+    x = torch.tensor([CLIP_X])  # (1, 64)
+
+    def loss_fn(net, batch):
+        return net(batch).float().sum() / 64  # (1, 1) -> scalar; 65536/64 · 0.875 fits fp16
+
+    result = quiet_train(model, [x], precision=plan, max_steps=1, log_every=1, loss_fn=loss_fn,
+                         optimizer=torch.optim.SGD(model.parameters(), lr=1.0), max_grad_norm=max_grad_norm)
+    assert result.skipped_steps == 0, "the step must apply for the delta to mean anything"
+    delta = model.weight.detach().double().cpu().flatten()  # it started at zero
+    return delta, result.history[0]
+
+
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_sgd_step_moves_the_weights_by_exactly_max_grad_norm(device, precision):
+    c = 2.0 ** -10  # 73x below the gradient's norm
+    delta, log = linear_step(precision, device, max_grad_norm=c)
+    assert float(delta.norm()) == pytest.approx(c, rel=CLIP_REL)
+    # Clipping scales, never turns: the step points down the gradient.
+    direction = torch.tensor(CLIP_X, dtype=torch.float64) / math.sqrt(sum(x * x for x in CLIP_X))
+    torch.testing.assert_close(delta / delta.norm(), -direction, rtol=0, atol=1e-6)
+    # The logged norm is the unscaled one, so fp16 reads as fp32 does (not 65536x more).
+    assert log["grad_norm"] == pytest.approx(RAW_NORM, rel=CLIP_REL)
+
+
+@pytest.mark.parametrize("precision", ALL_PRECISIONS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_grad_norm_none_does_not_clip(device, precision):
+    delta, log = linear_step(precision, device, max_grad_norm=None)
+    assert float(delta.norm()) == pytest.approx(RAW_NORM, rel=CLIP_REL)  # lr 1 · the raw gradient
+    assert log["grad_norm"] == pytest.approx(RAW_NORM, rel=CLIP_REL)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_max_grad_norm_above_the_norm_leaves_the_step_alone(device):
+    delta, _ = linear_step("16-mixed", device, max_grad_norm=1.0)
+    assert float(delta.norm()) == pytest.approx(RAW_NORM, rel=CLIP_REL)
+
+
+# ---- resume: the run that was never stopped ------------------------------------------------------------
 
 class DropoutLM(nn.Module):
     """Embedding → dropout → head: dropout draws from the RNG at every step, so a resume that does not
