@@ -319,11 +319,18 @@ def test_wandb_gets_a_table_and_summary_metrics(bench):
     assert run.summary["amp/bf16-mixed/speedup"] == bench.row("bf16-mixed").speedup
 
 
-def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(bench):
+def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(bench, monkeypatch, tmp_path):
     import wandb
+    import wandb_records
 
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     bench.log_to_wandb()
     assert wandb.run is None  # the run it started was finished
+    records = wandb_records.wait_for_exit(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    assert wandb_records.config(records)["steps"] == 3
+    summary = wandb_records.summary(records)
+    assert summary["amp/32-true/speedup"] == 1.0
+    assert summary["amp/bf16-mixed/final_loss"] == pytest.approx(bench.row("bf16-mixed").final_loss)
 
 
 # ---- measurement helpers ---------------------------------------------------------------------
