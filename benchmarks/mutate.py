@@ -236,7 +236,12 @@ def main(argv=None) -> int:
             return 2
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        results = list(pool.map(lambda m: run_mutant(m, args.timeout), mutants))
+        futures = {pool.submit(run_mutant, m, args.timeout): m for m in mutants}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            r = future.result()
+            print(f"[{done}/{len(mutants)}] {r['mutant'].name}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
+        results = [f.result() for f in futures]  # in declaration order
+    print()
     print_table(results)
     live = [r for r in results if r["status"] != "stale"]
     killed = [r for r in live if r["status"].startswith("killed")]
