@@ -54,28 +54,28 @@ class Mutant:
     regex: bool = False
 
 
-LOOP, PRECISION, TIER1 = "utils/training/loop.py", "utils/training/precision.py", "utils/validation.py"
-CALLBACK = "utils/training/amp_utils.py"
-BENCH, RESULTS = "utils/training/amp_benchmark.py", "utils/training/benchmark_results.py"
+LOOP, CHECKPOINT = "utils/training/loop.py", "utils/training/checkpoint.py"
+PRECISION, TIER1 = "utils/training/precision.py", "utils/validation.py"
+CALLBACK = "utils/training/wandb_callback.py"
+RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
 
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------
     Mutant("no-unscale", LOOP, r"\n\s*self\.scaler\.unscale_\(self\.optimizer\)", "", "loop", regex=True),
     Mutant("ignore-max-grad-norm", LOOP, "self.args.max_grad_norm or math.inf", "math.inf", "loop"),
     Mutant("clip-at-1-always", LOOP, "self.args.max_grad_norm or math.inf", "1.0", "loop"),
-    Mutant("no-restore-scaler", LOOP, r"self\.scaler\.load_state_dict\(state\[\"scaler\"\]\)", "pass",
-           "loop", regex=True),
-    Mutant("restore-scale-not-tracker", LOOP, r"self\.scaler\.load_state_dict\(state\[\"scaler\"\]\)",
-           'self.scaler.load_state_dict({**state["scaler"], "_growth_tracker": 0})', "loop", regex=True),
-    Mutant("no-restore-scheduler", LOOP, r"self\.scheduler\.load_state_dict\(state\[\"scheduler\"\]\)", "pass",
-           "loop", regex=True),
-    Mutant("no-restore-skipped-steps", LOOP, r"state\.get\(\"skipped_steps\", 0\)", "0", "loop", regex=True),
-    Mutant("no-restore-rng", LOOP,
-           r"if resume is not None:\n(\s*)ckpt_io\.set_rng_state\(resume\)\n(\s*)return self\.batches\.epoch",
-           r"if resume is not None:\n\1pass\n\2return self.batches.epoch", "loop", regex=True),
+    Mutant("no-restore-scaler", CHECKPOINT, 'trainer.scaler.load_state_dict(state["scaler"])', "pass", "loop"),
+    Mutant("restore-scale-not-tracker", CHECKPOINT, 'trainer.scaler.load_state_dict(state["scaler"])',
+           'trainer.scaler.load_state_dict({**state["scaler"], "_growth_tracker": 0})', "loop"),
+    Mutant("no-restore-scheduler", CHECKPOINT, 'trainer.scheduler.load_state_dict(state["scheduler"])', "pass",
+           "loop"),
+    Mutant("no-restore-skipped-steps", CHECKPOINT, 'state.get("skipped_steps", 0)', "0", "loop"),
+    Mutant("no-restore-rng", CHECKPOINT,  # the TensorBatches path: its order is (seed, epoch); dropout is not
+           r"if resume_rng is not None:\n(\s*)set_rng_state\(resume_rng\)\n(\s*)return batches\.epoch",
+           r"if resume_rng is not None:\n\1pass\n\2return batches.epoch", "loop", regex=True),
     Mutant("scheduler-steps-on-skipped", LOOP, r"if not self\._skipped:\n\s*self\.scheduler\.step\(\)",
            "self.scheduler.step()", "loop", regex=True),
-    Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self._scale", "self._skipped = False", "loop"),
+    Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self.scale", "self._skipped = False", "loop"),
     Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
     Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
@@ -88,20 +88,21 @@ MUTANTS = [
     Mutant("gain-without-sqrt", TIER1, 'stats["std"] * math.sqrt(fan_in)', 'stats["std"] * fan_in', "tier1"),
     Mutant("buffers-not-counted", TIER1, "buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())",
            "buffer_bytes = 0", "tier1"),
-    Mutant("adam-one-moment", TIER1, "trainable * 4 * 3", "trainable * 4 * 2", "tier1"),
+    Mutant("adam-one-moment", TIER1, "trainable * size * 3", "trainable * size * 2", "tier1"),
     # -- the resolver ---------------------------------------------------------------------------
     Mutant("auto-ignores-cpu-bf16", PRECISION, r"if caps\.cpu_bf16:\n(\s*)return \"bf16-mixed\"",
            r'if False:\n\1return "bf16-mixed"', "resolver", regex=True),
     Mutant("implicit-cpu-fp16-honoured", PRECISION, "        if explicit_device:\n", "        if True:\n", "resolver"),
     Mutant("cuda-index-off-by-one", PRECISION, "index >= caps.cuda_count", "index > caps.cuda_count", "resolver"),
-    Mutant("scaler-for-bf16-too", PRECISION, 'use_scaler=name == "16-mixed"', 'use_scaler=name.endswith("-mixed")',
-           "resolver"),
+    Mutant("scaler-for-bf16-too", PRECISION, r'("bf16-mixed", torch\.bfloat16, torch\.float32, autocast=True), use_scaler=False',
+           r"\1, use_scaler=True", "resolver", regex=True),
     Mutant("autocast-is-a-no-op", PRECISION, "return torch.autocast(self.device_type, dtype=self.autocast_dtype)",
            "return contextlib.nullcontext()", "resolver"),
     Mutant("bf16-allowed-on-gpu-without-it", PRECISION,
            'if dev.type == "cuda" and name.startswith("bf16") and not caps.cuda_bf16:', "if False:", "resolver"),
-    Mutant("true-precisions-keep-fp32-weights", PRECISION,
-           'param_dtype=dtype if mode == "true" and dtype else torch.float32', "param_dtype=torch.float32", "resolver"),
+    Mutant("true-precisions-keep-fp32-weights", PRECISION,  # both "-true" rows of FACTS, one match
+           r'("16-true", torch\.float16), torch\.float16(,.*\n\s*PrecisionFacts\("bf16-true", torch\.bfloat16), torch\.bfloat16',
+           r"\1, torch.float32\2, torch.float32", "resolver", regex=True),
     # -- the W&B callback -----------------------------------------------------------------------
     Mutant("overflow-flag-never-set", CALLBACK, '"amp/overflow": int(skipped > self._logged_skipped)',
            '"amp/overflow": 0', "callback"),
@@ -118,7 +119,8 @@ MUTANTS = [
            "row.loss_delta = _delta(base.final_loss, row.final_loss)", "benchmark"),
     Mutant("throughput-from-fastest-step", RESULTS, "_ratio(items_per_step, self.step_time_s)",
            "_ratio(items_per_step, self.step_time_min_s)", "benchmark"),
-    Mutant("warmup-steps-timed", BENCH, "clock.step_times()[self.warmup:]", "clock.step_times()", "benchmark"),
+    Mutant("warmup-steps-timed", RUNNER, "self.times[precision] += times[self.warmup:]",
+           "self.times[precision] += times", "benchmark"),
 ]
 
 

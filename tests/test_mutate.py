@@ -64,4 +64,7 @@ def test_every_declared_mutant_applies_to_this_tree(mutate):
     """A stale mutant is reported by the runner; here it is caught when the code moves, so the list is updated."""
     stale = {m.name: why for m in mutate.MUTANTS for path, why in [mutate.locate(m, ROOT)] if path is None}
     assert stale == {}
+    moved = {m.name: str(mutate.locate(m, ROOT)[0].relative_to(ROOT)) for m in mutate.MUTANTS
+             if mutate.locate(m, ROOT)[0] != ROOT / m.path}
+    assert moved == {}  # followed, but the table should name the file the snippet lives in now
     assert {m.tests for m in mutate.MUTANTS} <= set(mutate.TESTS)
