@@ -190,7 +190,7 @@ def not_a_token_model_error(model: nn.Module, call: str) -> ValueError:
         f"{call}: {type(model).__name__} is not a token model: it has no config.vocab_size and no "
         f"nn.Embedding. The tiers, evaluate and train on text take models of token ids (B, T); found "
         f"instead: {expected_input(model)}. For such a model, call train() with your own batches and "
-        f"loss_fn=."
+        f"loss_fn=. (If it does take token ids, pass vocab_size=.)"
     )
 
 
@@ -242,6 +242,7 @@ def earlier_positions_unchanged(y: torch.Tensor, y2: torch.Tensor, where: torch.
         >>> earlier_positions_unchanged(y, y2, torch.tensor([2]))
         True
     """
+    y, y2 = y.detach(), y2.detach()
     before = torch.arange(y.shape[1], device=where.device)[None, :] < where[:, None]  # (B, T)
     if not before.any():
         return None
