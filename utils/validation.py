@@ -290,14 +290,17 @@ def _inert_parameters(model, ids, info, params: dict, norms: dict, groups: dict,
                       gen: torch.Generator) -> dict[str, str]:
     """Move zero and vanishing gradients that are so by design out of ``groups`` (in place).
 
-    A parameter is inert by design when perturbing it by N(0, 5²) leaves the output as it was
-    (relative change below 1e-5) while another parameter of its module does learn: a key bias,
-    which softmax cancels, is the usual one. A dead layer (every parameter of the module silent)
-    or a parameter the output does depend on stays a failure.
+    A parameter is inert by design when it is a vector (a bias or a scale), perturbing it by
+    N(0, 5²) leaves the output as it was (relative change below 1e-5), and another parameter of
+    its module does learn: a key bias, which softmax cancels, is the usual one. A dead layer (every
+    parameter of the module silent), a matrix fed by a dead layer, or a parameter the output does
+    depend on stays a failure.
     """
     inert = {}
     for group in ("zero_gradient", "vanishing_gradient"):
         for name in list(groups[group]):
+            if params[name].dim() > 1:
+                continue
             owner = name.rpartition(".")[0]
             siblings = [n for n in params if n != name and n.rpartition(".")[0] == owner]
             if not any((norms[n] or 0.0) >= vanishing_below for n in siblings):
