@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from utils.model_io import find_hidden_size, find_num_layers, preserved_state
-from utils.training.batches import forward_loss, move_to, prepare_batch
+from utils.training.batches import forward_loss, move_to
+from utils.training.objectives import objective_for
 from utils.training.precision import PrecisionPlan
 
 
@@ -148,10 +149,13 @@ def saved_tensor_bytes(model: nn.Module, batch, plan: PrecisionPlan, loss_fn=Non
         return t
 
     batch = move_to(batch, plan.device)
+    if loss_fn is None:  # the objective train() would use (masked LM, seq2seq, ...), found before measuring
+        prepared = objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0))
+        loss_fn = lambda m, _: forward_loss(m, prepared)[0]  # noqa: E731
     with preserved_state(model), torch.enable_grad():
         model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plan.autocast():
-            loss = loss_fn(model, batch) if loss_fn is not None else forward_loss(model, prepare_batch(batch))[0]
+            loss = loss_fn(model, batch)
         del loss  # frees the graph and what it saved
     return SavedBytes(sum(activations.values()), sum(copies.values()))
 

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 
 from utils.model_io import model_device
-from utils.training.batches import move_to, prepare_batch
+from utils.training.batches import move_to
+from utils.training.objectives import objective_for
 
 FP16_MAX = 65504.0  # the largest finite fp16; anything bigger becomes inf
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal (~6e-8); smaller magnitudes flush to zero
@@ -128,7 +129,7 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
             if loss_fn is not None:
                 loss_fn(model, batch)
             else:
-                prepared = prepare_batch(batch)
+                prepared = objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0))
                 model(*prepared.args, **prepared.kwargs)
     finally:
         for handle in handles:

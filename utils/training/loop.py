@@ -30,8 +30,8 @@ from utils.training.batches import (
     check_token_ids,
     forward_loss,
     move_to,
-    prepare_batch,
 )
+from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
 
 
@@ -52,6 +52,7 @@ class TrainResult:
     checkpoint_path: str | None = None
     global_step: int = 0
     best_val_loss: float | None = None
+    objective: str | None = None  # what the model was trained to predict; None with a loss_fn
 
 
 @dataclass
@@ -103,12 +104,28 @@ def default_optimizer(model: nn.Module, lr: float, weight_decay: float, device_t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8, loss_fn=None) -> dict:
+def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8, loss_fn=None,
+             task: str | Objective | None = None) -> dict:
     """Mean loss (and accuracy, and perplexity for language models) over ``data``, under the plan's autocast.
+
+    Example::
+
+        >>> evaluate(bert, val_ids, resolve_precision("32-true"))["val_accuracy"]   # doctest: +SKIP
+        0.31
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> scalar`` replaces the forward pass (no accuracy then).
+        task: the model's task or its :class:`~utils.training.objectives.Objective` (default None:
+            detected). Accuracy counts what the objective predicts: the next token (causal LM),
+            the hidden tokens (masked LM, the same positions every call), each label of a seq2seq
+            target, or one label per sequence (classifier).
 
     Returns:
         ``{"val_loss": float, "val_accuracy": float | None, "val_perplexity": float | None}``.
     """
+    if loss_fn is None and not isinstance(task, Objective):
+        task = objective_for(model, task, call=f"evaluate({type(model).__name__})")
+    masks = torch.Generator().manual_seed(0)  # a masked LM is scored on the same positions every time
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=plan.device, dtype=torch.float64)
@@ -121,7 +138,8 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
             if loss_fn is not None:
                 loss, n = loss_fn(model, batch), 1
             else:
-                loss, logits, targets = forward_loss(model, prepare_batch(batch))
+                prepared = task.prepare(batch, generator=masks, argument="val_data")
+                loss, logits, targets = forward_loss(model, prepared)
                 mask = targets != IGNORE_INDEX
                 n = int(mask.sum())  # eval is off the hot path: a sync per batch is fine
                 correct += ((logits.argmax(-1) == targets) & mask).sum()
@@ -145,12 +163,14 @@ class Trainer:
     under torchrun) and ``world`` the processes of the run."""
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, args: TrainArgs,
-                 loss_fn, callbacks, run_dir, world: distributed.World | None = None):
+                 loss_fn, callbacks, run_dir, world: distributed.World | None = None,
+                 objective: Objective | None = None):
         self.model, self.precision, self.optimizer = model, plan, optimizer
         self.world = world or distributed.World()
         self.net = model  # World.fit swaps in the DDP wrapper for the run
         self.scheduler, self.scaler, self.args = scheduler, scaler, args
         self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
+        self.objective = objective if objective is not None or loss_fn is not None else objective_for(model)
         self.callbacks = list(callbacks) if self.world.is_rank_zero else []  # rank 0 alone logs
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -179,7 +199,7 @@ class Trainer:
                 loss = self.loss_fn(self.net, batch)
                 count = batch.shape[0] if isinstance(batch, torch.Tensor) else 1
             else:
-                prepared = prepare_batch(batch)
+                prepared = self.objective.prepare(batch)
                 if not self._checked_ids:
                     check_token_ids(self.model, prepared, "train_data")
                     self._checked_ids = True
@@ -265,7 +285,7 @@ class Trainer:
         if self.val_batches is not None:
             t_eval = time.perf_counter()
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
-                           loss_fn=self.loss_fn)
+                           loss_fn=self.loss_fn, task=self.objective)
             self._eval_s += time.perf_counter() - t_eval
             self._win_t0 = time.perf_counter()  # throughput counts training time only
             record.update(val)
@@ -441,6 +461,7 @@ class Trainer:
             wall_time_s=wall, tokens_per_second=self._tokens_done / max(wall - self._eval_s, 1e-9),
             interrupted=interrupted, checkpoint_path=self.checkpoint_path, global_step=self.global_step,
             best_val_loss=self.best_val_loss,
+            objective=self.objective.describe() if self.objective is not None else None,
         )
         _call(self.callbacks, "on_train_end", self, result)
         return result
@@ -460,7 +481,8 @@ def _place(model: nn.Module, plan: PrecisionPlan) -> nn.Module:
 def train(model: nn.Module, train_data, *, val_data=None, precision="auto", device=None, epochs=1,
           max_steps=None, batch_size=8, lr=3e-4, weight_decay=0.01, optimizer=None, grad_accum_steps=1,
           max_grad_norm=1.0, warmup_steps=0, loss_fn=None, callbacks=(), run_dir=None,
-          checkpoint_every=None, resume_from=None, seed=0, log_every=10, progress=True) -> TrainResult:
+          checkpoint_every=None, resume_from=None, seed=0, log_every=10, progress=True, task=None,
+          mask_token_id=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -489,10 +511,19 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
         run_dir: folder for ``metrics.jsonl`` and ``checkpoints/{latest,best}.pt``.
         checkpoint_every: also checkpoint every N steps (epoch ends and the run end always do).
         resume_from: a checkpoint file or a run folder; continues that run exactly.
+        task: what the model predicts, which sets the objective on token ids (default None:
+            detected, see :func:`utils.tasks.detect_task`): ``"causal-lm"`` the next token;
+            ``"masked-lm"`` 15% of positions hidden, loss on those only; ``"seq2seq"`` the window
+            rebuilt from a corrupted copy through ``labels``; ``"classifier"`` needs
+            ``(inputs, labels)`` batches. Ignored with ``loss_fn``. ``result.objective`` says which ran.
+        mask_token_id: the id that hides a token (default: ``config.mask_token_id``, else 255,
+            which the byte tokenizer never emits).
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary, targets that do
-            not fit the logits, a model with nothing to train, or a checkpoint that does not fit.
+            not fit the logits, a model with nothing to train, or a checkpoint that does not fit;
+            ``task="causal-lm"`` for a model that sees later tokens; unlabelled token ids for a
+            classifier or a model that takes none.
         FloatingPointError: a non-finite loss with no GradScaler to absorb it (fp32, bf16).
 
     .. note::
@@ -515,13 +546,15 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     model = _place(model, plan)
+    objective = None if loss_fn is not None else objective_for(
+        model, task, mask_token_id=mask_token_id, call=f"train({type(model).__name__})")
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
     optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
     warm = max(warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     trainer = Trainer(model, plan, optimizer, scheduler, plan.make_scaler(), batches, val_batches, args,
-                      loss_fn, callbacks, run_dir, world)
+                      loss_fn, callbacks, run_dir, world, objective)
     if resume_from is not None:
         trainer.restore(resume_from)
     else:

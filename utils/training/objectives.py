@@ -125,7 +125,7 @@ class Objective:
             raise self._needs_labels(argument)
         if batch.dim() != 2 or batch.shape[1] < 2:
             return prepare_batch(batch)  # raises the shape error
-        ids = batch[:, :-1]  # a window is context + 1 long; the model takes context tokens
+        ids = batch[:, :-1].contiguous()  # a window is context + 1 long; the model takes context tokens
         return self._masked(ids, None, generator, {})
 
     def _from_dict(self, batch: Mapping, generator, argument: str) -> Prepared:
