@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from utils.model_io import find_context_length, find_vocab_size
+from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, not_a_token_model_error
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
 
@@ -34,12 +35,12 @@ TRAIN_DEFAULTS = {
     "val_fraction": 0.1, "precision": "auto", "device": None, "max_steps": None, "epochs": 1,
     "batch_size": 8, "grad_accum": 1, "lr": 3e-4, "warmup_steps": 0, "checkpoint_every": None,
     "log_every": 10, "seed": 0, "run_dir": None, "resume": None, "wandb": "disabled",
-    "wandb_project": "amp-transformer", "progress": True,
+    "wandb_project": "amp-transformer", "progress": True, "task": None,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
            "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "max_steps", "epochs", "log_every",
-           "checkpoint_every", "wandb_project")
+           "checkpoint_every", "wandb_project", "task")
 
 
 class CliError(Exception):
@@ -131,6 +132,10 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
     p.add_argument("--data", metavar="default|PATH.txt",
                    help=f"'default': Python's bundled English help topics (~460 KB); or a UTF-8 text file. "
                         f"Tokenized as bytes (vocabulary 256) (default: {d['data']})")
+    p.add_argument("--task", choices=TASKS, metavar="TASK",
+                   help="what the model predicts, which sets the objective: " + ", ".join(TASKS) + " (default: "
+                        "detected from its config and a probe; a classifier trains on the bundled labelled "
+                        "topics)")
     p.add_argument("--context", type=_int_at_least(1), metavar="N",
                    help="tokens the model sees per sequence (default: the model's context length, or 64)")
     p.add_argument("--val-fraction", type=_fraction, metavar="F",
@@ -216,10 +221,14 @@ def build_model(spec: str, config: dict, class_name: str | None):
     return load_model(spec, class_name=class_name, config=config or None)
 
 
-def load_data(spec: str, model, context: int | None, val_fraction: float):
-    """Byte-tokenized windows of the text; ``(train, val or None, context)``."""
+def load_data(spec: str, model, context: int | None, val_fraction: float, task: str | None = None):
+    """Byte-tokenized windows of the text, or for a classifier the bundled labelled topics;
+    ``(train, val or None, context, task)``: the task as detected (or as ``--task`` states it)."""
     from utils.data import ByteTokenizer, load_corpus, make_lm_dataset
 
+    info = detect_task(model, task, call=f"--task {task}" if task else f"{type(model).__name__}")
+    if info.task == NON_TOKEN:
+        raise CliError(str(not_a_token_model_error(model, "--model")))
     tokenizer = ByteTokenizer()
     vocab = find_vocab_size(model)
     if vocab is not None and vocab < tokenizer.vocab_size:
@@ -234,9 +243,44 @@ def load_data(spec: str, model, context: int | None, val_fraction: float):
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
+    if info.task == CLASSIFIER:
+        train, val = _topic_data(spec, model, context, val_fraction)
+        return train, val, context, info.task
     text = load_corpus(None if spec == "default" else Path(spec))
     data = make_lm_dataset(text, tokenizer, context, val_fraction)
-    return data.train, (data.val if data.val.shape[0] else None), context
+    return data.train, (data.val if data.val.shape[0] else None), context, info.task
+
+
+def _topic_data(spec: str, model, context: int, val_fraction: float):
+    """The bundled labelled task for a classifier: which part of the Python reference a window is from."""
+    from utils.data import TOPIC_GROUPS, make_topic_dataset
+
+    if spec != "default":
+        raise CliError(f"--data {spec}: the model is a sequence classifier and a text file has no labels. Use "
+                       f"--data default (the bundled task: which part of the Python reference a window comes "
+                       f"from, {len(TOPIC_GROUPS)} classes), or train() with your own (inputs, labels).")
+    classes = _num_classes(model)
+    if classes is not None and classes < len(TOPIC_GROUPS):
+        raise CliError(
+            f"The model classifies into {classes} classes, but the bundled labelled task (which part of the "
+            f"Python reference a window comes from) has {len(TOPIC_GROUPS)}. Pass --model-config "
+            f"'{{\"num_classes\": {len(TOPIC_GROUPS)}}}' (Hugging Face: num_labels)."
+        )
+    data = make_topic_dataset(context=context, val_fraction=max(val_fraction, 0.01))
+    return data.train, data.val
+
+
+def _num_classes(model) -> int | None:
+    """Classes of a classifier: its config's ``num_labels``/``num_classes``, else one probe call."""
+    for name in ("num_labels", "num_classes"):
+        value = getattr(getattr(model, "config", None), name, None)
+        if isinstance(value, int):
+            return value
+    from utils.model_io import model_device
+    from utils.tasks import task_logits
+
+    with torch.no_grad():
+        return task_logits(model.eval(), torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1]
 
 
 def _start_wandb(opts: dict, config: dict, run_dir):
@@ -283,7 +327,8 @@ def run_train(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
     torch.manual_seed(opts["seed"])
     model = build_model(opts["model"], opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                                  opts["task"])
     opts["context"] = context
     run_dir = Path(opts["run_dir"])
     if world.is_rank_zero:
@@ -302,7 +347,7 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"])
+                       progress=opts["progress"], task=task)
     finally:
         if session is not None:
             session.finish()
@@ -325,6 +370,7 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
         f"  skipped steps  {result.skipped_steps}   final loss scale {result.final_loss_scale}",
         f"  precision      {result.precision.describe()}",
+        f"  objective      {result.objective}",
         f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
         f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
     ]
@@ -340,7 +386,8 @@ def run_bench(args: argparse.Namespace) -> int:
     opts = {**TRAIN_DEFAULTS, **{k: v for k, v in vars(args).items() if v is not None}}
     torch.manual_seed(opts["seed"])
     model = build_model(opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    train_ids, val_ids, context, _ = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                               opts["task"])
     session = _start_wandb(opts, {**opts, "context": context, "command": "bench"}, None)
     try:
         bench = benchmark_amp(model, train_ids, precisions=args.precisions, steps=args.steps,
