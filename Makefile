@@ -1,4 +1,6 @@
 # Two commands: `make test` and `make demo`. Each creates .venv/ on first use.
+# Local use: `make lab` opens the notebooks in JupyterLab; `make train ARGS="..."` and
+# `make bench ARGS="..."` run the command line with the venv's Python.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -10,10 +12,12 @@ export PYTHONHASHSEED ?= 0
 
 .PHONY: test demo lint clean
 
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -r requirements-dev.txt
+	# the project itself, editable: notebooks and benchmarks import utils without touching sys.path
+	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -27,3 +31,30 @@ lint: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis
+
+.PHONY: lab train bench nbstripout-filter
+
+lab: $(STAMP)
+	$(BIN)/jupyter lab notebooks/
+
+train: $(STAMP)
+	$(BIN)/python -m utils.training train $(ARGS)
+
+bench: $(STAMP)
+	$(BIN)/python -m utils.training bench $(ARGS)
+
+# Notebook outputs never reach git: .gitattributes sends *.ipynb through the nbstripout filter, which
+# this configures (relative path: git runs filters from the top of the work tree). --keep-id keeps
+# the committed cell ids, so a clean notebook passes through unchanged. Outside a git checkout
+# (an unpacked archive) there is nothing to configure.
+nbstripout-filter: $(STAMP)
+	@if [ -e .git ]; then \
+		git config filter.nbstripout.clean '$(BIN)/python -m nbstripout --keep-id' && \
+		git config filter.nbstripout.smudge cat && \
+		git config filter.nbstripout.required true && \
+		git config diff.ipynb.textconv '$(BIN)/python -m nbstripout --keep-id -t'; \
+	else \
+		echo "Not a git checkout: the nbstripout filter is not configured."; \
+	fi
+
+test demo lab train bench: nbstripout-filter

@@ -20,19 +20,15 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file, too
-
-from benchmarks.loop_overhead import run_plain  # noqa: E402  the independent hand-written loop
-from utils.models import example_model  # noqa: E402
-from utils.training import PrecisionWarning  # noqa: E402
-from utils.training.amp_benchmark import BenchmarkSession  # noqa: E402
-from utils.training.precision import cpu_has_native_bf16  # noqa: E402
+from benchmarks.loop_overhead import run_plain  # the independent hand-written loop
+from utils.models import example_model
+from utils.training import PrecisionWarning
+from utils.training.benchmark.runner import BenchmarkSession
+from utils.training.precision import cpu_has_native_bf16
 
 
 def parse(argv):

@@ -21,11 +21,11 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from utils.model_io import get_logits
+from utils.model_calls import get_logits
 from utils.models import example_model
 from utils.training import PrecisionWarning, resolve_precision, train
 from utils.training.batches import TensorBatches
-from utils.training.benchmark_measure import StepClock
+from utils.training.benchmark.measure import StepClock
 from utils.training.precision import cpu_has_native_bf16
 
 

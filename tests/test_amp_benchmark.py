@@ -15,14 +15,14 @@ from utils.training import (
     resolve_precision,
     scan_fp16_overflow,
 )
-from utils.training.benchmark_measure import (
+from utils.training.benchmark.measure import (
     StepClock,
     matmul_params,
     model_flops_per_step,
     saved_tensor_bytes,
     state_bytes,
 )
-from utils.training.benchmark_results import AmpRow, compare_to_baseline
+from utils.training.benchmark.results import AmpRow, compare_to_baseline
 
 matplotlib.use("Agg")
 

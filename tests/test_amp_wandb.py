@@ -4,6 +4,7 @@ No test reaches the network: W&B runs are offline (conftest sets WANDB_MODE=offl
 WANDB_DIR) or stand-ins that record calls.
 """
 
+import importlib.util
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import types
 import warnings
 from pathlib import Path
+from unittest.mock import MagicMock
 
 import pytest
 import torch
@@ -70,6 +72,7 @@ def fake_wandb(monkeypatch):
     """A wandb module with an active run that records every call."""
     module = types.ModuleType("wandb")
     module.run = FakeRun()
+    module.log = lambda row, step=None: module.run.log(row, step=step)  # as wandb.log logs to wandb.run
     monkeypatch.setitem(sys.modules, "wandb", module)
     return module
 
@@ -122,7 +125,7 @@ class TestAmpWandbCallback:
         assert (callback.precision, callback.precision_name) == ("bf16", "bf16-mixed")
         # bf16 never scales the loss: a scaler the trainer happens to hold is not reported
         row = epoch_end_row(callback, lightning_shaped_trainer(65536.0), fake_wandb.run)
-        assert row == {"amp/enabled": 1, "epoch": 2}
+        assert row == {"amp/enabled": 1, "amp/precision": "bf16", "epoch": 2}
 
     def test_enabled_false(self, fake_wandb):
         callback = AmpWandbCallback(enabled=False, precision="16")
@@ -155,6 +158,45 @@ class TestAmpWandbCallback:
         fake_wandb.run = None
         AmpWandbCallback(enabled=True, precision="16").on_train_epoch_end(lightning_shaped_trainer(65536.0), None)
         assert run.rows == []
+
+
+def _seed_amp_utils():
+    """``utils/training/amp_utils.py`` loaded by its file path, as the seed's tests load it."""
+    path = Path(__file__).resolve().parents[1] / "utils" / "training" / "amp_utils.py"
+    spec = importlib.util.spec_from_file_location("seed_amp_utils", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("precision, enabled, scale, expected", [
+    ("16", True, 65536.0, {"amp/enabled": 1, "amp/precision": "16", "amp/loss_scale": 65536.0}),
+    ("16-mixed", True, 512.0, {"amp/enabled": 1, "amp/precision": "16-mixed", "amp/loss_scale": 512.0}),
+    ("16_true", True, 2.0, {"amp/enabled": 1, "amp/precision": "16_true", "amp/loss_scale": 2.0}),
+    ("bf16", True, 65536.0, {"amp/enabled": 1, "amp/precision": "bf16"}),  # bf16 never scales
+    ("16", False, 65536.0, {"amp/enabled": 0, "amp/precision": "16"}),  # AMP off: no scale read
+])
+def test_seed_epoch_record_goes_through_wandb_log_of_any_stand_in(monkeypatch, precision, enabled, scale, expected):
+    stand_in = MagicMock()  # the seed's tests replace the whole wandb module with a MagicMock
+    monkeypatch.setitem(sys.modules, "wandb", stand_in)
+    callback = _seed_amp_utils().AmpWandbCallback(enabled=enabled, precision=precision)
+    callback.on_train_epoch_end(lightning_shaped_trainer(scale), None)
+    stand_in.log.assert_called_once()
+    row = stand_in.log.call_args.args[0]
+    assert {k: v for k, v in row.items() if k.startswith("amp/")} == expected
+    assert row["epoch"] == 2  # the Lightning-shaped trainer's current_epoch
+
+
+def test_seed_epoch_record_names_the_trainers_precision_when_auto(fake_wandb):
+    row = epoch_end_row(AmpWandbCallback(), lightning_shaped_trainer(1024.0, precision="16-mixed"), fake_wandb.run)
+    assert (row["amp/precision"], row["amp/loss_scale"]) == ("16-mixed", 1024.0)
+
+
+def test_seed_epoch_record_from_our_loop_is_at_the_loop_step(fake_wandb):
+    train(Overflowing(gain=1.0), token_ids(), precision="32-true", device="cpu", max_steps=3, batch_size=8,
+          log_every=1, progress=False, callbacks=[AmpWandbCallback(precision="32")])
+    epoch_rows = [(row, step) for row, step in fake_wandb.run.rows if "amp/enabled" in row]
+    assert epoch_rows == [({"amp/enabled": 1, "amp/precision": "32"}, 3)]
 
 
 def test_on_train_epoch_end_without_wandb_installed(monkeypatch):
@@ -218,8 +260,10 @@ def test_offline_run_records_loss_scale_skips_and_plan(tmp_path):
 
 
 def test_wandb_failing_mid_run_loses_nothing(tmp_path, monkeypatch):
+    import wandb
+
     session = init_wandb("amp-tests", run_dir=tmp_path)
-    real_log, calls = session.run.log, []
+    real_log, calls = wandb.log, []  # the callback logs through wandb.log, which logs to wandb.run
 
     def log_then_fail(*args, **kwargs):  # the network drops after two calls
         calls.append(args)
@@ -227,7 +271,7 @@ def test_wandb_failing_mid_run_loses_nothing(tmp_path, monkeypatch):
             raise ConnectionError("network is unreachable")
         return real_log(*args, **kwargs)
 
-    monkeypatch.setattr(session.run, "log", log_then_fail)
+    monkeypatch.setattr(wandb, "log", log_then_fail)
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

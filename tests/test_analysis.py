@@ -16,6 +16,7 @@ from utils.analysis import (
     check_batch_consistency,
     check_embedding_noise,
     check_token_substitution,
+    looks_trained,
     run_tier2,
     sdpa_attention_weights,
 )
@@ -148,13 +149,123 @@ def test_no_attention_is_said_plainly():
     assert check.summary.startswith("No attention found: the model has no nn.MultiheadAttention")
 
 
-def test_collapsed_heads_are_named():
+def test_collapsed_heads_fail_and_are_named():
     """Scale the queries up so each query puts all its weight on one key."""
     model = example_model("gpt-micro", n_layer=1)
     with torch.no_grad():
         model.transformer.h[0].attn.c_attn.weight.mul_(1e4)
     check = check_attention_patterns(model, figure=False)
+    assert not check.passed
     assert check.details["collapsed_heads"] == ["transformer.h.0.attn head 0", "transformer.h.0.attn head 1"]
+    assert ("Collapsed (each query puts nearly all its weight on one key; untrained, this means attention "
+            "logits far too large: check the query/key init scale): transformer.h.0.attn head 0, "
+            "transformer.h.0.attn head 1.") in check.summary
+
+
+def test_a_collapsed_head_in_a_trained_model_fails_with_the_trained_reason():
+    model = example_model("gpt-micro", n_layer=1)
+    with torch.no_grad():
+        model.transformer.h[0].attn.c_attn.weight.mul_(1e4)
+    check = check_attention_patterns(model, trained=True, figure=False)
+    assert not check.passed
+    assert ("Collapsed (each query puts nearly all its weight on one key; after training, the head attends "
+            "to one key whatever the input): transformer.h.0.attn head 0") in check.summary
+
+
+UNIFORM_NOTE = ("Uniform heads are expected before training: at random initialization the attention logits "
+                "q·k/√d are near zero, so the softmax is near uniform.")
+
+
+def _uniform_gpt(n_layer=1):
+    """gpt-micro whose queries are all zero: every logit is 0, so every head attends exactly uniformly."""
+    model = example_model("gpt-micro", n_layer=n_layer)
+    for block in model.transformer.h:
+        C = block.attn.c_proj.weight.shape[0]
+        with torch.no_grad():
+            block.attn.c_attn.weight[:C].zero_()  # the query rows of the fused q, k, v projection
+            block.attn.c_attn.bias[:C].zero_()
+    return model
+
+
+def test_uniform_heads_before_training_pass_with_the_reason():
+    check = check_attention_patterns(example_model("gpt-micro"), figure=False)
+    assert check.passed
+    assert check.details["trained"] is False
+    assert len(check.details["uniform_heads"]) == 4  # 2 layers x 2 heads, all near uniform at init
+    assert check.summary.endswith("0 collapsed, 4 uniform heads. " + UNIFORM_NOTE)
+
+
+def test_uniform_heads_in_a_model_declared_trained_fail():
+    check = check_attention_patterns(_uniform_gpt(), trained=True, figure=False)
+    assert not check.passed
+    assert check.details["trained"] is True and check.details["trained_reason"] == "given: trained=True"
+    assert check.summary.endswith(
+        "0 collapsed, 2 uniform heads. Uniform after training (each query spreads its weight evenly, so the "
+        "head learned nothing): transformer.h.0.attn head 0, transformer.h.0.attn head 1.")
+
+
+def test_declaring_a_model_untrained_keeps_uniform_heads_a_note():
+    check = check_attention_patterns(_uniform_gpt(), trained=False, figure=False)
+    assert check.passed and check.summary.endswith(UNIFORM_NOTE)
+
+
+def test_run_tier2_passes_trained_to_the_attention_check():
+    assert not run_tier2(_uniform_gpt(), trained=True, figures=False)["attention_patterns"].passed
+
+
+def test_one_optimizer_step_moves_the_norms_so_the_model_counts_as_trained():
+    model = _uniform_gpt(n_layer=2)
+    assert looks_trained(model) == (
+        False, "every normalization layer (5) still has its initial constant scale and zero bias")
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, 256, (2, 16))
+    F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    opt.step()
+    trained, reason = looks_trained(model)
+    assert trained is True
+    assert reason.startswith("normalization weights have moved from their initial values (transformer.h.0.ln_1, ")
+    check = check_attention_patterns(model, figure=False)
+    assert not check.passed and "Uniform after training" in check.summary
+
+
+class _NoNormAttention(nn.Module):
+    """One nn.MultiheadAttention with zero query weights (uniform heads) and no normalization layer."""
+
+    def __init__(self, vocab_size=32, width=16):
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.emb = nn.Embedding(vocab_size, width)
+        self.attn = nn.MultiheadAttention(width, num_heads=2, batch_first=True)
+        self.head = nn.Linear(width, vocab_size)
+        with torch.no_grad():
+            self.attn.in_proj_weight[:width].zero_()
+            self.attn.in_proj_bias[:width].zero_()
+
+    def forward(self, ids):
+        x = self.emb(ids)  # (B, T, width)
+        return self.head(self.attn(x, x, x)[0])
+
+
+def test_without_a_normalization_layer_uniform_heads_are_reported_with_how_to_fail_them():
+    assert looks_trained(_NoNormAttention()) == (
+        None, "no normalization layer with parameters to compare with its initial values")
+    check = check_attention_patterns(_NoNormAttention(), figure=False)
+    assert check.passed and check.details["trained"] is None
+    assert check.summary.endswith(UNIFORM_NOTE + " Whether this model is trained could not be told (it has no "
+                                  "normalization layer); pass trained=True to fail on uniform heads.")
+
+
+def test_a_norm_scale_that_starts_at_zero_counts_as_untrained():
+    """Some models (Gemma's RMSNorm) store the scale as an offset from 1, initialized to zeros."""
+    class OffsetRMSNorm(nn.Module):
+        def __init__(self, width):
+            super().__init__()
+            self.weight = nn.Parameter(torch.zeros(width))
+    model = nn.Sequential(OffsetRMSNorm(4), nn.LayerNorm(4))
+    assert looks_trained(model)[0] is False
+    with torch.no_grad():
+        model[0].weight[1] = 0.01
+    assert looks_trained(model) == (True, "normalization weights have moved from their initial values (0)")
 
 
 def test_attention_weights_that_do_not_sum_to_one_fail():
@@ -177,9 +288,21 @@ def test_heatmaps_cover_layers_and_heads():
     from matplotlib.figure import Figure
     check = check_attention_patterns(example_model("gpt-micro", n_layer=6, n_head=4), seq_len=8)
     assert isinstance(check.figure, Figure)
-    titles = [ax.get_title() for ax in check.figure.axes]
+    titles = [ax.get_title() for ax in check.figure.axes if ax.get_label() != "<colorbar>"]
     assert len(titles) == 16 and titles[0] == "transformer.h.0.attn\nhead 0"
     assert titles[-1] == "transformer.h.5.attn\nhead 3"  # first to last layer
+
+
+def test_heatmaps_have_one_colour_bar_and_position_labels():
+    fig = check_attention_patterns(example_model("gpt-micro", n_layer=2, n_head=2), seq_len=8).figure
+    *maps, bar = fig.axes
+    assert bar.get_label() == "<colorbar>" and bar.get_ylabel() == "attention weight"
+    assert [ax.get_ylabel() for ax in maps] == ["query position", "", "query position", ""]  # first column
+    assert [ax.get_xlabel() for ax in maps] == ["", "", "key position", "key position"]  # bottom row
+    assert {tuple(im.get_clim()) for ax in maps for im in ax.images} == {(0.0, 1.0)}  # one scale: causal row 0 is 1
+    lo, hi = sorted(maps[0].get_xlim())
+    ticks = [t for t in maps[0].get_xticks() if lo <= t <= hi]
+    assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
 
 
 # --- robustness ------------------------------------------------------------------------------------

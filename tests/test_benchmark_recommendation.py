@@ -1,5 +1,5 @@
 """AmpBenchmark.recommendation(): the verdict in words must match the measured table."""
-from utils.training.benchmark_results import AmpBenchmark, AmpRow, compare_to_baseline
+from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 
 
 def bench(*rows, tolerance=0.05):

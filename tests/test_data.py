@@ -23,6 +23,26 @@ def test_corpus_from_a_file(tmp_path):
     assert load_corpus(path) == load_corpus(str(path)) == "héllo\nworld\n"
 
 
+def test_a_file_that_is_not_utf8_is_named_with_what_to_do(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))  # é is the single byte 0xe9 in latin-1
+    message = (f"load_corpus({str(path)!r}, encoding='utf-8'): {path} is not utf-8 text (byte 0xe9 at offset 3 "
+               f"cannot be decoded). Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 latin.txt > utf8.txt`), "
+               f"or, from Python, pass its encoding: load_corpus({str(path)!r}, encoding='latin-1').")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_corpus(path)
+    assert load_corpus(path, encoding="latin-1") == "caf\u00e9 au lait\n"
+
+
+def test_an_unknown_encoding_is_a_value_error(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("hello", encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(
+            f"load_corpus({str(path)!r}, encoding='utf-9'): 'utf-9' is not a text encoding Python knows. "
+            "Pass a codec name such as 'utf-8', 'latin-1' or 'cp1252'.")):
+        load_corpus(path, encoding="utf-9")
+
+
 def test_corpus_from_a_string():
     assert load_corpus("just some words.txt and more") == "just some words.txt and more"
 

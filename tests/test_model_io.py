@@ -162,3 +162,26 @@ def test_preserved_state_restores_modes_and_grads():
         model[0](torch.ones(1, 2)).sum().backward()
     assert model.training and model[0].training and not model[1].training
     assert model[0].weight.grad is before and model[0].bias.grad is None
+
+
+def test_model_io_is_the_old_name_of_model_calls():
+    import utils.model_calls
+    import utils.model_io
+
+    assert utils.model_io.predict is utils.model_calls.predict and utils.model_io.get_logits is get_logits
+
+
+def test_a_wrapper_shares_its_modules_calling_convention():
+    from utils.model_calls import model_call
+
+    class LM(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 4)
+
+        def forward(self, idx, labels=None):
+            return self.emb(idx)
+
+    model = LM()
+    assert model_call(nn.DataParallel(model)) is model_call(model)
+    assert (model_call(model).convention, model_call(model).target_arg) == ("targets", "labels")

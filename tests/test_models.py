@@ -145,7 +145,10 @@ def test_file_missing(tmp_path):
 
 def test_file_without_a_module(tmp_path):
     path = write(tmp_path, "import torch\nfrom torch.nn import Linear\nx = 1\n")
-    with pytest.raises(ValueError, match=re.escape("the file defines no nn.Module subclass.")):
+    with pytest.raises(ValueError, match=re.escape(
+            "the file defines no nn.Module subclass, no module-level nn.Module instance and no build_model(), "
+            "get_model(), create_model() function. Define one of them, or import the model into a small "
+            "wrapper file that does.")):
         load_model_from_file(path)
 
 
@@ -349,5 +352,5 @@ def test_load_model_rejects_anything_else_with_the_forms():
 
     from utils.models import load_model
 
-    with pytest.raises(ValueError, match=re.escape("load_model(source='resnet'): not a model source. Use 'example', 'example:NAME'")):
+    with pytest.raises(ValueError, match=re.escape("load_model(source='resnet'): 'resnet' is not a model source: use 'example', 'example:NAME'")):
         load_model("resnet")

@@ -134,3 +134,70 @@ def test_ci_overrides_touch_only_the_cells_own_settings():
     spec.loader.exec_module(conftest)
     extra = conftest.ci_overrides('max_steps = 300  #@param {type:"integer"}\nprecision = "auto"', "/tmp/x")
     assert "max_steps = 12" in extra and "bench_steps" not in extra and "run_dir" not in extra
+
+
+def test_use_settings_reads_model_config_as_json_and_class_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    cfg = nb.use_settings(run_dir=str(tmp_path), model_config='{"n_layer": 1}', class_name=" NanoGPT ")
+    assert (cfg.model_config, cfg.class_name) == ({"n_layer": 1}, "NanoGPT")
+    assert nb.use_settings(run_dir=str(tmp_path)).model_config == {} and nb.need("settings").class_name is None
+    with pytest.raises(ValueError, match=re.escape(
+            "model_config='[1]' is not allowed: it must be a JSON object such as '{\"n_layer\": 2}', or empty.")):
+        nb.use_settings(run_dir=str(tmp_path), model_config="[1]")
+
+
+def test_load_settings_model_builds_what_the_settings_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    nb.use_settings(run_dir=str(tmp_path), model_source="example:gpt-micro", model_config='{"n_layer": 1}')
+    assert nb.load_settings_model().config.n_layer == 1
+
+
+def test_cuda_cells_say_they_were_skipped_and_why(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert nb.cuda_missing("10. fp16 on the GPU") == (
+        "Skipped 10. fp16 on the GPU: this runtime has no CUDA GPU (torch.cuda.is_available() is False). "
+        "On Colab: Runtime > Change runtime type > GPU, then run this cell again.")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert nb.cuda_missing("10. fp16 on the GPU") == ""
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_cuda_cells_check_for_cuda_themselves(name):
+    cells = [c for c in code_cells(BOOKS[name]) if "requires-cuda" in tags(c)]
+    assert all("if skipped := nb.cuda_missing(" in c.source for c in cells)
+
+
+def test_the_training_cell_says_what_was_asked_what_runs_and_why():
+    import dataclasses
+
+    from utils.training import resolve_precision
+
+    plan = dataclasses.replace(resolve_precision("32-true", "cpu"), reason="fp16 was requested on a CPU-only runtime.")
+    assert nb.precision_line("16-mixed", plan) == (
+        "Asked for '16-mixed'; running 32-true on cpu: fp16 was requested on a CPU-only runtime.")
+    assert nb.precision_line("fp32", plan) == "Asked for 'fp32'; running 32-true on cpu as asked."
+
+
+def test_notebook_03_trains_a_users_model_file_from_the_settings(tmp_path):
+    """One papermill run: a nanoGPT-style file, its config object built from model_config."""
+    import shutil
+
+    import torch
+
+    papermill = pytest.importorskip("papermill")
+    model_file = shutil.copy(ROOT / "tests" / "user_models.py", tmp_path / "model.py")
+    out = tmp_path / "03.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "03_train_amp.ipynb"), str(out), cwd=str(ROOT / "notebooks"), progress_bar=False,
+        parameters={"model_source": str(model_file), "class_name": "NanoGPT", "model_config": '{"n_layer": 1}',
+                    "precision": "16-mixed", "max_steps": 3, "batch_size": 4, "wandb_mode": "disabled",
+                    "run_dir": str(tmp_path / "run")})
+    text = {c.source.splitlines()[0]: "".join(o.get("text", "") for o in c.outputs)
+            for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title")}
+    assert text["#@title 3. Model"].startswith("NanoGPT: ")
+    assert text["#@title 7. Train"].startswith("Asked for '16-mixed'; running ")
+    assert "now at step 23" in text["#@title 9. Resume"]
+    if not torch.cuda.is_available():
+        assert text["#@title 10. fp16 on the GPU"].strip() == nb.cuda_missing("10. fp16 on the GPU")

@@ -283,6 +283,22 @@ def test_figures_are_returned_not_shown(micro_report):
     assert len(figures["gradient_flow"].axes[0].patches) == 28  # one bar per parameter
 
 
+@pytest.mark.parametrize("name", ["memory_footprint", "inference_speed"])
+def test_batch_size_axes_tick_only_the_measured_batch_sizes(micro_report, name):
+    ax = micro_report.figures[name].axes[0]
+    assert ax.get_xlabel() == "batch size"
+    assert list(ax.get_xticks()) == [1, 2, 4]  # run_tier1's default batch sizes; no 1.5, 2.5, 3.5
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "2", "4"]
+
+
+def test_batch_sizes_spanning_8x_or_more_get_a_log2_axis():
+    check = check_memory(example_model("gpt-micro", n_layer=1), batch_sizes=(1, 3, 16), max_seq_len=4)
+    ax = check.figure.axes[0]
+    assert ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1", "3", "16"]
+    assert len(ax.get_xticks(minor=True)) == 0
+
+
 def test_report_markdown_has_the_table_and_details(micro_report):
     text = micro_report.to_markdown()
     assert text.startswith("## Tier 1: GPT: PASSED")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.model_io import find_input_embedding, get_attentions, input_spec, preserved_state
+from utils.model_calls import find_input_embedding, get_attentions, input_spec, preserved_state
 from utils.report import Check, Report, new_figure, run_check
 from utils.tasks import (
     CAUSAL_LM,
@@ -50,6 +51,7 @@ def run_tier2(
     seq_len: int | None = None,
     batch_size: int = 2,
     figures: bool = True,
+    trained: bool | None = None,
     seed: int = 0,
     task: str | None = None,
 ) -> Report:
@@ -63,11 +65,13 @@ def run_tier2(
 
     Args:
         model: maps token ids ``(B, T)`` to logits (a tensor, tuple, dict or ``ModelOutput``).
-        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_io.input_spec``).
+        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_calls.input_spec``).
         device: default None: where the model already is. Otherwise the model is moved there.
         seq_len: the length analyzed (default ``min(max_seq_len, 32)``).
         batch_size: sequences per check (default 2; the consistency check uses at least 3).
         figures: draw the attention heatmaps (default True).
+        trained: whether the model has been trained, which decides whether uniform attention heads
+            fail (see :func:`check_attention_patterns`). Default None: inferred by :func:`looks_trained`.
         seed: for the random inputs and noise (default 0).
         task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`).
             For a masked LM, a classifier or an encoder-decoder, seeing later tokens is reported as
@@ -84,7 +88,7 @@ def run_tier2(
     kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
     checks = [
         run_check("attention_patterns", lambda: check_attention_patterns(
-            model, batch_size=batch_size, figure=figures, **kw)),
+            model, batch_size=batch_size, trained=trained, figure=figures, **kw)),
         run_check("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
         run_check("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
         run_check("batch_consistency", lambda: check_batch_consistency(
@@ -326,6 +330,7 @@ def check_attention_patterns(
     batch_size: int = 2,
     collapsed_below: float = 0.05,
     uniform_above: float = 0.99,
+    trained: bool | None = None,
     figure: bool = True,
     seed: int = 0,
     task=None,
@@ -333,15 +338,31 @@ def check_attention_patterns(
     """Entropy per head, causality, and heatmaps of the attention weights on random input.
 
     A head's normalized entropy is its entropy over the keys a query may see, divided by the
-    log of how many those are: 0 attends to one token ("collapsed"), 1 spreads evenly ("uniform";
-    usual at initialization). Fails when the weights are not finite or do not sum to 1. Skipped,
-    and said plainly, when no attention is found.
+    log of how many those are: 0 attends to one token ("collapsed"), 1 spreads evenly ("uniform").
+
+    Fails when the weights are not finite or do not sum to 1, when a head is collapsed, and when
+    a *trained* model has a uniform head. In an untrained model uniform heads are expected and
+    reported as a note: at random initialization the attention logits ``q·k/√d`` are near zero,
+    so the softmax is near uniform. Skipped, and said plainly, when no attention is found.
 
     Example::
 
         >>> check = check_attention_patterns(example_model("gpt-micro"), figure=False)
         >>> check.details["layers"]["transformer.h.0.attn"]["heads"]
         2
+        >>> check.passed, check.details["trained"]    # fresh weights: uniform heads are expected
+        (True, False)
+
+    Args:
+        collapsed_below: a head whose mean normalized entropy is below this is collapsed (default 0.05).
+        uniform_above: a head whose mean normalized entropy is above this is uniform (default 0.99).
+        trained: whether the model has been trained. Default None: inferred by
+            :func:`looks_trained` from its normalization layers.
+
+    .. note::
+        When ``trained`` is None and the model has no normalization layer, whether it is trained
+        cannot be told: uniform heads are then reported, not failed, and the summary says to pass
+        ``trained=True`` to fail on them.
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_attention_patterns({type(model).__name__})")
     info = _task(model, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
@@ -354,12 +375,15 @@ def check_attention_patterns(
                      {"source": None}, skipped=True)
     layers = {name: _head_stats(w, collapsed_below, uniform_above) for name, w in capture.maps.items()}
     broken = [n for n, s in layers.items() if not s["finite"] or s["row_sum_error"] > 1e-3]
+    trained, trained_reason = (trained, f"given: trained={trained}") if trained is not None else looks_trained(model)
     details = {
         "source": capture.source,
         "causal": all(s["causal"] for s in layers.values()),
         "layers": layers,
         "collapsed_heads": [f"{n} head {h}" for n, s in layers.items() for h in s["collapsed_heads"]],
         "uniform_heads": [f"{n} head {h}" for n, s in layers.items() for h in s["uniform_heads"]],
+        "trained": trained,
+        "trained_reason": trained_reason,
     }
     fig = _heatmaps(capture.maps) if figure else None
     if broken:
@@ -367,11 +391,79 @@ def check_attention_patterns(
                      f"Attention weights in {', '.join(broken[:5])} are not finite or do not sum to 1.", details, fig)
     heads = sum(s["heads"] for s in layers.values())
     mean = sum(sum(s["normalized_entropy"]) for s in layers.values()) / heads
-    return Check("attention_patterns", True,
-                 f"{len(layers)} attention layer(s), {heads} heads, from {capture.source}"
-                 f"{_attention_causality(details['causal'], info)}; mean normalized entropy {mean:.2f}; "
-                 f"{len(details['collapsed_heads'])} collapsed, {len(details['uniform_heads'])} uniform heads.",
-                 details, fig)
+    counts = (f"{len(layers)} attention layer(s), {heads} heads, from {capture.source}"
+              f"{_attention_causality(details['causal'], info)}; mean normalized entropy {mean:.2f}; "
+              f"{len(details['collapsed_heads'])} collapsed, {len(details['uniform_heads'])} uniform heads.")
+    problems, notes = _head_verdict(details["collapsed_heads"], details["uniform_heads"], trained)
+    return Check("attention_patterns", not problems, " ".join([counts, *problems, *notes]), details, fig)
+
+
+def _head_verdict(collapsed: list[str], uniform: list[str], trained: bool | None) -> tuple[list[str], list[str]]:
+    """What fails and what is only said, for the named collapsed and uniform heads."""
+    problems, notes = [], []
+    if collapsed:
+        cause = {True: "after training, the head attends to one key whatever the input",
+                 False: "untrained, this means attention logits far too large: check the query/key init scale",
+                 None: "the attention logits are far too large"}[trained]
+        problems.append(f"Collapsed (each query puts nearly all its weight on one key; {cause}): "
+                        f"{_names(collapsed)}.")
+    if uniform and trained:
+        problems.append(f"Uniform after training (each query spreads its weight evenly, so the head "
+                        f"learned nothing): {_names(uniform)}.")
+    elif uniform:
+        notes.append("Uniform heads are expected before training: at random initialization the attention "
+                     "logits q·k/√d are near zero, so the softmax is near uniform.")
+    if uniform and trained is None:
+        notes.append("Whether this model is trained could not be told (it has no normalization layer); "
+                     "pass trained=True to fail on uniform heads.")
+    return problems, notes
+
+
+def _names(heads: list[str], most: int = 5) -> str:
+    return ", ".join(heads[:most]) + (f" ... ({len(heads)} in all)" if len(heads) > most else "")
+
+
+def looks_trained(model: nn.Module) -> tuple[bool | None, str]:
+    """Whether the model's weights have moved from their initialization, told by its normalization layers.
+
+    Every normalization layer (``LayerNorm``, ``RMSNorm``, ``GroupNorm``, batch norms, and any
+    module whose class name ends in ``Norm``) starts with a constant scale (ones, or zeros where
+    the layer adds 1) and a zero bias; the first optimizer step moves them. So the model is
+    untrained when every such layer still has a constant scale and a zero bias, and trained when
+    any has moved (a pretrained or loaded checkpoint included). Other weights are random at
+    initialization and tell nothing.
+
+    Example::
+
+        >>> looks_trained(example_model("gpt-micro"))
+        (False, 'every normalization layer (5) still has its initial constant scale and zero bias')
+
+    Returns:
+        ``(trained, reason)``; ``trained`` is None, with the reason, when the model has no
+        normalization layer with parameters.
+
+    .. note::
+        A model trained for only a few steps counts as trained; its heads may still be near uniform.
+    """
+    norms = {name: m for name, m in model.named_modules() if _is_norm(m)}
+    if not norms:
+        return None, "no normalization layer with parameters to compare with its initial values"
+    moved = [name for name, m in norms.items() if not _at_init(m)]
+    if moved:
+        return True, f"normalization weights have moved from their initial values ({_names(moved, 3)})"
+    return False, f"every normalization layer ({len(norms)}) still has its initial constant scale and zero bias"
+
+
+def _is_norm(module: nn.Module) -> bool:
+    # LayerNorm, RMSNorm, GroupNorm, BatchNorm1d, InstanceNorm2d, LlamaRMSNorm, a hand-written RMSNorm ...
+    named_norm = re.search(r"Norm(\d+d)?$", type(module).__name__) is not None
+    return named_norm and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
+def _at_init(norm: nn.Module) -> bool:
+    weight, bias = norm.weight.detach().flatten(), getattr(norm, "bias", None)
+    constant = weight.numel() == 0 or bool((weight == weight[0]).all())
+    return constant and (not isinstance(bias, torch.Tensor) or not bool(bias.detach().any()))
 
 
 def _attention_causality(causal: bool, info: TaskInfo) -> str:
@@ -406,23 +498,41 @@ def _head_stats(weights: torch.Tensor, collapsed_below: float, uniform_above: fl
 
 
 def _heatmaps(maps: dict[str, torch.Tensor], max_layers: int = 4, max_heads: int = 4):
-    """First sample's weights: up to ``max_layers`` layers (first to last) by ``max_heads`` heads."""
+    """First sample's weights: up to ``max_layers`` layers (first to last) by ``max_heads`` heads,
+    on one colour scale with one colour bar; query positions down, key positions across."""
     names = list(maps)
     if len(names) > max_layers:
         names = [names[round(i * (len(names) - 1) / (max_layers - 1))] for i in range(max_layers)]
     heads = min(max_heads, max(maps[n].shape[1] for n in names))
-    fig = new_figure(2.2 * heads, 2.2 * len(names))
+    shown = [maps[n][0, h] for n in names for h in range(min(heads, maps[n].shape[1]))]  # each (L, S)
+    finite = [w[torch.isfinite(w)] for w in shown]
+    vmax = max((float(w.max()) for w in finite if w.numel()), default=1.0)  # one scale, so one colour bar
+    fig = new_figure(2.2 * heads + 0.8, 2.2 * len(names))
     axes = fig.subplots(len(names), heads, squeeze=False)
     for row, name in enumerate(names):
         for h in range(heads):
             ax = axes[row][h]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if h < maps[name].shape[1]:
-                ax.imshow(maps[name][0, h].numpy(), cmap="viridis", vmin=0.0, aspect="auto")
-                ax.set_title(f"{name}\nhead {h}", fontsize=7)
-    fig.suptitle("Attention weights (query rows, key columns), first sequence")
+            if h >= maps[name].shape[1]:
+                ax.set_axis_off()  # this layer has fewer heads than the widest one shown
+                continue
+            image = ax.imshow(maps[name][0, h].numpy(), cmap="viridis", vmin=0.0, vmax=vmax, aspect="auto")
+            ax.set_title(f"{name}\nhead {h}", fontsize=7)
+            _position_axes(ax, xlabel=row == len(names) - 1, ylabel=h == 0)
+    fig.colorbar(image, ax=axes, label="attention weight", shrink=0.8)
+    fig.suptitle("Attention weights, first sequence")
     return fig
+
+
+def _position_axes(ax, xlabel: bool, ylabel: bool) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=4, integer=True))  # positions are whole numbers
+    ax.tick_params(labelsize=6)
+    if xlabel:
+        ax.set_xlabel("key position", fontsize=7)
+    if ylabel:
+        ax.set_ylabel("query position", fontsize=7)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".csv", ".json", ".py", ".html", ".tex")
 
 
-def load_corpus(source: str | os.PathLike | None = None) -> str:
+def load_corpus(source: str | os.PathLike | None = None, *, encoding: str = "utf-8") -> str:
     """The text to train on.
 
     Example::
@@ -35,12 +35,15 @@ def load_corpus(source: str | os.PathLike | None = None) -> str:
     Args:
         source: None (default): the English help topics that ship with every Python
             (``pydoc_data.topics``, ~460 KB). A ``pathlib.Path``, or a string naming an existing
-            file: that file, read as UTF-8. Any other string: the text itself.
+            file: that file, read as ``encoding``. Any other string: the text itself.
+        encoding: the file's text encoding (default ``"utf-8"``), e.g. ``"latin-1"`` or
+            ``"cp1252"``; used only when ``source`` names a file.
 
     Raises:
         FileNotFoundError: a ``Path`` (or a one-word string ending in a text suffix such as
             ``.txt``) that names no file.
-        ValueError: the text is empty.
+        ValueError: the text is empty; the file cannot be decoded as ``encoding`` (the message
+            names the file and what to do); ``encoding`` is not a codec Python knows.
     """
     if source is None:
         from pydoc_data.topics import topics  # stdlib; always present in CPython
@@ -50,7 +53,7 @@ def load_corpus(source: str | os.PathLike | None = None) -> str:
         path = Path(source).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"load_corpus({str(source)!r}): no such file.")
-        text = path.read_text(encoding="utf-8")
+        text = _read_text(path, source, encoding)
     elif isinstance(source, str):
         text = source
     else:
@@ -58,6 +61,22 @@ def load_corpus(source: str | os.PathLike | None = None) -> str:
     if not text:
         raise ValueError(f"load_corpus({source!r}): the text is empty.")
     return text
+
+
+def _read_text(path: Path, source, encoding: str) -> str:
+    call = f"load_corpus({str(source)!r}, encoding={encoding!r})"
+    try:
+        return path.read_text(encoding=encoding)
+    except LookupError:
+        raise ValueError(f"{call}: {encoding!r} is not a text encoding Python knows. "
+                         "Pass a codec name such as 'utf-8', 'latin-1' or 'cp1252'.") from None
+    except UnicodeDecodeError as e:
+        bad = " ".join(f"0x{b:02x}" for b in e.object[e.start:e.end])
+        raise ValueError(
+            f"{call}: {path} is not {encoding} text (byte {bad} at offset {e.start} cannot be decoded). "
+            f"Re-save the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8 {path.name} > utf8.txt`), or, from "
+            f"Python, pass its encoding: load_corpus({str(source)!r}, encoding='latin-1')."
+        ) from None
 
 
 def _names_a_file(source) -> bool:

@@ -16,11 +16,15 @@ from pathlib import Path
 
 from utils.notebook import find_repo_root, new_run_dir
 from utils.project import NOTEBOOKS
-from utils.training import resolve_precision
+from utils.training.benchmark.results import AmpBenchmark
+from utils.training.curves import read_metrics
+from utils.training.precision import resolve_precision
+from utils.training.settings import TrainSettings
 
 # Sized for a 2-core CPU: a few minutes in all. A Colab user gets the notebooks' own defaults.
 CPU_PARAMETERS = {
-    "precision": "auto", "model_source": "example:gpt-micro", "max_steps": 150, "batch_size": 16,
+    "precision": TrainSettings.precision, "model_source": "example:gpt-micro", "max_steps": 150,
+    "batch_size": TrainSettings.batch_size,
     "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 8,
     "bench_warmup": 2, "bench_repeats": 2,
 }
@@ -47,27 +51,42 @@ def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:
 
 
 def summary(run_dir: Path) -> list[str]:
-    """What the run found, read back from the files the notebooks wrote."""
+    """What the run found, read back from the files the notebooks wrote (``metrics.jsonl``,
+    ``benchmark.json``); a file that is not there adds no line.
+
+    Example::
+
+        >>> summary(Path("runs/20250101-120000"))                       # doctest: +SKIP
+        ['training: 150 steps, final train loss 2.4061, skipped steps 0', ...]
+    """
+    return [*_training_lines(Path(run_dir)), *_benchmark_lines(Path(run_dir))]
+
+
+def _training_lines(run_dir: Path) -> list[str]:
+    if not (run_dir / "metrics.jsonl").is_file():
+        return []
+    steps, epochs = read_metrics(run_dir)
     lines = []
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        steps = [r for r in records if r["type"] == "step"]
-        epochs = [r for r in records if r["type"] == "epoch" and r.get("val_loss") is not None]
-        if steps:
-            lines.append(f"training: {steps[-1]['step']} steps, final train loss {steps[-1]['loss']:.4f}, "
-                         f"skipped steps {steps[-1]['skipped_steps']}")
-        if epochs:
-            lines.append(f"validation: loss {epochs[-1]['val_loss']:.4f}, perplexity {epochs[-1].get('val_perplexity') or float('nan'):.2f}")
-    bench = run_dir / "benchmark.json"
-    if bench.is_file():
-        for row in json.loads(bench.read_text()).get("rows", []):
-            speed = row.get("speedup")
-            lines.append(f"benchmark {row['precision']}: step {row['step_time_s'] * 1e3:.1f} ms, "
-                         f"speedup {speed:.2f}x, final loss {row.get('final_loss'):.4f}"
-                         if row.get("error") is None and speed is not None else
-                         f"benchmark {row['precision']}: {row.get('error')}")
+    if steps:
+        last = steps[-1]
+        lines.append(f"training: {last['step']} steps, final train loss {last['loss']:.4f}, "
+                     f"skipped steps {last['skipped_steps']}")
+    validated = [e for e in epochs if e.get("val_loss") is not None]
+    if validated:
+        last = validated[-1]
+        perplexity = last.get("val_perplexity") or float("nan")
+        lines.append(f"validation: loss {last['val_loss']:.4f}, perplexity {perplexity:.2f}")
     return lines
+
+
+def _benchmark_lines(run_dir: Path) -> list[str]:
+    path = run_dir / "benchmark.json"
+    if not path.is_file():
+        return []
+    bench = AmpBenchmark.from_dict(json.loads(path.read_text()))
+    return [f"benchmark {r.precision}: step {r.step_time_s * 1e3:.1f} ms, speedup {r.speedup:.2f}x, "
+            f"final loss {r.final_loss:.4f}" if r.error is None and r.speedup is not None else
+            f"benchmark {r.precision}: {r.error}" for r in bench.rows]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib.util
 import inspect
@@ -289,30 +290,43 @@ def load_model_from_file(path, class_name: str | None = None, config: dict | Non
         >>> model = load_model_from_file("my_model.py")                     # doctest: +SKIP
         >>> model = load_model_from_file("my_model.py", "GPT", {"n_layer": 2})  # doctest: +SKIP
 
+    What the file may hold, in the order looked for:
+
+    - a ``build_model()``, ``get_model()`` or ``create_model()`` function: called with ``config``;
+    - a module-level ``nn.Module`` instance with parameters (``model = GPT(GPTConfig())``);
+    - ``nn.Module`` classes: the one no other class there uses (a ``Block`` used by ``GPT`` is
+      skipped). A constructor taking one config object (``GPT(config: GPTConfig)``,
+      ``Transformer(params: ModelArgs)``) gets that class built from ``config``: the class named by
+      the annotation, else the one config-like class in the file (a dataclass, or ``*Config``,
+      ``*Args``, ``*Params``), else the model's ``get_default_config()`` with ``config`` set on it.
+
     Args:
-        path: the ``.py`` file. It is executed, like ``import``: load only code you trust.
-        class_name: which class to build. Default None: the one ``nn.Module`` subclass defined in
-            the file that no other class there uses (so a ``Block`` used by ``GPT`` is skipped).
-        config: keyword arguments for the constructor. Default None: the constructor is called
-            without arguments, so every parameter it has needs a default.
+        path: the ``.py`` file. It is executed, like ``import``: load only code you trust. Its
+            folder is importable while it loads, so ``from model import GPT`` finds a sibling file.
+        class_name: which class, builder function or instance to use. Default None: as above.
+        config: keyword arguments for the constructor, the builder or the config class. Default
+            None: none, so every parameter needs a default.
 
     Raises:
         FileNotFoundError: there is no such file.
-        ValueError: the file defines no ``nn.Module``, several candidates (listed), no class named
+        ValueError: the file defines no model, several candidates (listed), no class named
             ``class_name`` (the candidates listed), or the constructor needs arguments that
             ``config`` does not give (named), or gets ones it does not take.
 
     .. note::
-        Each call imports the file again (as ``_user_model_<n>_<stem>``), so edits are picked up
-        and two loads never share module state.
+        Each call imports the file again (as ``_user_model_<n>_<stem>``), and the sibling modules it
+        imported are forgotten afterwards, so edits are picked up and two loads never share state.
     """
     path = _user_file(path)
-    module = _import_fresh(path)
-    cls = _pick_model_class(module, path, class_name)
-    return _construct(cls, config, f"load_model_from_file({str(path)!r})")
+    call = f"load_model_from_file({str(path)!r}" + (f", class_name={class_name!r})" if class_name else ")")
+    with _importable_folder(path.parent):
+        module = _import_fresh(path)
+        return _build(module, path, class_name, config, call)
 
 
 _LOADED_COUNT = 0
+BUILDER_NAMES = ("build_model", "get_model", "create_model")
+_CONFIG_PARAM_NAMES = ("config", "cfg", "conf", "args", "params", "model_args", "hparams")
 
 
 def _user_file(path) -> Path:
@@ -322,6 +336,23 @@ def _user_file(path) -> Path:
     if path.suffix != ".py":
         raise ValueError(f"load_model_from_file({str(path)!r}): expected a Python file ending in .py.")
     return path
+
+
+@contextlib.contextmanager
+def _importable_folder(folder: Path):
+    """``folder`` first on ``sys.path`` while loading; the sibling modules imported from it are
+    dropped from ``sys.modules`` afterwards, so another folder's ``model.py`` is not mistaken for it."""
+    folder = folder.resolve()
+    before = set(sys.modules)
+    sys.path.insert(0, str(folder))
+    try:
+        yield
+    finally:
+        sys.path.remove(str(folder))
+        for name in set(sys.modules) - before:
+            file = getattr(sys.modules[name], "__file__", None)
+            if not name.startswith("_user_model_") and file and Path(file).resolve().is_relative_to(folder):
+                del sys.modules[name]
 
 
 def _import_fresh(path: Path) -> types.ModuleType:
@@ -338,6 +369,47 @@ def _import_fresh(path: Path) -> types.ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def _build(module: types.ModuleType, path: Path, class_name: str | None, config: dict | None, call: str) -> nn.Module:
+    """The model the file defines: a named object, a builder function, an instance, or a class."""
+    found = vars(module).get(class_name) if class_name else None
+    if class_name and not isinstance(found, type):
+        if isinstance(found, nn.Module):
+            return _use_instance(class_name, found, config, call)
+        if inspect.isfunction(found):
+            return _checked_model(_construct(found, config, call, module), found.__name__, call)
+    if not class_name:
+        builder = next((vars(module)[n] for n in BUILDER_NAMES if inspect.isfunction(vars(module).get(n))), None)
+        if builder is not None:
+            return _checked_model(_construct(builder, config, call, module), builder.__name__, call)
+        instances = _module_instances(module)
+        if len(instances) > 1:
+            raise ValueError(f"{call}: several nn.Module instances could be the model: {', '.join(sorted(instances))}. "
+                             f"Pass class_name= one of them.")
+        if instances:
+            return _use_instance(*next(iter(instances.items())), config, call)
+    return _construct(_pick_model_class(module, path, class_name, call), config, call, module)
+
+
+def _module_instances(module: types.ModuleType) -> dict[str, nn.Module]:
+    """Module-level ``nn.Module`` objects with parameters (a loss object such as ``nn.CrossEntropyLoss()``
+    has none, so it is not taken for the model)."""
+    return {name: obj for name, obj in vars(module).items()
+            if isinstance(obj, nn.Module) and not name.startswith("_") and any(True for _ in obj.parameters())}
+
+
+def _use_instance(name: str, model: nn.Module, config: dict | None, call: str) -> nn.Module:
+    if config:
+        raise ValueError(f"{call}: the file builds the model itself ({name} = {type(model).__name__}(...)), so "
+                         f"config={config!r} cannot change it. Edit the file, or pass class_name= a class to build.")
+    return model
+
+
+def _checked_model(model, builder: str, call: str) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{call}: {builder}() returned {type(model).__name__}, not a torch.nn.Module.")
+    return model
 
 
 def _module_classes(module: types.ModuleType) -> dict[str, type]:
@@ -359,11 +431,14 @@ def _names_used_by_other_classes(path: Path, classes: dict[str, type]) -> set[st
     return used
 
 
-def _pick_model_class(module: types.ModuleType, path: Path, class_name: str | None) -> type:
+def _pick_model_class(module: types.ModuleType, path: Path, class_name: str | None, call: str) -> type:
     classes = _module_classes(module)
-    call = f"load_model_from_file({str(path)!r}" + (f", class_name={class_name!r})" if class_name else ")")
     if not classes:
-        raise ValueError(f"{call}: the file defines no nn.Module subclass.")
+        raise ValueError(
+            f"{call}: the file defines no nn.Module subclass, no module-level nn.Module instance and no "
+            f"{'(), '.join(BUILDER_NAMES)}() function. Define one of them, or import the model into a small "
+            f"wrapper file that does."
+        )
     if class_name is not None:
         if class_name not in classes:
             raise ValueError(
@@ -380,24 +455,81 @@ def _pick_model_class(module: types.ModuleType, path: Path, class_name: str | No
     return classes[top[0]]
 
 
-def _construct(cls: type, config: dict | None, call: str) -> nn.Module:
+def _construct(cls, config: dict | None, call: str, module: types.ModuleType | None = None) -> nn.Module:
+    """``cls(**config)`` with the arguments checked; a constructor taking one config object gets it
+    built from ``config`` (see :func:`load_model_from_file`)."""
     config = {} if config is None else dict(config)
-    params = list(inspect.signature(cls).parameters.values())
+    named = _named_params(cls)
+    holder = _config_holder(cls, named, config, module)
+    if holder is not None:
+        param, make = holder
+        return cls(**{param: make(config, call)})
+    return _call_checked(cls, config, call)
+
+
+def _named_params(fn) -> list[inspect.Parameter]:
+    params = inspect.signature(fn).parameters.values()
+    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def _call_checked(fn, config: dict, call: str):
+    params = list(inspect.signature(fn).parameters.values())
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params)
-    named = [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    named = _named_params(fn)
     missing = [p.name for p in named if p.default is p.empty and p.name not in config]
     unknown = [] if takes_any else [k for k in config if k not in {p.name for p in named}]
     if missing:
         raise ValueError(
-            f"{call}: {cls.__name__}() needs {', '.join(missing)}, which config does not give. "
+            f"{call}: {fn.__name__}() needs {', '.join(missing)}, which config does not give. "
             f"Pass config={{{', '.join(f'{m!r}: ...' for m in missing)}}}."
         )
     if unknown:
         raise ValueError(
-            f"{call}: {cls.__name__}() does not take {', '.join(map(repr, unknown))}. "
+            f"{call}: {fn.__name__}() does not take {', '.join(map(repr, unknown))}. "
             f"It takes: {', '.join(p.name for p in named) or 'no arguments'}."
         )
-    return cls(**config)
+    return fn(**config)
+
+
+def _config_holder(cls, named: list, config: dict, module):
+    """``(parameter, make)`` when ``cls`` takes one config object that ``config``'s keys describe;
+    ``make(config, call)`` builds it. None when ``config`` names the constructor's own arguments."""
+    required = [p for p in named if p.default is p.empty]
+    target = required[0] if len(required) == 1 else (named[0] if len(named) == 1 else None)
+    if target is None or (config and set(config) <= {p.name for p in named}):
+        return None
+    if not config and target.default is not target.empty:  # nothing to build: the default stands
+        return None
+    config_cls = _config_class(target, module)
+    if config_cls is not None:
+        return target.name, lambda values, call: _call_checked(config_cls, values, call)
+    defaults = getattr(cls, "get_default_config", None)
+    if callable(defaults) and target.name in _CONFIG_PARAM_NAMES:
+        return target.name, lambda values, call: _set_all(defaults(), values)
+    return None
+
+
+def _set_all(obj, values: dict):
+    for key, value in values.items():
+        setattr(obj, key, value)
+    return obj
+
+
+def _config_class(param: inspect.Parameter, module) -> type | None:
+    """The config class for ``param``: its annotation (a class, or a name in ``module``), else the one
+    config-like class ``module`` defines when the parameter is named like a config."""
+    annotation = param.annotation
+    if isinstance(annotation, str) and module is not None:  # from __future__ import annotations
+        words = re.findall(r"[A-Za-z_][A-Za-z0-9_]*", annotation)
+        annotation = next((vars(module)[w] for w in words if isinstance(vars(module).get(w), type)), None)
+    if annotation is not param.empty and isinstance(annotation, type) and annotation.__module__ != "builtins" and not issubclass(annotation, nn.Module):
+        return annotation
+    if param.annotation is not param.empty or module is None or param.name not in _CONFIG_PARAM_NAMES:
+        return None
+    found = [obj for obj in vars(module).values()
+             if isinstance(obj, type) and obj.__module__ == module.__name__ and not issubclass(obj, nn.Module)
+             and (dataclasses.is_dataclass(obj) or obj.__name__.endswith(("Config", "Args", "Params")))]
+    return found[0] if len(found) == 1 else None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +690,37 @@ def _pick_gist_file(files: dict, filename: str | None, call: str) -> tuple[str, 
 # ----------------------------------------------------------------------------------------------
 # One entry point for "the model the user named"
 
+MODEL_SOURCES = ("'example'", "'example:NAME'", "a path to a .py file", "'gist:ID'", "a gist URL")
+
+
+def parse_model_source(source) -> tuple[str, str]:
+    """The one grammar of model sources (notebook ``model_source``, CLI ``--model``):
+    ``(kind, value)`` with kind ``"example"``, ``"file"`` or ``"gist"``.
+
+    Example::
+
+        >>> parse_model_source("example:gpt-micro"), parse_model_source("my_model.py")
+        (('example', 'gpt-micro'), ('file', 'my_model.py'))
+
+    Raises:
+        ValueError: not a source; the message lists the forms (and the example names).
+    """
+    text = str(source).strip()
+    kind, sep, rest = text.partition(":")
+    if text == "example" or (sep and kind == "example" and rest in EXAMPLE_MODELS):
+        return "example", rest or "gpt-tiny"
+    if sep and kind == "gist" and rest:
+        return "gist", rest
+    if "://" in text or _GIST_ID.fullmatch(text):
+        return "gist", text
+    if text.endswith(".py"):
+        return "file", text
+    raise ValueError(
+        f"{text!r} is not a model source: use 'example', 'example:NAME' (NAME one of "
+        f"{', '.join(EXAMPLE_MODELS)}), a path to a .py file, 'gist:ID' or a gist URL."
+    )
+
+
 def load_model(source: str = "example", *, class_name: str | None = None, config: dict | None = None) -> nn.Module:
     """Build the model a notebook setting or a command-line flag names.
 
@@ -565,27 +728,24 @@ def load_model(source: str = "example", *, class_name: str | None = None, config
 
         >>> load_model("example:gpt-micro").config.vocab_size
         256
+        >>> model = load_model("nanogpt/model.py", class_name="GPT", config={"n_layer": 2})  # doctest: +SKIP
 
     Args:
         source: ``"example"`` (gpt-tiny), ``"example:NAME"`` (a built-in example), ``"PATH.py"``
             (a file defining an ``nn.Module``; it is executed), ``"gist:ID"``, a gist URL or a bare
-            gist id (the gist's code is downloaded and executed).
-        class_name, config: passed on to the file or gist loader; ``config`` are overrides for an example.
+            gist id (the gist's code is downloaded and executed). See :func:`parse_model_source`.
+        class_name, config: passed on to the file or gist loader (:func:`load_model_from_file`:
+            ``config`` may describe the model's config object); ``config`` are overrides for an example.
 
     Raises:
         ValueError: ``source`` is none of these; the message lists them.
     """
-    text = str(source).strip()
-    kind, sep, rest = text.partition(":")
-    if text == "example" or (sep and kind == "example"):
-        return example_model(rest or "gpt-tiny", **(config or {}))
-    if sep and kind == "gist":
-        return load_model_from_gist(rest, class_name, config)
-    if "://" in text or _GIST_ID.fullmatch(text):
-        return load_model_from_gist(text, class_name, config)
-    if text.endswith(".py"):
-        return load_model_from_file(text, class_name, config)
-    raise ValueError(
-        f"load_model(source={source!r}): not a model source. Use 'example', 'example:NAME' (NAME one of "
-        f"{', '.join(EXAMPLE_MODELS)}), a path to a .py file, 'gist:ID' or a gist URL."
-    )
+    try:
+        kind, value = parse_model_source(source)
+    except ValueError as e:
+        raise ValueError(f"load_model(source={source!r}): {e}") from None
+    if kind == "example":
+        return example_model(value, **(config or {}))
+    if kind == "gist":
+        return load_model_from_gist(value, class_name, config)
+    return load_model_from_file(value, class_name, config)

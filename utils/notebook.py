@@ -2,21 +2,24 @@
 
 Example::
 
-    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=32, model_source="example",
+    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=16, model_source="example",
     ...                    wandb_mode="offline")                       # doctest: +SKIP
     >>> cfg = need("settings")          # in a later cell: says which cell to run when it wasn't
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.training.precision import canonical_precision
+from utils.training.settings import TrainSettings
 
 WANDB_MODES = ("offline", "online", "disabled")
+NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
 
 # The steps a later cell may need, and how to tell the user to provide them.
 _STEPS = {
@@ -64,15 +67,17 @@ def find_repo_root(start: Path | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Settings:
-    """The notebook's settings, checked once."""
+    """The notebook's settings, checked once; the training ones default to :class:`TrainSettings`'s."""
 
-    precision: str = "auto"
-    max_steps: int = 300
-    batch_size: int = 32
+    precision: str = TrainSettings.precision
+    max_steps: int = NOTEBOOK_MAX_STEPS
+    batch_size: int = TrainSettings.batch_size
     model_source: str = "example"
     wandb_mode: str = "offline"
     run_dir: Path = field(default_factory=lambda: Path("runs"))
     extra: dict = field(default_factory=dict)
+    model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
+    class_name: str | None = None  # which class, builder or instance of a model file
 
 
 def _positive_int(name: str, value) -> int:
@@ -88,12 +93,33 @@ def new_run_dir(base="runs") -> Path:
     return path
 
 
-def use_settings(*, precision="auto", max_steps=300, batch_size=32, model_source="example",
-                 wandb_mode="offline", run_dir="", **extra) -> Settings:
+def _json_object(name: str, text) -> dict:
+    if isinstance(text, dict):
+        return dict(text)
+    if not str(text).strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        value, why = None, f" ({e})"
+    else:
+        why = ""
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}={text!r} is not allowed: it must be a JSON object such as "
+                         f"'{{\"n_layer\": 2}}', or empty{why}.")
+    return value
+
+
+def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_STEPS,
+                 batch_size=TrainSettings.batch_size, model_source="example",
+                 wandb_mode="offline", run_dir="", model_config="", class_name="", **extra) -> Settings:
     """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
 
     Args:
         run_dir: where this run writes; empty means a new ``runs/<timestamp>/``.
+        model_config: a JSON object (text, as a Colab form field gives it) of the model's arguments,
+            or of its config object's fields (``{"n_layer": 2}`` for ``GPT(GPTConfig)``); empty: none.
+        class_name: which class, builder function or instance of the model file; empty: found.
         extra: any other settings of the notebook, kept in ``Settings.extra``.
 
     Raises:
@@ -104,12 +130,57 @@ def use_settings(*, precision="auto", max_steps=300, batch_size=32, model_source
         raise ValueError(f"wandb_mode={wandb_mode!r} is not allowed. Use one of {', '.join(map(repr, WANDB_MODES))}.")
     if not isinstance(model_source, str) or not model_source.strip():
         raise ValueError(f"model_source={model_source!r} is not allowed: use 'example', a .py file path, or a gist id/URL.")
+    config = _json_object("model_config", model_config)
     folder = new_run_dir() if not run_dir else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = wandb_mode  # in the environment: wandb reads it at exit too
     return remember("settings", Settings(precision, _positive_int("max_steps", max_steps),
                                          _positive_int("batch_size", batch_size), model_source.strip(),
-                                         wandb_mode, folder, dict(extra)))
+                                         wandb_mode, folder, dict(extra), config,
+                                         str(class_name).strip() or None))
+
+
+def load_settings_model():
+    """A fresh model as the settings name it (``model_source``, ``class_name``, ``model_config``).
+
+    Example::
+
+        >>> model = remember("model", load_settings_model())     # doctest: +SKIP
+    """
+    from utils.models import load_model
+
+    cfg = need("settings")
+    return load_model(cfg.model_source, class_name=cfg.class_name, config=cfg.model_config or None)
+
+
+def cuda_missing(what: str) -> str:
+    """Empty when CUDA is available; otherwise the one line a ``requires-cuda`` cell prints instead
+    of running, saying what was skipped and why.
+
+    Example::
+
+        >>> if not (skipped := cuda_missing("10. fp16 on the GPU")): ...   # doctest: +SKIP
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return ""
+    return (f"Skipped {what}: this runtime has no CUDA GPU (torch.cuda.is_available() is False). "
+            f"On Colab: Runtime > Change runtime type > GPU, then run this cell again.")
+
+
+def precision_line(requested, plan) -> str:
+    """What the training cell says about its precision: what was asked, what runs, and why.
+
+    Example::
+
+        >>> precision_line("16-mixed", resolve_precision("16-mixed"))   # on a CPU-only runtime  # doctest: +SKIP
+        "Asked for '16-mixed'; running 32-true on cpu: fp16 was requested on a CPU-only runtime, ..."
+    """
+    asked = canonical_precision(requested)
+    if asked == plan.name:
+        return f"Asked for {requested!r}; running {plan.name} on {plan.device} as asked."
+    return f"Asked for {requested!r}; running {plan.name} on {plan.device}: {plan.reason}"
 
 
 def save_figure(fig, name: str) -> Path:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_io import find_vocab_size, get_logits, input_spec
+from utils.model_calls import find_vocab_size, get_logits, input_spec, predict, preserved_state
 
 CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
 TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
@@ -222,7 +222,11 @@ def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
 
 
 def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
-    """The logits of ``model`` on token ids, called as its task needs (see :func:`call_inputs`)."""
+    """Per-position logits of ``model`` on token ids ``(B, T)``, called as its task needs: an
+    encoder-decoder with decoder inputs (see :func:`call_inputs`), any other model through
+    :func:`utils.model_calls.predict` (which knows the calling conventions)."""
+    if info is None or info.task != SEQ2SEQ:
+        return predict(model, ids)
     args, kwargs = call_inputs(ids, info)
     return get_logits(model(*args, **kwargs))
 
@@ -254,8 +258,6 @@ def earlier_positions_unchanged(y: torch.Tensor, y2: torch.Tensor, where: torch.
 def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> bool | None:
     """Does changing the last token leave every earlier position's output as it was? Runs the model
     twice in eval mode; None when the output is not per position ``(B, T, ...)``."""
-    from utils.model_io import preserved_state
-
     changed = ids.clone()
     vocab = int(ids.max()) + 2
     changed[:, -1] = (ids[:, -1] + 1) % max(vocab, 2)  # always a different token
@@ -283,7 +285,7 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
 
     Args:
         task: None (default): detect it. Else one of :data:`TASKS`.
-        vocab_size, max_seq_len: for the probe, as :func:`utils.model_io.input_spec` takes them.
+        vocab_size, max_seq_len: for the probe, as :func:`utils.model_calls.input_spec` takes them.
         call: how the caller was called, repeated in errors (default ``detect_task(<class>)``).
 
     Raises:
@@ -313,8 +315,6 @@ def _with_ids(model: nn.Module, info: TaskInfo) -> TaskInfo:
 def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: str) -> TaskInfo:
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     ids = spec.random_ids(2, min(_PROBE_LEN, spec.max_seq_len), torch.Generator().manual_seed(0))
-    from utils.model_io import preserved_state
-
     with preserved_state(model), torch.no_grad():
         model.eval()
         logits = task_logits(model, ids)

@@ -18,17 +18,23 @@ import copy
 import math
 import os
 import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_io import input_spec, model_device, preserved_state
+from utils.model_calls import (
+    CONTEXT_SEARCH,
+    input_spec,
+    model_call,
+    model_device,
+    preserved_state,
+    short_logits_error,
+)
 from utils.report import Check, Report, new_figure, run_check
 from utils.tasks import TaskInfo, detect_task, task_logits
-from utils.training.benchmark_measure import saved_tensor_bytes, synchronize
-from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.benchmark.measure import saved_tensor_bytes
+from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 _MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
@@ -105,6 +111,7 @@ def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
         "max_seq_len": context,
         "device": str(spec.device),
         "precision": plan.describe(),
+        "calling": model_call(model).describe(),
     }
 
 
@@ -174,7 +181,10 @@ def check_shapes(
             try:
                 out = _forward(model, ids, info)
             except Exception as e:  # a shape the model cannot take is the finding itself
-                problems.append(f"input {key} raised {type(e).__name__}: {e}")
+                problems.append(f"input {key} raised {type(e).__name__}: {e}{_default_context_hint(spec)}")
+                continue
+            if error := short_logits_error(model, out, t):  # the inference shortcut, under another name
+                problems.append(f"input {key}: {error}")
                 continue
             shapes[key] = tuple(out.shape)
             problems += _shape_problems(key, out, b, t)
@@ -191,6 +201,13 @@ def check_shapes(
     return Check("shape_robustness", True,
                  f"All {len(cases)} inputs (batch {min(batch_sizes)}-{max(batch_sizes)}, length 1-{long}, "
                  f"ids 0 and {spec.vocab_size - 1}) give {details['output']}.", details)
+
+
+def _default_context_hint(spec) -> str:
+    if spec.context_from != "default":
+        return ""
+    return (f" (the context length {spec.max_seq_len} is a default: none of {CONTEXT_SEARCH} was found; "
+            f"pass max_seq_len=)")
 
 
 def _shape_problems(key: str, out: torch.Tensor, b: int, t: int) -> list[str]:
@@ -582,12 +599,9 @@ def check_memory(
 
 
 def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
-    """``name``'s autocast (``"32-true"`` or a ``-mixed`` precision) on ``device``, built directly:
-    the memory check reports what a precision would hold on this device even where
-    :func:`resolve_precision` would warn about its speed, so it skips the resolver's checks."""
-    dtype = None if name == "32-true" else (torch.bfloat16 if name.startswith("bf16") else torch.float16)
-    return PrecisionPlan(name, device.type, device, autocast_dtype=dtype, param_dtype=torch.float32,
-                         use_scaler=False, reason="Tier 1's memory check measures it.")
+    """``name``'s plan on ``device`` from :func:`plan_for`: the memory check reports what a precision
+    would hold on this device even where :func:`resolve_precision` would warn about its speed."""
+    return plan_for(name, device, reason="Tier 1's memory check measures it.")
 
 
 def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen, info) -> dict[int, int]:
@@ -616,9 +630,8 @@ def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, 
 
 def _training_bytes(precision: str, trainable: int, weight_bytes: int, activation_bytes: int) -> int:
     """Weights + gradients + Adam's two moments + activations, for one training step."""
-    if precision in ("16-true", "bf16-true"):  # weights, gradients and moments all in 16 bits
-        return weight_bytes // 2 + trainable * 2 * 3 + activation_bytes
-    return weight_bytes + trainable * 4 * 3 + activation_bytes
+    size = precision_facts(precision).param_dtype.itemsize  # "-true": weights, gradients, moments in 16 bits
+    return weight_bytes * size // 4 + trainable * size * 3 + activation_bytes
 
 
 def _device_memory_bytes(device: torch.device) -> int | None:
@@ -638,11 +651,23 @@ def _memory_figure(training: dict):
     ax = fig.add_subplot()
     for name, by_batch in training.items():
         ax.plot(list(by_batch), [v / 2**20 for v in by_batch.values()], marker="o", label=name)
-    ax.set_xlabel("batch size")
+    _batch_size_axis(ax, [b for by_batch in training.values() for b in by_batch])
     ax.set_ylabel("MiB (weights + grads + Adam + activations)")
     ax.set_title("Training memory by batch size and precision")
     ax.legend()
     return fig
+
+
+def _batch_size_axis(ax, batch_sizes) -> None:
+    """Ticks at the measured batch sizes only (a count has no 1.5); a log2 axis when they span 8x or more."""
+    from matplotlib.ticker import NullLocator
+
+    ticks = sorted(set(batch_sizes))
+    if ticks[-1] >= 8 * ticks[0]:
+        ax.set_xscale("log", base=2)  # 1, 2, 4, ..., 64 evenly spaced instead of crowded at the left
+    ax.set_xticks(ticks, [str(b) for b in ticks])
+    ax.xaxis.set_minor_locator(NullLocator())  # the log axis would add unlabelled ticks between
+    ax.set_xlabel("batch size")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -702,29 +727,26 @@ def check_inference_speed(
 
 def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int,
                    info: TaskInfo) -> dict:
-    lat_median, lat_p95, tps = {}, {}, {}
+    """Forward latency per batch size: ``repeats`` timed calls after ``warmup`` untimed ones, each
+    timed by ``torch.utils.benchmark.Timer`` (it waits for CUDA's queue) on this process's threads."""
+    from torch.utils import benchmark  # ~0.9 s to import: only when speed is measured
     device = model_device(model)
+    autocast = plan.autocast if plan is not None else (lambda: torch.autocast(device.type, enabled=False))
+    lat_median, lat_p95, tps = {}, {}, {}
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for b, ids in inputs.items():
-            times = []
-            for i in range(warmup + repeats):
-                synchronize(device)
-                start = time.perf_counter()
-                with plan.autocast() if plan is not None else torch.autocast(device.type, enabled=False):
-                    _forward(model, ids, info)
-                synchronize(device)
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-            lat_median[b] = 1e3 * statistics.median(times)
-            lat_p95[b] = 1e3 * _percentile(times, 0.95)
-            tps[b] = ids.numel() / statistics.median(times)
+            timer = benchmark.Timer("with autocast(): forward(model, ids, info)", num_threads=torch.get_num_threads(),
+                                    globals={"autocast": autocast, "forward": _forward, "model": model, "ids": ids,
+                                             "info": info})
+            if warmup:
+                timer.timeit(warmup)
+            times = [timer.timeit(1).mean for _ in range(repeats)]
+            median = statistics.median(times)
+            lat_median[b], tps[b] = 1e3 * median, ids.numel() / median
+            # p95 between samples (inclusive method); with one sample, that sample
+            lat_p95[b] = 1e3 * (statistics.quantiles(times, n=20, method="inclusive")[-1] if repeats > 1 else times[0])
     return {"latency_ms_median": lat_median, "latency_ms_p95": lat_p95, "tokens_per_s": tps}
-
-
-def _percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
 
 
 def _latency_figure(results: dict):
@@ -734,7 +756,7 @@ def _latency_figure(results: dict):
         batches = list(r["latency_ms_median"])
         ax.plot(batches, list(r["latency_ms_median"].values()), marker="o", label=f"{name} median")
         ax.plot(batches, list(r["latency_ms_p95"].values()), linestyle="--", label=f"{name} p95")
-    ax.set_xlabel("batch size")
+    _batch_size_axis(ax, [b for r in results.values() for b in r["latency_ms_median"]])
     ax.set_ylabel("forward latency (ms)")
     ax.set_title("Inference latency by batch size")
     ax.legend()

@@ -1,24 +1,52 @@
 """Training with automatic mixed precision: the resolver, the loop, W&B logging and the benchmark.
 
-Importing this package needs only torch (and tqdm for the loop); wandb, ipywidgets and matplotlib
-are imported where they are used.
+Names are imported on first use (PEP 562): ``utils.training.resolve_precision`` loads only
+:mod:`utils.training.precision`, never the loop, wandb, ipywidgets or matplotlib.
+
+Where each part lives:
+
+- :mod:`~utils.training.precision`: the resolver and every precision fact;
+- :mod:`~utils.training.settings`: the training settings and their defaults;
+- :mod:`~utils.training.loop`, :mod:`~utils.training.batches`, :mod:`~utils.training.checkpoint`,
+  :mod:`~utils.training.distributed`: the loop, its batches, its checkpoints, torchrun;
+- :mod:`~utils.training.wandb_setup`, :mod:`~utils.training.wandb_callback`: W&B;
+- :mod:`utils.training.benchmark`: the AMP benchmark;
+- :mod:`~utils.training.cli` (``python -m utils.training``), :mod:`~utils.training.curves`.
 """
 
-from utils.training.amp_benchmark import benchmark_amp
-from utils.training.amp_utils import AmpWandbCallback, compute_effective_precision
-from utils.training.benchmark_results import AmpBenchmark
-from utils.training.benchmark_scan import scan_fp16_overflow
-from utils.training.loop import Trainer, TrainResult, evaluate, train
-from utils.training.precision import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
-from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb
+from __future__ import annotations
 
-__all__ = [
+from typing import TYPE_CHECKING
+
+from utils.lazy import lazy_exports
+
+_EXPORTS = {
+    "AmpBenchmark": "utils.training.benchmark.results",
+    "AmpWandbCallback": "utils.training.wandb_callback",
+    "Capabilities": "utils.training.precision",
+    "PrecisionPlan": "utils.training.precision",
+    "PrecisionWarning": "utils.training.precision",
+    "TrainResult": "utils.training.loop",
+    "TrainSettings": "utils.training.settings",
+    "Trainer": "utils.training.loop",
+    "WandbSession": "utils.training.wandb_setup",
+    "WandbWarning": "utils.training.wandb_setup",
+    "benchmark_amp": "utils.training.benchmark.runner",
+    "compute_effective_precision": "utils.training.precision",
+    "evaluate": "utils.training.loop",
+    "init_wandb": "utils.training.wandb_setup",
+    "resolve_precision": "utils.training.precision",
+    "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
+    "train": "utils.training.loop",
+}
+__all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers and linters
     "AmpBenchmark",
     "AmpWandbCallback",
     "Capabilities",
     "PrecisionPlan",
     "PrecisionWarning",
     "TrainResult",
+    "TrainSettings",
     "Trainer",
     "WandbSession",
     "WandbWarning",
@@ -30,3 +58,20 @@ __all__ = [
     "scan_fp16_overflow",
     "train",
 ]
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from utils.training.benchmark.overflow_scan import scan_fp16_overflow
+    from utils.training.benchmark.results import AmpBenchmark
+    from utils.training.benchmark.runner import benchmark_amp
+    from utils.training.loop import Trainer, TrainResult, evaluate, train
+    from utils.training.precision import (
+        Capabilities,
+        PrecisionPlan,
+        PrecisionWarning,
+        compute_effective_precision,
+        resolve_precision,
+    )
+    from utils.training.settings import TrainSettings
+    from utils.training.wandb_callback import AmpWandbCallback
+    from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb

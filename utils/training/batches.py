@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_io import find_input_embedding, get_logits, get_loss
+from utils.model_calls import (
+    TARGETS,
+    call_with_targets,
+    find_input_embedding,
+    get_logits,
+    model_call,
+    model_loss,
+    short_logits_error,
+)
 
 IGNORE_INDEX = -100
 
@@ -93,19 +101,42 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = 
                            ignore_index=IGNORE_INDEX)
 
 
+def run_model(model: nn.Module, prepared: Prepared):
+    """Call the model on one prepared batch the way it takes it (see :func:`utils.model_calls.model_call`):
+    a ``forward(idx, targets=None)`` model gets the targets too. Returns the raw output.
+
+    Raises:
+        ValueError: a dict batch for a model whose forward takes token ids and targets.
+    """
+    call = model_call(model)
+    if call.convention == TARGETS and prepared.kwargs:
+        raise ValueError(
+            f"{call.owner}{call.signature} takes token ids and {call.target_arg}, not a dict batch with "
+            f"{', '.join(map(repr, sorted(prepared.kwargs)))}: pass token ids (B, T) or (inputs, targets) pairs."
+        )
+    return call_with_targets(model, prepared.args, prepared.kwargs, prepared.targets)
+
+
 def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the model; return (loss, logits, targets-aligned-with-logits).
 
-    A loss the model returns itself (``output.loss``) is used as is.
+    A loss the model returns itself (``output.loss``, or the ``(logits, loss)`` of a
+    ``forward(idx, targets=None)`` model) is used as is.
+
+    Raises:
+        ValueError: the logits do not fit the targets; a model that returned one position of many
+            gets a message naming its convention and the way through.
     """
-    output = model(*prepared.args, **prepared.kwargs)
+    output = run_model(model, prepared)
     logits = get_logits(output)
     targets = prepared.targets
     shift = False
     if targets is None:  # dict batch: labels (or input_ids) shifted inside, as Hugging Face does
         targets = prepared.kwargs.get("labels", prepared.input_ids)
         shift = logits.dim() == 3
-    loss = get_loss(output)
+    if targets.dim() == 2 and (error := short_logits_error(model, logits, targets.shape[1])):
+        raise error
+    loss = model_loss(model, output)
     if loss is None:
         loss = cross_entropy(logits, targets, shift=shift)
     if shift:

@@ -6,7 +6,7 @@ Example::
     $ python -m utils.training train --model example:gpt-micro --data default --max-steps 200 \\
           --batch-size 16 --run-dir runs/micro
     $ python -m utils.training train --resume runs/micro --max-steps 400      # the same options again
-    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --run-dir runs/ddp
+    $ torchrun --standalone --nproc_per_node=2 -m utils.training train --model example:gpt-micro --run-dir runs/ddp
     $ python -m utils.training bench --model example:gpt-micro --precisions 32-true,bf16-mixed
 
 This module is a program: it prints. The library it calls (``train``, ``benchmark_amp``) does not.
@@ -15,6 +15,7 @@ This module is a program: it prints. The library it calls (``train``, ``benchmar
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -23,19 +24,22 @@ from pathlib import Path
 
 import torch
 
-from utils.model_io import find_context_length, find_vocab_size
+from utils.model_calls import check_context, find_context_length, find_vocab_size
 from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, not_a_token_model_error
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
+from utils.training.settings import TrainSettings
 
 BENCH_MODEL = "example:gpt-tiny"  # the benchmark's reference model
 COMMAND_FILE = "command.json"  # a run folder's options, so `--resume DIR` needs nothing else
-TRAIN_DEFAULTS = {
+_S = TrainSettings()
+TRAIN_DEFAULTS = {  # the training values come from TrainSettings; the rest are the command line's own
     "model": None, "model_config": {}, "class_name": None, "data": "default", "context": None,
-    "val_fraction": 0.1, "precision": "auto", "device": None, "max_steps": None, "epochs": 1,
-    "batch_size": 8, "grad_accum": 1, "lr": 3e-4, "warmup_steps": 0, "checkpoint_every": None,
-    "log_every": 10, "seed": 0, "run_dir": None, "resume": None, "wandb": "disabled",
-    "wandb_project": "amp-transformer", "progress": True, "task": None,
+    "val_fraction": 0.1, "precision": TrainSettings.precision, "device": None, "max_steps": _S.max_steps,
+    "epochs": _S.epochs, "batch_size": _S.batch_size, "grad_accum": _S.grad_accum_steps, "lr": _S.lr,
+    "warmup_steps": _S.warmup_steps, "checkpoint_every": _S.checkpoint_every, "log_every": _S.log_every,
+    "seed": _S.seed, "run_dir": None, "resume": None, "wandb": "disabled", "wandb_project": "amp-transformer",
+    "progress": _S.progress, "task": _S.task,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
@@ -60,24 +64,21 @@ def _int_at_least(low: int):
     return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number > 0")
-    return value
+def _float_where(allowed, what: str):
+    """A float option type: ``allowed(value)`` must hold, else the error says the value is not ``what``."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not allowed(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number in [0, 1)")
-    return value
+_positive_float = _float_where(lambda v: v > 0, "a number > 0")
+_fraction = _float_where(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _precision(text: str) -> str:
@@ -89,19 +90,13 @@ def _precision(text: str) -> str:
 
 
 def _model_spec(text: str) -> str:
-    from utils.models import EXAMPLE_MODELS
+    from utils.models import parse_model_source
 
-    kind, sep, rest = text.partition(":")
-    if sep and kind == "example" and rest in EXAMPLE_MODELS:
-        return text
-    if (sep and kind == "gist" and rest) or "://" in text or text == "example":
-        return text
-    if text.endswith(".py"):
-        return text
-    raise argparse.ArgumentTypeError(
-        f"{text!r} is not a model: use example:NAME (NAME one of {', '.join(EXAMPLE_MODELS)}), "
-        f"PATH.py or gist:ID"
-    )
+    try:
+        parse_model_source(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
 
 
 def _json_object(text: str) -> dict:
@@ -161,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m utils.training",
         description="Train or benchmark a PyTorch transformer with automatic mixed precision. Run "
-                    "`train` under `torchrun --nproc_per_node=N -m utils.training train ...` to use N "
+                    "`train` under `torchrun --standalone --nproc_per_node=N -m utils.training train ...` to use N "
                     "processes (DistributedDataParallel).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{train,bench}")
     d = TRAIN_DEFAULTS
@@ -208,17 +203,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="untimed steps before them (default: 5)")
     b.add_argument("--repeats", type=_int_at_least(1), default=3, metavar="N",
                    help="runs per precision, interleaved (default: 3)")
-    b.add_argument("--batch-size", type=_int_at_least(1), default=16, metavar="B",
-                   help="sequences per step (default: 16)")
+    b.add_argument("--batch-size", type=_int_at_least(1), default=d["batch_size"], metavar="B",
+                   help=f"sequences per step (default: {d['batch_size']})")
     b.add_argument("--json", metavar="PATH", help="also write the full results as JSON here")
     return parser
 
 
 # ---- shared: the model and the data --------------------------------------------------------------
 def build_model(spec: str, config: dict, class_name: str | None):
+    """The model ``--model`` names; a failure in the user's own code becomes one message."""
     from utils.models import load_model
 
-    return load_model(spec, class_name=class_name, config=config or None)
+    try:
+        return load_model(spec, class_name=class_name, config=config or None)
+    except (ValueError, OSError):
+        raise
+    except Exception as e:  # the user's file failed to import or build: no traceback, its error named
+        raise CliError(f"--model {spec}: building the model failed with {type(e).__name__}: {e}. "
+                       f"Check the file, --class-name and --model-config.") from e
 
 
 def load_data(spec: str, model, context: int | None, val_fraction: float, task: str | None = None):
@@ -239,10 +241,12 @@ def load_data(spec: str, model, context: int | None, val_fraction: float, task: 
             f"--model-config '{{\"vocab_size\": {tokenizer.vocab_size}}}'."
         )
     limit = find_context_length(model)
+    source = "argument" if context else "model" if limit else "default"
     context = context or limit or 64
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
+    check_context(model, context, source, "--context N")
     if info.task == CLASSIFIER:
         train, val = _topic_data(spec, model, context, val_fraction)
         return train, val, context, info.task
@@ -276,7 +280,7 @@ def _num_classes(model) -> int | None:
         value = getattr(getattr(model, "config", None), name, None)
         if isinstance(value, int):
             return value
-    from utils.model_io import model_device
+    from utils.model_calls import model_device
     from utils.tasks import task_logits
 
     with torch.no_grad():
@@ -390,7 +394,9 @@ def run_bench(args: argparse.Namespace) -> int:
                                                opts["task"])
     session = _start_wandb(opts, {**opts, "context": context, "command": "bench"}, None)
     try:
-        bench = benchmark_amp(model, train_ids, precisions=args.precisions, steps=args.steps,
+        # A factory, never the instance: every run builds the model from the file again.
+        factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
+        bench = benchmark_amp(factory, train_ids, precisions=args.precisions, steps=args.steps,
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                               device=opts["device"], lr=opts["lr"], eval_data=val_ids,
                               log_to_wandb=session is not None)

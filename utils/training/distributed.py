@@ -7,7 +7,7 @@ joins the process group (nccl on CUDA, gloo on CPU) unless one exists, wraps the
 
 Example::
 
-    $ torchrun --nproc_per_node=2 -m utils.training train --model example:gpt-micro --batch-size 8 \\
+    $ torchrun --standalone --nproc_per_node=2 -m utils.training train --model example:gpt-micro --batch-size 8 \\
           --max-steps 100 --run-dir runs/ddp
 
     >>> world = World.detect()                 # rank and world size from torchrun's environment
@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -242,15 +241,9 @@ class World:
             )
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (the OS picks it), for ``--master_port``."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def torchrun_command(args: list[str], nproc: int, port: int | None = None) -> list[str]:
-    """The argv that runs ``torchrun --nproc_per_node=nproc`` on this machine, e.g. from a notebook.
+def torchrun_command(args: list[str], nproc: int) -> list[str]:
+    """The argv of ``torchrun --standalone --nproc_per_node=nproc`` with this interpreter, e.g. from a
+    notebook. ``--standalone`` makes torchrun pick a free local rendezvous port itself.
 
     Example::
 
@@ -262,11 +255,8 @@ def torchrun_command(args: list[str], nproc: int, port: int | None = None) -> li
     Args:
         args: what follows torchrun's own options: a script and its arguments, or ``-m module ...``.
         nproc: processes to start (one per GPU; any number on a CPU).
-        port: the rendezvous port on 127.0.0.1; default: a free one.
     """
-    port = free_port() if port is None else port
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-            "--master_addr=127.0.0.1", f"--master_port={port}", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
 def set_sampler_epoch(batches, epoch: int) -> None:

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.strict_json import json_safe
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
 from utils.training.batches import (
@@ -33,6 +34,7 @@ from utils.training.batches import (
 )
 from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.settings import TrainSettings
 
 
 @dataclass
@@ -55,36 +57,7 @@ class TrainResult:
     objective: str | None = None  # what the model was trained to predict; None with a loss_fn
 
 
-@dataclass
-class TrainArgs:
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 8
-    lr: float = 3e-4
-    weight_decay: float = 0.01
-    grad_accum_steps: int = 1
-    max_grad_norm: float | None = 1.0
-    warmup_steps: int = 0
-    checkpoint_every: int | None = None
-    seed: int = 0
-    log_every: int = 10
-    progress: bool = True
-
-    def check(self) -> None:
-        """Every bad value is a ``ValueError`` naming the argument and what is allowed."""
-        for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("log_every", 1),
-                          ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}.")
-        for name in ("max_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is not allowed: it must be None or an integer >= 1.")
-        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
-            raise ValueError(f"lr={self.lr!r} is not allowed: it must be a number > 0.")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
+TrainArgs = TrainSettings  # the loop's old name for its settings, kept for code that imports it
 
 
 def _call(callbacks, hook: str, *args) -> None:
@@ -249,8 +222,7 @@ class Trainer:
     def _write(self, record: dict) -> None:
         if self._metrics_file is not None:
             # Strict JSON (jq, pandas): a non-finite number is written as null.
-            clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-            self._metrics_file.write(json.dumps(clean) + "\n")
+            self._metrics_file.write(json.dumps(json_safe(record)) + "\n")
             self._metrics_file.flush()
 
     def _log_step(self) -> None:
@@ -478,10 +450,13 @@ def _place(model: nn.Module, plan: PrecisionPlan) -> nn.Module:
     return model
 
 
-def train(model: nn.Module, train_data, *, val_data=None, precision="auto", device=None, epochs=1,
-          max_steps=None, batch_size=8, lr=3e-4, weight_decay=0.01, optimizer=None, grad_accum_steps=1,
-          max_grad_norm=1.0, warmup_steps=0, loss_fn=None, callbacks=(), run_dir=None,
-          checkpoint_every=None, resume_from=None, seed=0, log_every=10, progress=True, task=None,
+def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSettings.precision, device=None,
+          epochs=TrainSettings.epochs, max_steps=TrainSettings.max_steps, batch_size=TrainSettings.batch_size,
+          lr=TrainSettings.lr, weight_decay=TrainSettings.weight_decay, optimizer=None,
+          grad_accum_steps=TrainSettings.grad_accum_steps, max_grad_norm=TrainSettings.max_grad_norm,
+          warmup_steps=TrainSettings.warmup_steps, loss_fn=None, callbacks=(), run_dir=None,
+          checkpoint_every=TrainSettings.checkpoint_every, resume_from=None, seed=TrainSettings.seed,
+          log_every=TrainSettings.log_every, progress=TrainSettings.progress, task=TrainSettings.task,
           mask_token_id=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
@@ -539,8 +514,10 @@ def train(model: nn.Module, train_data, *, val_data=None, precision="auto", devi
         ``run_dir``. A checkpoint resumes on any number of processes with the same global batch.
         See :mod:`utils.training.distributed`.
     """
-    args = TrainArgs(epochs, max_steps, batch_size, lr, weight_decay, grad_accum_steps, max_grad_norm,
-                     warmup_steps, checkpoint_every, seed, log_every, progress)
+    args = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
+                         warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, seed=seed,
+                         log_every=log_every, progress=progress, task=task)
     args.check()
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_io import find_vocab_size
+from utils.model_calls import find_vocab_size
 from utils.tasks import CAUSAL_LM, CLASSIFIER, MASKED_LM, NON_TOKEN, SEQ2SEQ, TaskInfo, detect_task
 from utils.training.batches import IGNORE_INDEX, Prepared, _count, prepare_batch
 

@@ -23,8 +23,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-CANONICAL = ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
-
 # Lightning's names, their legacy forms, Accelerate's, and the seed project's.
 ALIASES: dict[str, str] = {
     "32-true": "32-true", "32": "32-true", "fp32": "32-true", "float32": "32-true", "no": "32-true",
@@ -36,7 +34,63 @@ ALIASES: dict[str, str] = {
 }
 ACCEPTED = tuple(ALIASES) + (32, 16)
 
-_DTYPES = {"16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class PrecisionFacts:
+    """What a canonical precision means, whatever the machine: the dtype the matmuls run in, the
+    dtype the weights are held in, whether forward passes autocast, and whether our loop scales
+    the loss (a ``GradScaler``; only ``16-mixed``: fp16 weights, as in ``16-true``, cannot be unscaled)."""
+
+    name: str
+    compute_dtype: torch.dtype
+    param_dtype: torch.dtype
+    autocast: bool
+    use_scaler: bool
+
+    @property
+    def fp16(self) -> bool:
+        """fp16 compute: a narrow range that overflows, so a loss scale (where a trainer keeps one) matters."""
+        return self.compute_dtype == torch.float16
+
+
+FACTS: dict[str, PrecisionFacts] = {f.name: f for f in (
+    PrecisionFacts("32-true", torch.float32, torch.float32, autocast=False, use_scaler=False),
+    PrecisionFacts("16-mixed", torch.float16, torch.float32, autocast=True, use_scaler=True),
+    PrecisionFacts("bf16-mixed", torch.bfloat16, torch.float32, autocast=True, use_scaler=False),
+    PrecisionFacts("16-true", torch.float16, torch.float16, autocast=False, use_scaler=False),
+    PrecisionFacts("bf16-true", torch.bfloat16, torch.bfloat16, autocast=False, use_scaler=False),
+)}
+CANONICAL = tuple(FACTS)  # ("32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true")
+
+
+def precision_facts(precision) -> PrecisionFacts:
+    """The :class:`PrecisionFacts` of any accepted spelling except ``"auto"`` (which depends on the machine).
+
+    Example::
+
+        >>> precision_facts("bf16").compute_dtype, precision_facts("16_true").fp16
+        (torch.bfloat16, True)
+
+    Raises:
+        ValueError: an unknown spelling, or ``"auto"``; the message says what to pass instead.
+    """
+    name = canonical_precision(precision)
+    if name == "auto":
+        raise ValueError(f"precision={precision!r} has no fixed facts: it depends on the machine. Call "
+                         f"resolve_precision({precision!r}) for this machine's plan.")
+    return FACTS[name]
+
+
+def is_emulated(name: str, device_type: str, caps: Capabilities) -> bool:
+    """True when ``device_type`` runs ``name``'s compute dtype without native support, so slower
+    than fp32: fp16 on a CPU, bf16 on a CPU without native bf16, bf16 on a GPU without it."""
+    dtype = FACTS[name].compute_dtype
+    if dtype == torch.float32:
+        return False
+    if device_type == "cpu":
+        return dtype == torch.float16 or not caps.cpu_bf16
+    return device_type == "cuda" and dtype == torch.bfloat16 and not caps.cuda_bf16
 
 
 class PrecisionWarning(UserWarning):
@@ -101,6 +155,7 @@ class PrecisionPlan:
     use_scaler: bool
     reason: str
     requested: object = field(default="auto", compare=False)
+    emulated: bool = field(default=False, compare=False)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context for forward passes; a no-op when there is nothing to autocast."""
@@ -237,15 +292,57 @@ def resolve_precision(precision="auto", device=None, *, caps: Capabilities | Non
     caps = Capabilities.detect() if caps is None else caps
     dev = _parse_device(device, caps)
     name, reason = _decide(name, dev, device is not None, caps)
-    kind, _, mode = name.partition("-")
-    dtype = _DTYPES.get(kind)
+    return plan_for(name, dev, reason, requested=precision, emulated=is_emulated(name, dev.type, caps))
+
+
+def plan_for(name: str, device: torch.device, reason: str, *, requested=None, emulated: bool = False) -> PrecisionPlan:
+    """The plan for canonical precision ``name`` on ``device``, without the resolver's checks and warnings.
+
+    For code that measures what a precision *would* do (Tier 1's memory check) where
+    :func:`resolve_precision` would warn about its speed; everything else calls the resolver.
+
+    Example::
+
+        >>> plan_for("bf16-mixed", torch.device("cpu"), "measured").autocast_dtype
+        torch.bfloat16
+    """
+    facts = precision_facts(name)
     return PrecisionPlan(
-        name=name,
-        device_type=dev.type,
-        device=dev,
-        autocast_dtype=dtype if mode == "mixed" else None,
-        param_dtype=dtype if mode == "true" and dtype else torch.float32,
-        use_scaler=name == "16-mixed",
+        name=facts.name,
+        device_type=device.type,
+        device=device,
+        autocast_dtype=facts.compute_dtype if facts.autocast else None,
+        param_dtype=facts.param_dtype,
+        use_scaler=facts.use_scaler,
         reason=reason,
-        requested=precision,
+        requested=name if requested is None else requested,
+        emulated=emulated,
     )
+
+
+def compute_effective_precision(requested_precision, use_amp, cuda_available, use_gpu) -> str:
+    """Map the seed's boolean AMP toggle to a legacy precision string.
+
+    This is the boolean-toggle mapping of the seed project, kept exactly:
+
+    - ``use_amp is None``: the toggle is unset, so ``requested_precision`` is returned unchanged;
+    - ``use_amp`` true, CUDA available and ``use_gpu`` true: ``"16"`` (fp16 mixed);
+    - anything else: ``"32"``.
+
+    Example::
+
+        >>> compute_effective_precision("bf16", use_amp=None, cuda_available=False, use_gpu=False)
+        'bf16'
+        >>> compute_effective_precision("32", use_amp=True, cuda_available=True, use_gpu=True)
+        '16'
+
+    .. note::
+        New code should call :func:`resolve_precision`, which also knows bf16, CPU
+        autocast and why it chose what it chose. The string returned here is one it accepts
+        (``"16"`` means ``"16-mixed"``, ``"32"`` means ``"32-true"``).
+    """
+    if use_amp is None:
+        return requested_precision
+    if use_amp and cuda_available and use_gpu:
+        return "16"
+    return "32"

@@ -13,7 +13,6 @@ Example::
 
 from __future__ import annotations
 
-import copy
 import gc
 import math
 import warnings
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from utils.training.batches import TensorBatches, as_batches, prepare_batch
-from utils.training.benchmark_measure import (
+from utils.training.benchmark.measure import (
     StepClock,
     matmul_peak_flops,
     model_flops_per_step,
@@ -30,8 +29,8 @@ from utils.training.benchmark_measure import (
     state_bytes,
     state_checksum,
 )
-from utils.training.benchmark_results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
-from utils.training.benchmark_scan import Fp16Scan, scan_fp16_overflow
+from utils.training.benchmark.overflow_scan import Fp16Scan, scan_fp16_overflow
+from utils.training.benchmark.results import BASELINE, AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.loop import evaluate, train
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
@@ -44,9 +43,12 @@ def _check_int(name: str, value, low: int) -> None:
 
 
 def _as_factory(model_factory):
-    """A callable building a fresh model; a module passed instead is deep-copied for each run."""
+    """A callable building a fresh model. A module passed instead is reused, never deep-copied (a copy
+    of a module holding a closure over its own layers, like minGPT's ``mlpf`` lambda, would run the
+    original's layers): each run loads the initial state_dict into it, and the loop makes a fresh
+    optimizer and GradScaler."""
     if isinstance(model_factory, nn.Module):
-        return lambda: copy.deepcopy(model_factory)
+        return model_factory.float  # back to float32 after a "-true" run, before the initial weights load
     if not callable(model_factory):
         raise ValueError(f"benchmark_amp(model_factory={model_factory!r}): pass a callable returning a "
                          f"fresh torch.nn.Module (e.g. lambda: example_model('gpt-tiny')), or a module.")
@@ -233,8 +235,9 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
         ['32-true', 'bf16-mixed']
 
     Args:
-        model_factory: a callable returning a fresh ``nn.Module`` (or a module, deep-copied per run).
-            Its first model's ``state_dict`` is loaded into every run.
+        model_factory: a callable returning a fresh ``nn.Module``, or a module: then that same
+            module runs every precision, its initial ``state_dict`` loaded again before each run and
+            after the last. The first model's ``state_dict`` is loaded into every run.
         data: what ``train()`` takes (a LongTensor (N, T), a DataLoader, a list of batches); each run
             sees the same batches in the same order (``seed=0``).
         precisions: anything ``resolve_precision`` accepts; default ``("32-true", "auto")``. Spellings
@@ -270,6 +273,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
     for _ in range(repeats):
         for precision in session.precisions:  # A B A B: drift hits every precision alike
             session.run(precision)
+    if isinstance(model_factory, nn.Module):  # the user's module leaves with the weights it came with
+        model_factory.load_state_dict(session.initial)
     bench = session.result()
     if log_to_wandb:
         bench.log_to_wandb()

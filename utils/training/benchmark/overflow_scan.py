@@ -19,8 +19,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from utils.model_io import model_device
-from utils.training.batches import move_to
+from utils.model_calls import model_device
+from utils.strict_json import json_safe
+from utils.training.batches import move_to, run_model
 from utils.training.objectives import objective_for
 
 FP16_MAX = 65504.0  # the largest finite fp16; anything bigger becomes inf
@@ -62,8 +63,7 @@ class Fp16Scan:
 
     def to_dict(self) -> dict:
         """JSON-safe: an infinite ``max_abs`` becomes None (the module is flagged ``overflow``)."""
-        rows = [{k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in asdict(m).items()}
-                for m in self.modules]
+        rows = [json_safe(asdict(m)) for m in self.modules]
         return {"modules": rows, "recommendation": self.recommendation}
 
     @classmethod
@@ -129,8 +129,8 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
             if loss_fn is not None:
                 loss_fn(model, batch)
             else:
-                prepared = objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0))
-                model(*prepared.args, **prepared.kwargs)
+                # the task's objective (masked LM, seq2seq ...), with the targets when forward takes them
+                run_model(model, objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0)))
     finally:
         for handle in handles:
             handle.remove()

@@ -15,7 +15,8 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from utils.training.benchmark_scan import Fp16Scan
+from utils.strict_json import json_safe as _json_safe
+from utils.training.benchmark.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
 _MIB = 2**20
@@ -99,16 +100,6 @@ def compare_to_baseline(rows: list[AmpRow], tolerance: float) -> None:
         row.accuracy_delta = _delta(row.eval_accuracy, base.eval_accuracy)
         deltas = [d for d in (row.loss_delta, row.eval_loss_delta) if d is not None]
         row.exceeds_tolerance = any(not abs(d) <= tolerance for d in deltas) if deltas else None
-
-
-def _json_safe(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return None  # JSON has no inf/NaN; the row's error says what went wrong
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    return value
 
 
 def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:

@@ -1,0 +1,444 @@
+"""The one home for calling a user's model and reading what it returns and expects as input.
+
+Models come hand-written, from visual builders or from Hugging Face, and return a tensor, a
+tuple, a dict or a ``ModelOutput``. Some take the targets too (``forward(idx, targets=None)``,
+nanoGPT and llama2.c style) and return only the last position's logits without them. The loop,
+the tiers, ``evaluate``, the benchmark and the fp16 scan all call models through here
+(:func:`model_call`, :func:`predict`, :func:`call_with_targets`).
+
+Example::
+
+    >>> logits = predict(model, input_ids)        # (B, T, V), whatever the convention  # doctest: +SKIP
+    >>> model_call(model).describe()               # doctest: +SKIP
+    'GPT.forward(idx, targets=None): targets are passed, so every position comes back'
+    >>> logits = get_logits(model(input_ids))      # doctest: +SKIP
+    >>> find_vocab_size(model), find_context_length(model)   # doctest: +SKIP
+    (4096, 128)
+    >>> find_num_layers(model), find_hidden_size(model)      # doctest: +SKIP
+    (4, 256)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import weakref
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+_CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len",
+                  "max_seq_length", "context_length", "max_len", "seq_len")
+_LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
+_WIDTH_ATTRS = ("n_embd", "hidden_size", "d_model", "dim")
+
+
+def _field(output, name: str):
+    if isinstance(output, Mapping):  # dicts, and Hugging Face ModelOutput (an OrderedDict)
+        return output.get(name)
+    return getattr(output, name, None)
+
+
+def get_logits(output) -> torch.Tensor:
+    """The logits in a model's output: a tensor, a tuple/list's first item, or ``output["logits"]``.
+
+    Raises:
+        TypeError: the output holds no logits; the message names what it got.
+    """
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    logits = _field(output, "logits")
+    if isinstance(logits, torch.Tensor):
+        return logits
+    raise TypeError(
+        f"Cannot find logits in a model output of type {type(output).__name__}: return a tensor, a "
+        f"tuple whose first item is the logits, or a dict/ModelOutput with 'logits'."
+    )
+
+
+def get_loss(output) -> torch.Tensor | None:
+    """The loss a model computed itself (``output["loss"]`` or ``output.loss``), else None."""
+    if isinstance(output, (torch.Tensor, tuple, list)):
+        return None
+    loss = _field(output, "loss")
+    return loss if isinstance(loss, torch.Tensor) else None
+
+
+def get_attentions(output) -> tuple[torch.Tensor, ...] | None:
+    """The attention weights a model returned (``output["attentions"]`` or ``output.attentions``,
+    as Hugging Face models do with ``output_attentions=True``): one ``(B, H, L, S)`` per layer.
+
+    None for plain tensors and tuples, and when the model returned none (e.g. an empty tuple from a
+    Hugging Face model using SDPA).
+    """
+    if isinstance(output, (torch.Tensor, tuple, list)):
+        return None
+    found = tuple(a for a in (_field(output, "attentions") or ()) if isinstance(a, torch.Tensor))
+    return found or None
+
+
+def find_input_embedding(model: nn.Module) -> nn.Embedding | None:
+    """The token embedding: ``get_input_embeddings()`` when the model has it, else the first
+    ``nn.Embedding`` whose name does not look positional."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if callable(getter):
+        try:
+            emb = getter()
+        except NotImplementedError:  # transformers' base class raises this when not overridden
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and "pos" not in name.lower():
+            return module
+    return None
+
+
+# Where hand-written models keep their sizes: HF and nanoGPT ``config``, llama2.c ``params``,
+# others ``args``, or attributes on the model itself.
+_HOLDERS = ("config", "params", "args")
+
+
+def _config_int(model: nn.Module, names) -> int | None:
+    for holder in (*(getattr(model, h, None) for h in _HOLDERS), model):
+        if holder is None:
+            continue
+        for attr in names:
+            value = holder.get(attr) if isinstance(holder, Mapping) else getattr(holder, attr, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def find_vocab_size(model: nn.Module) -> int | None:
+    """The vocabulary size: ``config.vocab_size``, ``model.vocab_size``, or the input embedding's rows."""
+    found = _config_int(model, ("vocab_size", "n_vocab", "ntoken", "num_tokens"))
+    if found is not None:
+        return found
+    emb = find_input_embedding(model)
+    return emb.num_embeddings if emb is not None else None
+
+
+CONTEXT_SEARCH = (
+    f"{', '.join(_CONTEXT_ATTRS)} on model.config, model.params, model.args and the model itself, "
+    f"and the rows of a learned position embedding (an nn.Embedding or nn.Parameter with 'pos' in its name)"
+)
+
+
+def find_context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model takes: a size attribute (``n_positions``,
+    ``max_position_embeddings``, ``n_ctx``, ``block_size``, ``max_seq_len``, ...) on ``model.config``,
+    ``model.params`` (llama2.c), ``model.args`` or the model, else the rows of a learned position
+    embedding (``nn.Embedding`` or an ``nn.Parameter`` of shape ``(1, T, C)`` / ``(T, C)`` named
+    ``*pos*``). None when the model has no fixed limit, or keeps it elsewhere (see
+    ``CONTEXT_SEARCH``)."""
+    found = _config_int(model, _CONTEXT_ATTRS)
+    if found is not None:
+        return found
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) and "pos" in name.lower():
+            return module.num_embeddings
+    for name, param in model.named_parameters():
+        if "pos" in name.lower() and param.dim() in (2, 3) and (param.dim() == 2 or param.shape[0] == 1):
+            return param.shape[-2]  # (1, T, C) or (T, C)
+    return None
+
+
+def find_num_layers(model: nn.Module) -> int | None:
+    """The number of transformer layers the config names (``n_layer``, ``num_hidden_layers``,
+    ``num_layers``, ``n_layers``, on ``model.config`` or the model); None when it names none."""
+    return _config_int(model, _LAYER_ATTRS)
+
+
+def find_hidden_size(model: nn.Module) -> int | None:
+    """The model's width as its config names it (``n_embd``, ``hidden_size``, ``d_model``, ``dim``,
+    on ``model.config`` or the model); None when it names none."""
+    return _config_int(model, _WIDTH_ATTRS)
+
+
+# ----------------------------------------------------------------------------------------------
+# What to feed a model: the tiers and the benchmark ask here for vocabulary, context and device.
+
+DEFAULT_CONTEXT = 64  # used for models with no fixed context length (no position table, no config)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model takes: token ids below ``vocab_size``, sequences up to ``max_seq_len``, on ``device``.
+
+    Example::
+
+        >>> spec = input_spec(example_model("gpt-micro"))          # doctest: +SKIP
+        >>> spec.vocab_size, spec.max_seq_len, spec.context_from    # doctest: +SKIP
+        (256, 64, 'model')
+        >>> spec.random_ids(2, 16, torch.Generator().manual_seed(0)).shape   # doctest: +SKIP
+        torch.Size([2, 16])
+    """
+
+    vocab_size: int
+    max_seq_len: int
+    context_from: str  # "argument", "model", or "default" (the model has no fixed context)
+    device: torch.device
+
+    def random_ids(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
+        """Uniform token ids ``(batch_size, seq_len)`` on the spec's device, reproducible by ``generator``."""
+        ids = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator)
+        return ids.to(self.device)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (or buffer); CPU for a model with neither.
+
+    Example::
+
+        >>> model_device(nn.Linear(2, 2))
+        device(type='cpu')
+    """
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return tensor.device
+    return torch.device("cpu")
+
+
+def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int | None = None,
+               *, call: str = "input_spec(model)") -> InputSpec:
+    """Resolve what to feed ``model``: the arguments when given, else what the model says.
+
+    Example::
+
+        >>> input_spec(nn.Embedding(100, 8))          # no position table: the default context
+        InputSpec(vocab_size=100, max_seq_len=64, context_from='default', device=device(type='cpu'))
+
+    Args:
+        vocab_size: default None: :func:`find_vocab_size`.
+        max_seq_len: default None: :func:`find_context_length`, or ``DEFAULT_CONTEXT`` (64) when the
+            model has no fixed limit.
+        call: how the caller was called, repeated in errors.
+
+    Raises:
+        ValueError: the vocabulary size is not given and cannot be found (the model takes no token
+            ids: the message says what it takes), or a size is not a positive int.
+    """
+    for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
+    vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
+    if vocab is None:
+        from utils.tasks import not_a_token_model_error  # tasks builds on this module
+
+        raise not_a_token_model_error(model, call)
+    if max_seq_len is not None:
+        context, source = max_seq_len, "argument"
+    elif (found := find_context_length(model)) is not None:
+        context, source = found, "model"
+    else:
+        context, source = DEFAULT_CONTEXT, "default"
+    return InputSpec(vocab, context, source, model_device(model))
+
+
+@contextlib.contextmanager
+def preserved_state(model: nn.Module):
+    """Run checks on ``model`` and leave it as it was: each submodule's train/eval mode and every
+    parameter's ``.grad`` are restored on exit.
+
+    Example::
+
+        >>> with preserved_state(model):             # doctest: +SKIP
+        ...     model.train(); model(x).sum().backward()
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    grads = [(p, p.grad) for p in model.parameters()]
+    try:
+        yield model
+    finally:
+        for module, training in modes:
+            module.training = training
+        for param, grad in grads:
+            param.grad = grad
+
+
+# ----------------------------------------------------------------------------------------------
+# How to call a model, read once per model from ``forward``'s signature
+
+TARGET_NAMES = ("targets", "labels", "target", "y")  # how hand-written forwards name the targets
+PLAIN, TARGETS, HUGGING_FACE = "plain", "targets", "hugging-face"
+
+
+@dataclass
+class ModelCall:
+    """How the suite calls one model, read once from its ``forward`` signature (:func:`model_call`).
+
+    Example::
+
+        >>> class LM(nn.Module):
+        ...     def forward(self, idx, targets=None): ...
+        >>> model_call(LM()).convention, model_call(LM()).target_arg
+        ('targets', 'targets')
+
+    Attributes:
+        owner: ``"GPT.forward"``, for messages.
+        signature: ``forward``'s parameters as text, e.g. ``"(idx, targets=None)"``.
+        convention: ``"plain"`` (``forward(ids)``: called with the ids alone), ``"targets"``
+            (``forward(idx, targets=None)``: the targets are passed as ``target_arg``, so every
+            position's logits come back and the model's own loss is used), or ``"hugging-face"``
+            (``input_ids=``; dict batches pass ``labels=`` and ``attention_mask=`` as given).
+        target_arg: the name the targets go under (``targets``, ``labels``, ``target`` or ``y``).
+        last_position_only: for ``"targets"``: whether a call without targets returns only the
+            last position (llama2.c, nanoGPT), learnt from the first :func:`predict` on more than
+            one token, or True when the targets have no default; None until known.
+    """
+
+    owner: str
+    signature: str
+    convention: str
+    target_arg: str | None = None
+    last_position_only: bool | None = field(default=None, compare=False)
+
+    def describe(self) -> str:
+        """One line: the convention and what the suite does about it."""
+        head = f"{self.owner}{self.signature}"
+        if self.convention == TARGETS:
+            return (f"{head}: the suite passes {self.target_arg}= so every position's logits come back, "
+                    f"and uses the loss the model returns")
+        if self.convention == HUGGING_FACE:
+            return f"{head}: a Hugging Face model, called with input_ids (and labels, attention_mask from dict batches)"
+        return f"{head}: called with the token ids alone"
+
+
+_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside a DDP/DataParallel wrapper or a ``torch.compile`` result."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def model_call(model: nn.Module) -> ModelCall:
+    """How to call ``model`` (a :class:`ModelCall`), read from ``forward``'s signature once and cached
+    per model; wrappers (DDP, ``torch.compile``) share their module's."""
+    inner = unwrap(model)
+    found = _CALLS.get(inner)
+    if found is None:
+        found = _CALLS[inner] = _detect(inner)
+    return found
+
+
+def _detect(model: nn.Module) -> ModelCall:
+    owner = f"{type(model).__name__}.forward"
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a builtin or C-implemented forward: nothing to read
+        return ModelCall(owner, "(...)", PLAIN)
+    params = [p for p in signature.parameters.values() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    names = [p.name for p in params]
+    text = str(signature)
+    if "input_ids" in names:
+        return ModelCall(owner, text, HUGGING_FACE)
+    target = next((p for p in params[1:] if p.name in TARGET_NAMES), None)
+    if target is None:
+        return ModelCall(owner, text, PLAIN)
+    required = target.default is target.empty
+    return ModelCall(owner, text, TARGETS, target.name, last_position_only=True if required else None)
+
+
+def call_with_targets(model: nn.Module, args: tuple, kwargs: dict, targets: torch.Tensor | None):
+    """``model(*args, **kwargs)``, with ``targets`` passed as the model names them when its
+    ``forward`` takes them (convention ``"targets"``); returns the raw output."""
+    call = model_call(model)
+    if call.convention == TARGETS and targets is not None:
+        # Contiguous: the loop's targets are a slice (ids[:, 1:]), and such models often .view(-1) them.
+        return model(*args, **kwargs, **{call.target_arg: targets.contiguous()})
+    return model(*args, **kwargs)
+
+
+def model_loss(model: nn.Module, output) -> torch.Tensor | None:
+    """The loss the model returned: ``output.loss`` / ``output["loss"]``, or for a ``forward(idx,
+    targets=None)`` model the second item of its ``(logits, loss)`` tuple; else None."""
+    loss = get_loss(output)
+    if loss is None and model_call(model).convention == TARGETS and isinstance(output, (tuple, list)):
+        second = output[1] if len(output) > 1 else None
+        if isinstance(second, torch.Tensor) and second.dim() == 0 and second.is_floating_point():
+            loss = second
+    return loss
+
+
+def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Per-position logits for token ids ``(B, T)``: ``(B, T, V)`` (or ``(B, C)`` for a classifier).
+
+    A ``forward(idx, targets=None)`` model that returns only the last position without targets
+    (found on the first call with ``T > 1``) is called with placeholder targets (zeros), so every
+    position comes back; its loss on them is ignored.
+
+    Example::
+
+        >>> predict(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10)), torch.zeros(2, 3, dtype=torch.long)).shape
+        torch.Size([2, 3, 10])
+    """
+    call = model_call(model)
+    if call.convention != TARGETS:
+        return get_logits(model(ids))
+    if call.last_position_only:
+        return get_logits(model(ids, **{call.target_arg: torch.zeros_like(ids)}))
+    logits = get_logits(model(ids))
+    if call.last_position_only is None and ids.dim() == 2 and ids.shape[1] > 1:
+        call.last_position_only = logits.dim() == 3 and logits.shape[1] == 1 and ids.shape[0] == logits.shape[0]
+        if call.last_position_only:
+            return get_logits(model(ids, **{call.target_arg: torch.zeros_like(ids)}))
+    return logits
+
+
+def short_logits_error(model: nn.Module, logits: torch.Tensor, seq_len: int) -> ValueError | None:
+    """The error to raise when a model gave logits for one position of ``seq_len`` (the inference
+    shortcut of models that return every position only when given the targets); None otherwise."""
+    if not (logits.dim() == 3 and logits.shape[1] == 1 and seq_len > 1):
+        return None
+    call = model_call(model)
+    head = (f"{call.owner}{call.signature} returned logits of shape {tuple(logits.shape)}: one position of "
+            f"{seq_len}")
+    if call.convention == TARGETS:
+        return ValueError(f"{head}, even with {call.target_arg}= passed. Return every position's logits "
+                          f"when the targets are given.")
+    return ValueError(
+        f"{head}. Models that return only the last position's logits unless they get the targets must "
+        f"name that argument {', '.join(TARGET_NAMES[:-1])} or {TARGET_NAMES[-1]}, so the suite can pass "
+        f"it; or return every position's logits."
+    )
+
+
+def check_context(model: nn.Module, seq_len: int, context_from: str, how: str) -> None:
+    """Run one forward on ``(1, seq_len)`` token ids and turn a failure into an error that names the
+    context length, where it came from and how to pass another (``how``, e.g. ``"--context N"``).
+
+    Example::
+
+        >>> check_context(nn.Embedding(10, 4), 8, "default", "max_seq_len=")
+
+    Raises:
+        ValueError: the forward failed (the model's own error is chained as the cause).
+
+    .. note:: Costs one forward pass without gradients; the model's modes and gradients are kept.
+    """
+    ids = torch.zeros(1, seq_len, dtype=torch.long, device=model_device(model))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            predict(model, ids)
+    except Exception as e:  # a bare AssertionError, an IndexError, a shape RuntimeError: all re-raised
+        where = ("found on the model" if context_from == "model" else
+                 "as given" if context_from == "argument" else
+                 f"a default: none of {CONTEXT_SEARCH} was found")
+        raise ValueError(
+            f"{model_call(model).owner} failed on a sequence of {seq_len} tokens ({type(e).__name__}: "
+            f"{str(e) or 'no message'}). The context length {seq_len} is {where}. Pass a length the model "
+            f"takes with {how}."
+        ) from e

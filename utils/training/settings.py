@@ -1,0 +1,83 @@
+"""Every training default, defined once: ``train()``, the CLI, the notebooks and ``make demo`` read them.
+
+Example::
+
+    >>> TrainSettings.batch_size                       # what train(), the CLI and the notebooks default to
+    16
+    >>> settings = TrainSettings(batch_size=32, max_steps=200)
+    >>> settings.check()                               # raises a ValueError naming a bad value
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass
+class TrainSettings:
+    """A training run's settings, with their defaults.
+
+    ``train(batch_size=...)`` and friends default to these fields; ``python -m utils.training
+    train`` derives its option defaults from them; the notebooks' settings cell and ``make demo``
+    start from them (a test keeps the notebooks' literal values equal).
+
+    Args:
+        epochs: full passes over the training data (default 1); ignored when ``max_steps`` is set.
+        max_steps: optimizer steps for the whole run (default None: ``epochs`` decides).
+        batch_size: samples per step per process (default 16: a 2-core CPU trains gpt-micro at it
+            in seconds, and a Colab GPU is not starved by it).
+        lr: the peak learning rate (default 3e-4).
+        weight_decay: AdamW's, on matrices only (default 0.01).
+        grad_accum_steps: micro-batches per optimizer step (default 1).
+        max_grad_norm: clip the unscaled gradient norm; None turns clipping off (default 1.0).
+        warmup_steps: linear learning-rate warm-up (default 0).
+        checkpoint_every: also checkpoint every N steps (default None: epoch ends and the run end).
+        seed: weights and shuffling (default 0).
+        log_every: read metrics from the device every N steps (default 10).
+        progress: show a progress bar (default True).
+        task: what the model predicts, which sets the objective on token ids (default None:
+            detected from its config and a probe; see :func:`utils.tasks.detect_task`): one of
+            ``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ``"seq2seq"``, ``"non-token"``.
+
+    .. note::
+        ``precision`` (default ``"auto"``) is a class attribute, not a field: the run's precision
+        is the plan :func:`~utils.training.precision.resolve_precision` returns, recorded on its own.
+    """
+
+    precision: ClassVar[str] = "auto"
+
+    epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 16
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    warmup_steps: int = 0
+    checkpoint_every: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    progress: bool = True
+    task: str | None = None
+
+    def check(self) -> None:
+        """Every bad value is a ``ValueError`` naming the argument and what is allowed."""
+        for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("log_every", 1),
+                          ("warmup_steps", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}.")
+        for name in ("max_steps", "checkpoint_every"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name}={value!r} is not allowed: it must be None or an integer >= 1.")
+        if not (isinstance(self.lr, (int, float)) and self.lr > 0):
+            raise ValueError(f"lr={self.lr!r} is not allowed: it must be a number > 0.")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
+        from utils.tasks import TASKS  # the list of tasks lives with their detection
+
+        if self.task is not None and self.task not in TASKS:
+            allowed = ", ".join(repr(t) for t in TASKS)
+            raise ValueError(f"task={self.task!r} is not allowed: use one of {allowed}, or None to detect it.")
