@@ -40,8 +40,8 @@ def test_cli_says_how_to_fit_a_classifier_to_the_four_topic_groups(tmp_path, cap
     assert status == 1
     assert err.strip() == (
         "python -m utils.training train: error: The model classifies into 2 classes, but the bundled labelled task "
-        "(which part of the Python reference a window comes from) has 4. Pass --model-config "
-        "'{\"num_classes\": 4}' (Hugging Face: num_labels).")
+        "(which part of the Python reference a window comes from) has 4. Build it with 4 classes (num_classes, or "
+        "num_labels for Hugging Face).")
 
 
 def test_cli_tells_a_classifier_that_a_text_file_has_no_labels(tmp_path, capsys):

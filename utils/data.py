@@ -300,3 +300,58 @@ def make_topic_dataset(tokenizer=None, context: int = 64, val_fraction: float = 
                 parts[split][1].append(torch.full((rows.shape[0],), label, dtype=torch.long))
     train, val = ((torch.cat(x), torch.cat(y)) for x, y in parts.values())
     return LabelledDataset(train, val, tuple(TOPIC_GROUPS))
+
+
+class TaskDataset(NamedTuple):
+    """Training and validation data for a model's task, and one line saying what it is."""
+
+    train: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # token windows, or (inputs, labels)
+    val: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+    description: str
+
+
+def make_task_dataset(task: str, *, context: int, source=None, val_fraction: float = 0.1,
+                      num_classes: int | None = None) -> TaskDataset:
+    """The bundled data for a task, byte-tokenized: for a classifier the labelled help topics
+    (:func:`make_topic_dataset`), for every token model else windows of ``load_corpus(source)``
+    (the masked-LM or seq2seq objective is built from them while training).
+
+    Example::
+
+        >>> make_task_dataset("classifier", context=32).description
+        'which part of the Python reference a window comes from (4 classes: statements, expressions, data model, built-in types)'
+
+    Args:
+        task: a task of :mod:`utils.tasks` (``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ...).
+        source: the text, as :func:`load_corpus` takes it (default None: the bundled help topics).
+        num_classes: a classifier's number of classes, checked against the labelled task's.
+
+    Raises:
+        ValueError: a classifier given a text (which has no labels) or with too few classes; a
+            model that takes no token ids.
+    """
+    if task == "non-token":
+        raise ValueError("make_task_dataset(task='non-token'): the bundled data is token ids; the model takes "
+                         "something else. Pass your own batches and loss_fn= to train().")
+    if task == "classifier":
+        if source is not None:
+            raise ValueError(
+                f"source={str(source)[:60]!r}: the model is a sequence classifier and a text has no labels. Use the "
+                f"bundled labelled task (source=None: which part of the Python reference a window comes from, "
+                f"{len(TOPIC_GROUPS)} classes), or train() with your own (inputs, labels).")
+        if num_classes is not None and num_classes < len(TOPIC_GROUPS):
+            raise ValueError(
+                f"The model classifies into {num_classes} classes, but the bundled labelled task (which part of "
+                f"the Python reference a window comes from) has {len(TOPIC_GROUPS)}. Build it with "
+                f"{len(TOPIC_GROUPS)} classes (num_classes, or num_labels for Hugging Face).")
+        data = make_topic_dataset(context=context, val_fraction=max(val_fraction, 0.01))
+        what = (f"which part of the Python reference a window comes from ({len(data.classes)} classes: "
+                f"{', '.join(data.classes)})")
+        return TaskDataset(data.train, data.val, what)
+    data = make_lm_dataset(load_corpus(source), ByteTokenizer(), context, val_fraction)
+    return TaskDataset(data.train, data.val if data.val.shape[0] else None, f"windows of {context + 1} bytes of text")
+
+
+def head(data, n: int):
+    """The first ``n`` samples of token windows ``(N, T)`` or of an ``(inputs, labels)`` pair."""
+    return tuple(t[:n] for t in data) if isinstance(data, tuple) else data[:n]

@@ -179,6 +179,20 @@ def _takes(module: nn.Module) -> str:
     return "floating-point tensors"
 
 
+def find_num_classes(model: nn.Module) -> int | None:
+    """A classifier's number of classes: ``config.num_labels`` / ``num_classes``, else the width of
+    its logits on a two-token input (one probe call, the model left as it was)."""
+    for name in ("num_labels", "num_classes"):
+        value = _config_value(model, name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    from utils.model_calls import model_device
+
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        return int(predict(model, torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1])
+
+
 def is_token_model(model: nn.Module) -> bool:
     """True when the model has a vocabulary (a config ``vocab_size`` or an ``nn.Embedding``)."""
     return find_vocab_size(model) is not None

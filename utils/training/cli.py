@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from utils.model_calls import check_context, find_context_length, find_vocab_size
-from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, not_a_token_model_error
+from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
 from utils.training.settings import TrainSettings
@@ -224,13 +224,18 @@ def build_model(spec: str, config: dict, class_name: str | None):
 
 
 def load_data(spec: str, model, context: int | None, val_fraction: float, task: str | None = None):
-    """Byte-tokenized windows of the text, or for a classifier the bundled labelled topics;
-    ``(train, val or None, context, task)``: the task as detected (or as ``--task`` states it)."""
-    from utils.data import ByteTokenizer, load_corpus, make_lm_dataset
+    """The bundled data for the model's task (:func:`utils.data.make_task_dataset`): byte windows
+    of the text, or for a classifier the labelled help topics; ``(train, val or None, context, task)``
+    with the task as detected (or as ``--task`` states it)."""
+    from utils.data import ByteTokenizer, make_task_dataset
 
     info = detect_task(model, task, call=f"--task {task}" if task else f"{type(model).__name__}")
     if info.task == NON_TOKEN:
         raise CliError(str(not_a_token_model_error(model, "--model")))
+    if info.task == CLASSIFIER and spec != "default":
+        raise CliError(f"--data {spec}: the model is a sequence classifier and a text file has no labels. Use "
+                       f"--data default (the bundled labelled task: which part of the Python reference a window "
+                       f"comes from), or train() with your own (inputs, labels).")
     tokenizer = ByteTokenizer()
     vocab = find_vocab_size(model)
     if vocab is not None and vocab < tokenizer.vocab_size:
@@ -247,44 +252,10 @@ def load_data(spec: str, model, context: int | None, val_fraction: float, task: 
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
     check_context(model, context, source, "--context N")
-    if info.task == CLASSIFIER:
-        train, val = _topic_data(spec, model, context, val_fraction)
-        return train, val, context, info.task
-    text = load_corpus(None if spec == "default" else Path(spec))
-    data = make_lm_dataset(text, tokenizer, context, val_fraction)
-    return data.train, (data.val if data.val.shape[0] else None), context, info.task
-
-
-def _topic_data(spec: str, model, context: int, val_fraction: float):
-    """The bundled labelled task for a classifier: which part of the Python reference a window is from."""
-    from utils.data import TOPIC_GROUPS, make_topic_dataset
-
-    if spec != "default":
-        raise CliError(f"--data {spec}: the model is a sequence classifier and a text file has no labels. Use "
-                       f"--data default (the bundled task: which part of the Python reference a window comes "
-                       f"from, {len(TOPIC_GROUPS)} classes), or train() with your own (inputs, labels).")
-    classes = _num_classes(model)
-    if classes is not None and classes < len(TOPIC_GROUPS):
-        raise CliError(
-            f"The model classifies into {classes} classes, but the bundled labelled task (which part of the "
-            f"Python reference a window comes from) has {len(TOPIC_GROUPS)}. Pass --model-config "
-            f"'{{\"num_classes\": {len(TOPIC_GROUPS)}}}' (Hugging Face: num_labels)."
-        )
-    data = make_topic_dataset(context=context, val_fraction=max(val_fraction, 0.01))
-    return data.train, data.val
-
-
-def _num_classes(model) -> int | None:
-    """Classes of a classifier: its config's ``num_labels``/``num_classes``, else one probe call."""
-    for name in ("num_labels", "num_classes"):
-        value = getattr(getattr(model, "config", None), name, None)
-        if isinstance(value, int):
-            return value
-    from utils.model_calls import model_device
-    from utils.tasks import task_logits
-
-    with torch.no_grad():
-        return task_logits(model.eval(), torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1]
+    classes = find_num_classes(model) if info.task == CLASSIFIER else None
+    data = make_task_dataset(info.task, context=context, source=None if spec == "default" else Path(spec),
+                             val_fraction=val_fraction, num_classes=classes)
+    return data.train, data.val, context, info.task
 
 
 def _start_wandb(opts: dict, config: dict, run_dir):
