@@ -120,17 +120,19 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
     .. note:: Reads each module's range back to the host: one sync per module (a one-off check).
     """
     stats: dict[tuple[str, str], list] = {}
-    handles = [module.register_forward_hook(functools.partial(_record, stats, (name, type(module).__name__)))
-               for name, module in model.named_modules()]
     batch = move_to(batch, model_device(model))
     device_type = model_device(model).type
+    # The task's objective (masked LM, seq2seq ...), found before the hooks see any forward pass.
+    prepared = None if loss_fn is not None else objective_for(model).prepare(
+        batch, generator=torch.Generator().manual_seed(0))
+    handles = [module.register_forward_hook(functools.partial(_record, stats, (name, type(module).__name__)))
+               for name, module in model.named_modules()]
     try:
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             if loss_fn is not None:
                 loss_fn(model, batch)
             else:
-                # the task's objective (masked LM, seq2seq ...), with the targets when forward takes them
-                run_model(model, objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0)))
+                run_model(model, prepared)  # with the targets when forward takes them
     finally:
         for handle in handles:
             handle.remove()
