@@ -12,14 +12,24 @@ FAST = ["--context", "16", "--batch-size", "4", "--max-steps", "2", "--log-every
         "--precision", "32-true"]
 
 
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """12 KB of the bundled text, so a run's validation takes a moment."""
+    from utils.data import load_corpus
+
+    path = tmp_path_factory.mktemp("text") / "small.txt"
+    path.write_text(load_corpus()[:12_000], encoding="utf-8")
+    return str(path)
+
+
 def run(args, capsys):
     status = cli.main(args)
     out, err = capsys.readouterr()
     return status, out, err
 
 
-def test_cli_trains_a_bidirectional_model_as_a_masked_lm(tmp_path, capsys):
-    status, out, err = run(["train", "--model", MODELS, "--class-name", "BidirectionalMLM", *FAST,
+def test_cli_trains_a_bidirectional_model_as_a_masked_lm(tmp_path, capsys, small_text):
+    status, out, err = run(["train", "--model", MODELS, "--class-name", "BidirectionalMLM", "--data", small_text, *FAST,
                             "--run-dir", str(tmp_path / "mlm")], capsys)
     assert status == 0, err
     assert "objective      masked-lm: 15% of positions hidden (80% -> id 255, 10% random, 10% kept)" in out
@@ -80,8 +90,9 @@ def test_cli_rejects_an_unknown_task(capsys):
     assert "argument --task: invalid choice: 'mlm'" in capsys.readouterr().err
 
 
-def test_cli_bench_runs_a_masked_lm(capsys):
+def test_cli_bench_runs_a_masked_lm(capsys, small_text):
     status, out, err = run(["bench", "--model", MODELS, "--class-name", "BidirectionalMLM", "--context", "16",
+                            "--data", small_text,
                             "--precisions", "32-true", "--steps", "2", "--warmup", "1", "--repeats", "1",
                             "--batch-size", "4"], capsys)
     assert status == 0, err

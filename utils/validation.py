@@ -289,14 +289,17 @@ def check_gradient_flow(
         return Check("gradient_flow", False,
                      f"{summary} (of {len(params)} trainable parameters), e.g. {first.replace('_', ' ')}: "
                      f"{', '.join(bad[first][:5])}.", details, fig)
-    finite = [v for v in norms.values() if v is not None and v > 0.0]
-    note = (f" {len(inert)} inert by design (the output does not depend on them, e.g. a key bias under "
-            f"softmax): {', '.join(list(inert)[:5])}." if inert else "")
-    return Check("gradient_flow", True,
-                 f"All {len(params) - len(inert)} other trainable parameters get a finite gradient, norms "
-                 f"{min(finite):.2e} to {max(finite):.2e}.{note}" if inert else
-                 f"All {len(params)} trainable parameters get a finite gradient, norms "
-                 f"{min(finite):.2e} to {max(finite):.2e}.", details, fig)
+    return Check("gradient_flow", True, _flow_summary(norms, inert), details, fig)
+
+
+def _flow_summary(norms: dict, inert: dict) -> str:
+    learning = [v for n, v in norms.items() if n not in inert]
+    text = (f"All {len(learning)} {'other ' if inert else ''}trainable parameters get a finite gradient, "
+            f"norms {min(learning):.2e} to {max(learning):.2e}.")
+    if inert:
+        text += (f" {len(inert)} inert by design (the output does not depend on them, e.g. a key bias under "
+                 f"softmax): {', '.join(list(inert)[:5])}.")
+    return text
 
 
 _INERT_NOISE_STD = 5.0  # a perturbation far larger than any trained value
