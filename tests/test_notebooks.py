@@ -221,7 +221,7 @@ def test_load_settings_data_gives_a_classifier_labelled_topics(tmp_path, monkeyp
     data = nb.load_settings_data(example_model("encoder-classifier", num_classes=4), max_context=16)
     inputs, labels = data.train
     assert inputs.shape[1] == 16 and labels.shape == (inputs.shape[0],) and set(labels.tolist()) == {0, 1, 2, 3}
-    assert nb.need("task").task == "classifier"
+    assert data.description.startswith("classifier (one output per sequence, logits (2, 4)): which part of")
 
 
 def test_load_settings_data_says_plainly_a_non_token_model_takes_no_token_ids(tmp_path, monkeypatch):

@@ -164,13 +164,13 @@ def load_settings_model():
 def load_settings_data(model, max_context: int = 128):
     """The bundled data for ``model``'s task (the settings' ``task``, or detected), windows of its
     context (at most ``max_context``): text for language models, the labelled help topics for a
-    classifier. Also remembers the task under ``"task"``.
+    classifier. Its ``description`` starts with the task and how it was found.
 
     Example::
 
         >>> data = remember("data", load_settings_data(need("model")))      # doctest: +SKIP
         >>> print(data.description)                                           # doctest: +SKIP
-        windows of 129 bytes of text
+        causal-lm (changing the last token leaves earlier positions unchanged (causal)): windows of 129 bytes of text
 
     Raises:
         ValueError: the model takes no token ids (the message says what it takes), or a classifier
@@ -180,12 +180,13 @@ def load_settings_data(model, max_context: int = 128):
     from utils.model_calls import find_context_length
     from utils.tasks import CLASSIFIER, NON_TOKEN, detect_task, find_num_classes, not_a_token_model_error
 
-    info = remember("task", detect_task(model, need("settings").task, call="Settings task"))
+    info = detect_task(model, need("settings").task, call="Settings task")
     if info.task == NON_TOKEN:
         raise not_a_token_model_error(model, "3. Model")
     context = min(find_context_length(model) or max_context, max_context)
     classes = find_num_classes(model) if info.task == CLASSIFIER else None
-    return make_task_dataset(info.task, context=context, num_classes=classes)
+    data = make_task_dataset(info.task, context=context, num_classes=classes)
+    return data._replace(description=f"{info.describe()}: {data.description}")
 
 
 def cuda_missing(what: str) -> str:
