@@ -27,6 +27,7 @@ import torch
 from benchmarks.loop_overhead import run_plain  # the independent hand-written loop
 from utils.models import example_model
 from utils.training import PrecisionWarning
+from utils.training.benchmark.results import NOISE_BOUND, iqr
 from utils.training.benchmark.runner import BenchmarkSession
 from utils.training.precision import cpu_has_native_bf16
 
@@ -99,9 +100,11 @@ def report(bench, plain: dict) -> None:
     med = {name: statistics.median(t) if t else None for name, t in plain.items()}
     print("\nplain hand-written loop (benchmarks/loop_overhead.py), same process, interleaved:")
     for row in bench.rows:
-        p = med[row.precision]
-        print(f"  {row.precision:<11} plain median {p * 1e3 if p else float('nan'):9.1f} ms   "
-              f"ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms")
+        p, times = med[row.precision], plain[row.precision]
+        noise = iqr(times) / p if p else float("nan")
+        ours = f"{row.noise:.0%}" if row.noise is not None else "n/a"
+        print(f"  {row.precision:<11} plain median {p * 1e3 if p else float('nan'):9.1f} ms (IQR/median {noise:.0%})"
+              f"   ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms (IQR/median {ours})")
     fp32, bf16 = bench.row("32-true"), bench.row("bf16-mixed")
     ours_speedup = bf16.speedup
     plain_speedup = med["32-true"] / med["bf16-mixed"] if med["32-true"] and med["bf16-mixed"] else None
@@ -123,6 +126,11 @@ def report(bench, plain: dict) -> None:
     for row in bench.rows:
         if row.error:
             print(f"  {row.precision} failed: {row.error}")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    print(f"\nload average at the end: {load} on {os.cpu_count()} CPUs; noise bound {NOISE_BOUND:.0%}: "
+          + ("some rows are noisy, so the agreement above is not a quiet-machine figure."
+             if any(r.noisy for r in bench.rows) else "no row is noisy."))
+    print(f"verdict: {bench.recommendation()}")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 CI_PARAMETERS = {
     "model_source": "example:gpt-micro", "max_steps": 12, "batch_size": 8, "wandb_mode": "offline",
     "bench_precisions": "32-true,bf16-mixed", "bench_steps": 2, "bench_warmup": 1, "bench_repeats": 1,
+    "bench_max_seconds": 0,
 }
 
 

@@ -1,5 +1,6 @@
 import json
 import re
+import time
 import warnings
 
 import matplotlib
@@ -10,6 +11,7 @@ from torch import nn
 from utils.models import example_model
 from utils.training import (
     AmpBenchmark,
+    Capabilities,
     PrecisionWarning,
     benchmark_amp,
     resolve_precision,
@@ -19,10 +21,12 @@ from utils.training.benchmark.measure import (
     StepClock,
     matmul_params,
     model_flops_per_step,
+    runs_natively,
     saved_tensor_bytes,
     state_bytes,
 )
-from utils.training.benchmark.results import AmpRow, compare_to_baseline
+from utils.training.benchmark.results import NOISE_BOUND, AmpRow, compare_to_baseline
+from utils.training.benchmark.runner import BenchmarkSession
 
 matplotlib.use("Agg")
 
@@ -45,6 +49,7 @@ def quietly(fn, *args, **kwargs):
 
 
 def quiet_benchmark(*args, **kwargs):
+    kwargs.setdefault("max_seconds", 0)  # exactly `repeats`: the tests count runs and steps
     return quietly(benchmark_amp, *args, **kwargs)
 
 
@@ -75,7 +80,10 @@ def test_each_row_times_steps_times_repeats_and_compares_with_fp32(bench):
         assert row.step_time_min_s <= row.step_time_s <= row.step_time_max_s
         assert row.speedup == pytest.approx(base.step_time_s / row.step_time_s)
         assert row.throughput == pytest.approx(4 * (SEQ - 1) / row.step_time_s)  # tokens per second
-        assert row.mfu == pytest.approx(row.model_flops_per_s / row.peak_flops)
+        if row.mfu is not None:  # a natively run dtype: against its ceiling, capped at 100%
+            assert row.mfu == pytest.approx(min(1.0, row.model_flops_per_s / row.peak_flops))
+        else:
+            assert row.mfu_note == "n/a (emulated)"
         assert row.peak_memory_bytes is None  # CPU
         saved = row.activation_bytes + row.weight_copy_bytes
         assert row.memory_reduction_pct == pytest.approx(100 * (1 - saved / base.activation_bytes))
@@ -370,6 +378,103 @@ def test_a_resolver_warning_goes_into_the_notes_not_onto_stderr():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = benchmark_amp(micro, ids(8), precisions=("32-true", "16-mixed"), steps=1, warmup=0, repeats=1,
-                               batch_size=4, device="cpu")
+                               max_seconds=0, batch_size=4, device="cpu")
     assert not [w for w in caught if issubclass(w.category, PrecisionWarning)]
     assert any("precision='16-mixed' on device='cpu' is honoured but slow" in note for note in result.notes)
+
+
+# ---- noise, MFU, compile ---------------------------------------------------------------------
+
+
+class Jittery(nn.Module):
+    """gpt-micro whose forward sleeps 100 ms on every other call: step times no busy machine would beat."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = micro()
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls % 2:
+            time.sleep(0.1)
+        return self.inner(x)
+
+
+def test_a_row_whose_step_time_varies_is_noisy_and_no_speed_is_recommended():
+    b = quiet_benchmark(Jittery, ids(16), precisions=("32-true",), steps=4, warmup=0, repeats=1, batch_size=4,
+                        device="cpu")
+    row = b.row("32-true")
+    assert row.noise == pytest.approx(row.step_time_iqr_s / row.step_time_s)
+    assert row.noise > NOISE_BOUND and row.noisy
+    assert b.recommendation().startswith("The machine was busy: step times varied too much to compare speeds "
+                                         f"(IQR / median: 32-true {row.noise:.0%}; the bound is 10%), so nothing "
+                                         "is recommended on speed.")
+    assert f"noisy (IQR {row.noise:.0%} of the median)" in b.to_markdown()
+
+
+def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one():
+    b = quiet_benchmark(Jittery, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=1, batch_size=4,
+                        device="cpu", max_seconds=0.05)  # an extra round sleeps 0.1 s: it outlasts this budget
+    assert b.settings["repeats"] == 2 and b.row("32-true").noisy
+    assert len(b.row("32-true").step_times_s) == 2 * 2
+
+
+def test_a_bad_time_budget_repeats_the_call():
+    with pytest.raises(ValueError, match=re.escape("benchmark_amp(max_seconds=-1): max_seconds must be a number >= 0.")):
+        benchmark_amp(micro, ids(8), max_seconds=-1)
+
+
+def test_native_dtypes_follow_the_injected_capabilities():
+    plain, bf16_cpu = Capabilities(), Capabilities(cpu_bf16=True)
+    assert runs_natively("cpu", torch.float32, plain)
+    assert not runs_natively("cpu", torch.bfloat16, plain) and runs_natively("cpu", torch.bfloat16, bf16_cpu)
+    assert not runs_natively("cpu", torch.float16, bf16_cpu)  # fp16 on a CPU: emulated
+    t4 = Capabilities(cuda=True, cuda_count=1, cuda_bf16=False)
+    assert runs_natively("cuda", torch.float16, t4) and not runs_natively("cuda", torch.bfloat16, t4)
+
+
+def mfu_session(native: bool, square: float, shapes: float):
+    session = BenchmarkSession.__new__(BenchmarkSession)  # only what _set_mfu reads
+    session.flops_per_step, session.device, session.tokens_per_step = 1e9, torch.device("cpu"), 64
+    session.matmul_shapes = [(8, 8)]
+    session.native, session.peaks, session.shape_peaks = ({torch.float32: native}, {torch.float32: square},
+                                                          {torch.float32: shapes})
+    return session
+
+
+def test_mfu_is_not_shown_for_an_emulated_dtype():
+    row = AmpRow("32-true", step_time_s=0.5)
+    mfu_session(native=False, square=1e9, shapes=1e9)._set_mfu(row, resolve_precision("32-true", "cpu"))
+    assert row.mfu is None and row.mfu_note == "n/a (emulated)" and row.model_flops_per_s == 2e9
+
+
+def test_mfu_beating_the_square_ceiling_uses_the_models_shapes():
+    row = AmpRow("32-true", step_time_s=0.5)  # 2e9 FLOP/s
+    mfu_session(native=True, square=1e9, shapes=4e9)._set_mfu(row, resolve_precision("32-true", "cpu"))
+    assert row.peak_flops == 4e9 and row.mfu == 0.5 and row.mfu_note == "model's matmul shapes"
+
+
+def test_mfu_beating_every_ceiling_is_capped_and_flagged():
+    row = AmpRow("32-true", step_time_s=0.5)
+    mfu_session(native=True, square=1e9, shapes=1.5e9)._set_mfu(row, resolve_precision("32-true", "cpu"))
+    assert row.mfu == 1.0 and row.mfu_note.endswith("capped at 100%: the step beat the measured ceiling")
+
+
+def test_compiled_rows_sit_beside_their_precision_and_train_to_the_same_loss():
+    b = quiet_benchmark(micro, ids(16), precisions=("32-true",), compile=(False, True), steps=2, warmup=1,
+                        repeats=1, batch_size=4, device="cpu", compile_options={"backend": "eager"})
+    assert [r.precision for r in b.rows] == ["32-true", "32-true+compile"]
+    plain, compiled = b.rows
+    assert compiled.compile and not plain.compile and compiled.error is None
+    assert compiled.final_loss == pytest.approx(plain.final_loss, rel=1e-5)
+    assert compiled.compile_time_s is not None and plain.compile_time_s is None
+    assert b.row("32-true+compile") is compiled
+
+
+def test_compiling_without_warmup_is_refused():
+    with pytest.raises(ValueError, match=re.escape("benchmark_amp(compile=True, warmup=0): torch.compile "
+                                                   "compiles in the first step, so use warmup >= 1")):
+        benchmark_amp(micro, ids(8), compile=True, warmup=0)
+    with pytest.raises(ValueError, match=re.escape("benchmark_amp(compile='yes'): compile must be a bool")):
+        benchmark_amp(micro, ids(8), compile="yes")

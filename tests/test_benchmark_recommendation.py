@@ -42,3 +42,12 @@ def test_failed_rows_are_reported_and_fp16_reminds_of_the_scaler():
 
 def test_without_fp32_there_is_nothing_to_compare():
     assert bench(row("bf16-mixed", 40.0)).recommendation().startswith("No usable 32-true row")
+
+
+def test_a_noisy_row_means_no_speed_verdict_even_when_another_row_looks_faster():
+    fp32 = row("32-true", 60.0)
+    fp32.set_step_times([0.040, 0.060, 0.080, 0.100], 1)  # IQR 0.03 over a median of 0.07: 43%
+    text = bench(fp32, row("bf16-mixed", 30.0), row("16-mixed", None, error="no fp16")).recommendation()
+    assert text == ("The machine was busy: step times varied too much to compare speeds (IQR / median: "
+                    "32-true 43%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
+                    "machine or with a larger max_seconds. 16-mixed failed here: no fp16.")

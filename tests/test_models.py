@@ -4,6 +4,7 @@ import json
 import re
 import socket
 import threading
+import time
 
 import pytest
 import torch
@@ -206,15 +207,28 @@ class GistServer:
 
     def __init__(self):
         self.routes, self.requests = {}, []
+        self.redirect_to, self.drip = None, False
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self):
                 server.requests.append(self.path)
                 status, body = server.routes.get(self.path, (404, b'{"message": "Not Found"}'))
+                body = body if isinstance(body, bytes) else body.encode()
                 self.send_response(status)
+                if status == 302:
+                    self.send_header("Location", server.redirect_to)
                 self.end_headers()
-                self.wfile.write(body if isinstance(body, bytes) else body.encode())
+                if not server.drip:
+                    self.wfile.write(body)
+                    return
+                try:
+                    for i in range(len(body)):  # a slow server: a byte at a time
+                        self.wfile.write(body[i:i + 1])
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+                    return
 
             def log_message(self, *args):  # keep test output clean
                 pass
@@ -354,3 +368,92 @@ def test_load_model_rejects_anything_else_with_the_forms():
 
     with pytest.raises(ValueError, match=re.escape("load_model(source='resnet'): 'resnet' is not a model source: use 'example', 'example:NAME'")):
         load_model("resnet")
+
+
+# ---- gist loading that cannot be steered (issue 18) ---------------------------------------------
+
+REV = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+def test_a_redirect_from_https_to_http_on_a_gist_host_is_refused(server):
+    server.routes["/raw/model.py"] = (302, "")
+    server.redirect_to = "http://gist.githubusercontent.com/evil/model.py"
+    server.gist(py_file("model.py", "", truncated=True, raw_url=f"{server.url}/raw/model.py"))
+    with pytest.raises(GistDownloadError, match=re.escape(
+            f"Refusing a redirect from {server.url}/raw/model.py to http://gist.githubusercontent.com/evil/model.py: "
+            f"only https to a gist host.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+    assert server.requests == [f"/gists/{GIST_ID}", "/raw/model.py"]  # nothing fetched from the target
+
+
+def test_a_redirect_to_another_host_is_refused(server):
+    server.routes["/raw/model.py"] = (302, "")
+    server.redirect_to = "https://evil.example.com/model.py"
+    server.gist(py_file("model.py", "", truncated=True, raw_url=f"{server.url}/raw/model.py"))
+    with pytest.raises(GistDownloadError, match=re.escape("to https://evil.example.com/model.py: only https to a gist host.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+@pytest.mark.parametrize("gist", [
+    f"{GIST_ID}@{REV}",
+    f"https://gist.github.com/someone/{GIST_ID}/{REV}",
+    f"https://gist.githubusercontent.com/someone/{GIST_ID}/raw/{REV}/model.py",
+])
+def test_a_revision_is_fetched_as_that_revision(server, gist):
+    server.routes[f"/gists/{GIST_ID}/{REV}"] = (200, json.dumps({"files": py_file("model.py", TWO_CLASSES)}))
+    server.gist(py_file("model.py", "raise SystemExit('the latest revision ran')\n"))
+    assert type(load_model_from_gist(gist, api_url=server.url)).__name__ == "TinyLM"
+    assert server.requests == [f"/gists/{GIST_ID}/{REV}"]
+
+
+def test_a_sha256_pin_is_checked_before_the_code_runs(server):
+    import hashlib
+
+    server.gist(py_file("model.py", TWO_CLASSES))
+    good = hashlib.sha256(TWO_CLASSES.encode()).hexdigest()
+    assert type(load_model_from_gist(f"{GIST_ID}#sha256={good}", api_url=server.url)).__name__ == "TinyLM"
+    server.gist(py_file("model.py", TWO_CLASSES + "raise SystemExit('tampered code ran')\n"))
+    with pytest.raises(GistDownloadError, match=re.escape("model.py has sha256 ") + ".*" + re.escape(
+            f"not the pinned {good}; it was not executed.")):
+        load_model_from_gist(f"{GIST_ID}#sha256={good}", api_url=server.url)
+
+
+@pytest.mark.parametrize("gist, message", [
+    (f"{GIST_ID}#md5=abc", "'#md5=abc' is not a pin: expected #sha256= and 64 lowercase hex digits."),
+    (f"{GIST_ID}@main", "'main' is not a gist revision: expected 40 lowercase hex digits."),
+])
+def test_bad_pins_and_revisions_are_named(gist, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_model_from_gist(gist, api_url="http://127.0.0.1:9")  # never contacted
+
+
+@pytest.mark.parametrize("reply", ['["a list"]', '{"files": ["model.py"]}', '{"files": {"model.py": "code"}}',
+                                   '{"no files": 1}'])
+def test_every_malformed_api_reply_is_one_clear_error(server, reply):
+    server.routes[f"/gists/{GIST_ID}"] = (200, reply)
+    with pytest.raises(GistDownloadError, match=re.escape("did not answer as the GitHub gist API does")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+def test_a_file_with_neither_content_nor_raw_url_is_named(server):
+    server.gist({"model.py": {"content": None, "raw_url": 7}})
+    with pytest.raises(GistDownloadError, match=re.escape("gave file 'model.py' with neither content nor a raw_url.")):
+        load_model_from_gist(GIST_ID, api_url=server.url)
+
+
+def test_the_timeout_is_an_overall_deadline(server):
+    server.drip = True  # one byte every 0.2 s: each socket read is quick, the whole is not
+    server.routes[f"/gists/{GIST_ID}"] = (200, json.dumps({"files": py_file("model.py", TWO_CLASSES)}))
+    t0 = time.monotonic()
+    with pytest.raises(GistDownloadError, match=re.escape("took longer than timeout=1.0 s")):
+        load_model_from_gist(GIST_ID, api_url=server.url, timeout=1.0)
+    assert time.monotonic() - t0 < 3.0
+
+
+def test_the_temporary_folder_is_removed(server, tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    server.gist(py_file("model.py", TWO_CLASSES))
+    load_model_from_gist(GIST_ID, api_url=server.url)
+    assert list(tmp_path.iterdir()) == []

@@ -28,7 +28,8 @@ CPU_PARAMETERS = {
     "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 8,
     "bench_warmup": 2, "bench_repeats": 2,
 }
-QUICK_PARAMETERS = {**CPU_PARAMETERS, "max_steps": 20, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1}
+QUICK_PARAMETERS = {**CPU_PARAMETERS, "max_steps": 20, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1,
+                    "bench_max_seconds": 0}
 
 
 def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:

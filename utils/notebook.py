@@ -32,6 +32,7 @@ _STEPS = {
     "wandb": "Run the Weights & Biases cell first.",
     "training": "Run the training cell first.",
     "benchmark": "Run the benchmark cell first.",
+    "hostile": "Run the fp16-hostile copy cell first.",
 }
 _DONE: dict[str, object] = {}
 

@@ -24,8 +24,11 @@ _EXPORTS = {
     "AmpBenchmark": "utils.training.benchmark.results",
     "AmpWandbCallback": "utils.training.wandb_callback",
     "Capabilities": "utils.training.precision",
+    "MemoryPlan": "utils.training.memory_plan",
     "PrecisionPlan": "utils.training.precision",
+    "PrecisionReport": "utils.training.precision_report",
     "PrecisionWarning": "utils.training.precision",
+    "ScaleHealth": "utils.training.scale_health",
     "TrainResult": "utils.training.loop",
     "TrainSettings": "utils.training.settings",
     "Trainer": "utils.training.loop",
@@ -33,8 +36,11 @@ _EXPORTS = {
     "WandbWarning": "utils.training.wandb_setup",
     "benchmark_amp": "utils.training.benchmark.runner",
     "compute_effective_precision": "utils.training.precision",
+    "compare_precisions": "utils.training.precision_report",
     "evaluate": "utils.training.loop",
+    "find_batch_size": "utils.training.memory_plan",
     "init_wandb": "utils.training.wandb_setup",
+    "plan_memory": "utils.training.memory_plan",
     "resolve_precision": "utils.training.precision",
     "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
     "train": "utils.training.loop",
@@ -43,17 +49,23 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "AmpBenchmark",
     "AmpWandbCallback",
     "Capabilities",
+    "MemoryPlan",
     "PrecisionPlan",
+    "PrecisionReport",
     "PrecisionWarning",
+    "ScaleHealth",
     "TrainResult",
     "TrainSettings",
     "Trainer",
     "WandbSession",
     "WandbWarning",
     "benchmark_amp",
+    "compare_precisions",
     "compute_effective_precision",
     "evaluate",
+    "find_batch_size",
     "init_wandb",
+    "plan_memory",
     "resolve_precision",
     "scan_fp16_overflow",
     "train",
@@ -65,6 +77,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from utils.training.benchmark.results import AmpBenchmark
     from utils.training.benchmark.runner import benchmark_amp
     from utils.training.loop import Trainer, TrainResult, evaluate, train
+    from utils.training.memory_plan import MemoryPlan, find_batch_size, plan_memory
     from utils.training.precision import (
         Capabilities,
         PrecisionPlan,
@@ -72,6 +85,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
         compute_effective_precision,
         resolve_precision,
     )
+    from utils.training.precision_report import PrecisionReport, compare_precisions
+    from utils.training.scale_health import ScaleHealth
     from utils.training.settings import TrainSettings
     from utils.training.wandb_callback import AmpWandbCallback
     from utils.training.wandb_setup import WandbSession, WandbWarning, init_wandb

@@ -144,12 +144,30 @@ def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, to
     return loss, logits, targets
 
 
+ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding takes
+
+
+def check_id_dtype(ids: torch.Tensor, argument: str) -> None:
+    """Token ids are integers an embedding takes: float, bool, int16 or uint8 ids are an error."""
+    if ids.dtype not in ID_DTYPES:
+        raise ValueError(
+            f"{argument} holds token ids of dtype {ids.dtype}: token ids must be torch.int64 (long) or "
+            f"torch.int32. Convert them with .long()."
+        )
+
+
 def check_token_ids(model: nn.Module, prepared: Prepared, argument: str) -> None:
-    """Fail clearly when token ids fall outside the model's input embedding (done once, first batch)."""
+    """Fail clearly when token ids have a dtype an embedding does not take, or fall outside the
+    model's input embedding.
+
+    .. note:: Reads the batch on the host: used for validation batches (evaluation syncs anyway);
+        training steps use :class:`utils.training.guards.StepChecks`, which does not sync.
+    """
     emb = find_input_embedding(model)
     ids = prepared.input_ids
     if emb is None or ids is None or ids.numel() == 0:
         return
+    check_id_dtype(ids, argument)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= emb.num_embeddings:
         bad = high if high >= emb.num_embeddings else low

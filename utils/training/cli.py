@@ -15,9 +15,12 @@ This module is a program: it prints. The library it calls (``train``, ``benchmar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -26,6 +29,7 @@ import torch
 
 from utils.model_calls import check_context, find_context_length, find_vocab_size
 from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
+from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
 from utils.training.settings import TrainSettings
@@ -39,12 +43,13 @@ TRAIN_DEFAULTS = {  # the training values come from TrainSettings; the rest are 
     "epochs": _S.epochs, "batch_size": _S.batch_size, "grad_accum": _S.grad_accum_steps, "lr": _S.lr,
     "warmup_steps": _S.warmup_steps, "checkpoint_every": _S.checkpoint_every, "log_every": _S.log_every,
     "seed": _S.seed, "run_dir": None, "resume": None, "wandb": "disabled", "wandb_project": "amp-transformer",
-    "progress": _S.progress, "task": _S.task,
+    "progress": _S.progress,
+    "checkpoint_minutes": _S.checkpoint_minutes, "overwrite": _S.overwrite, "task": _S.task,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
            "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "max_steps", "epochs", "log_every",
-           "checkpoint_every", "wandb_project", "task")
+           "checkpoint_every", "checkpoint_minutes", "wandb_project", "task")
 
 
 class CliError(Exception):
@@ -180,7 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--warmup-steps", type=_int_at_least(0), metavar="N",
                    help=f"linear learning-rate warm-up (default: {d['warmup_steps']})")
     t.add_argument("--checkpoint-every", type=_int_at_least(1), metavar="N",
-                   help="also checkpoint every N steps (default: at epoch ends and the end only)")
+                   help="also checkpoint every N steps (default: off)")
+    t.add_argument("--checkpoint-minutes", type=_positive_float, metavar="M",
+                   help=f"also checkpoint every M minutes of wall time, at a log step (default: "
+                        f"{d['checkpoint_minutes']:g}; epoch ends, the end and a Ctrl-C/SIGTERM always save)")
+    t.add_argument("--overwrite", action="store_const", const=True,
+                   help="a fresh run into a --run-dir that holds a run moves the old run aside into "
+                        "DIR/replaced-<time>/ (default: an error)")
     t.add_argument("--log-every", type=_int_at_least(1), metavar="N",
                    help=f"read and log metrics every N steps (default: {d['log_every']})")
     t.add_argument("--run-dir", metavar="DIR",
@@ -293,6 +304,16 @@ def train_options(args: argparse.Namespace) -> dict:
     return opts
 
 
+def _claim(opts: dict) -> None:
+    """A fresh run (or one resumed from elsewhere) may not write over a run folder's run."""
+    run_dir = Path(opts["run_dir"])
+    if opts["resume"] is not None and resolve_checkpoint_path(opts["resume"]).parent.parent.resolve() == run_dir.resolve():
+        return
+    archived = claim_run_dir(run_dir, opts["overwrite"])  # its error names --resume and --overwrite
+    if archived is not None:
+        _say(f"--overwrite: the previous run in {run_dir} was moved to {archived}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from utils.training import train
 
@@ -307,9 +328,11 @@ def run_train(args: argparse.Namespace) -> int:
     opts["context"] = context
     run_dir = Path(opts["run_dir"])
     if world.is_rank_zero:
+        _claim(opts)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / COMMAND_FILE).write_text(json.dumps({k: v for k, v in opts.items() if k != "resume"},
+        (run_dir / COMMAND_FILE).write_text(json.dumps({k: v for k, v in opts.items() if k not in ("resume", "overwrite")},
                                                        indent=2) + "\n")
+        _say(_where_checkpoints_go(opts))
     session = _start_wandb(opts, opts, run_dir) if world.is_rank_zero else None
     callbacks = []
     if session is not None:
@@ -322,13 +345,28 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], task=task)
+                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task)
     finally:
         if session is not None:
             session.finish()
     if world.is_rank_zero:
         _say(train_summary(result, opts, world))
-    return 130 if result.interrupted else 0
+    return exit_status(result)
+
+
+def exit_status(result) -> int:
+    """0 done; 130 interrupted with a checkpoint of where it stopped; 1 interrupted without one."""
+    if not result.interrupted:
+        return 0
+    return 130 if result.checkpoint_step == result.global_step else 1
+
+
+def _where_checkpoints_go(opts: dict) -> str:
+    when = [f"every {opts['checkpoint_every']} steps"] if opts["checkpoint_every"] else []
+    if opts["checkpoint_minutes"]:
+        when.append(f"every {opts['checkpoint_minutes']:g} min")
+    when.append("at epoch ends, at the end and on Ctrl-C/SIGTERM")
+    return f"checkpoints: {', '.join(when)} -> {Path(opts['run_dir']) / 'checkpoints' / 'latest.pt'}"
 
 
 def train_summary(result, opts: dict, world: World) -> str:
@@ -337,7 +375,11 @@ def train_summary(result, opts: dict, world: World) -> str:
         return "n/a" if x is None else f"{x:.4f}"
 
     last_val = next((e for e in reversed(result.epochs) if e.get("val_loss") is not None), {})
-    how = "interrupted at" if result.interrupted else "trained to"
+    how = f"interrupted ({result.stopped_by}) at" if result.interrupted else "trained to"
+    saved = (f"checkpoint of step {result.checkpoint_step}: {result.checkpoint_path}" if result.checkpoint_path
+             else "no checkpoint was saved")
+    if result.interrupted and result.checkpoint_step != result.global_step:
+        saved = f"NO new checkpoint (stopped mid-step); the last is the {saved}"
     lines = [
         f"{opts['model']} {how} step {result.global_step} in {result.wall_time_s:.1f} s "
         f"({world.world_size} process(es), global batch {opts['batch_size'] * world.world_size}, "
@@ -347,6 +389,7 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"  precision      {result.precision.describe()}",
         f"  objective      {result.objective}",
         f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
+        f"  saved          {saved}",
         f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
     ]
     return "\n".join(lines)
@@ -383,14 +426,34 @@ def run_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the command line; returns the exit status (0 ok, 1 failed, 2 bad options, 130 interrupted)."""
+    """Run the command line; returns the exit status (0 ok, 1 failed, 2 bad options, 130 interrupted by
+    Ctrl-C or SIGTERM with a checkpoint of where it stopped; interrupted without one is 1)."""
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        return run_train(args) if args.command == "train" else run_bench(args)
+        with _sigterm_as_interrupt():
+            return run_train(args) if args.command == "train" else run_bench(args)
     except (CliError, ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
         _say(f"python -m utils.training {args.command}: error: {e}", sys.stderr)
         return 1
     except KeyboardInterrupt:
-        _say(f"interrupted after {time.perf_counter() - t0:.1f} s", sys.stderr)
-        return 130
+        _say(f"interrupted after {time.perf_counter() - t0:.1f} s, before or after training: no new checkpoint "
+             f"was saved", sys.stderr)
+        return 1
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """Outside ``train()`` (which takes signals at step boundaries) SIGTERM stops like Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)

@@ -9,20 +9,47 @@ Example::
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 
 def read_metrics(run_dir) -> tuple[list[dict], list[dict]]:
     """The step and epoch records of a run folder's ``metrics.jsonl``.
 
+    A torn last line (a run killed mid-write) is skipped with a ``RuntimeWarning`` naming the file.
+
     Raises:
         FileNotFoundError: the folder has no ``metrics.jsonl``.
+        ValueError: a line before the last is not JSON (the message names the file and line).
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"run_dir={str(run_dir)!r} has no metrics.jsonl: was it passed to train(run_dir=...)?")
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.split("\n")
+    torn = lines.pop() if lines else ""  # after the last newline: empty unless a write was cut short
+    if torn.strip() and _is_json(torn):  # a whole record, only its newline missing (written by hand)
+        lines.append(torn)
+        torn = ""
+    records = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: line {number} is not a JSON record ({e}): {line[:80]!r}") from e
+    if torn.strip():
+        warnings.warn(f"{path}: its last line is incomplete (a run stopped mid-write) and was skipped; "
+                      f"resuming the run repairs the file.", RuntimeWarning, stacklevel=2)
     return [r for r in records if r.get("type") == "step"], [r for r in records if r.get("type") == "epoch"]
+
+
+def _is_json(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    return True
 
 
 def plot_training_curves(source, title: str | None = None):

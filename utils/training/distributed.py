@@ -212,33 +212,11 @@ class World:
             teardown(owned, device, barrier=finished)
 
     def check_resume(self, path, state: dict, batch_size: int, tensor_data: bool) -> None:
-        """A checkpoint resumes on any world size whose global batch (``batch_size × world_size``) is
-        the one it was trained with: its data position counts global batches.
+        """Alias of :func:`utils.training.checkpoint.check_world` for this world (kept one release):
+        every resume check lives in ``checkpoint.py``."""
+        from utils.training.checkpoint import check_world
 
-        Raises:
-            ValueError: the global batch differs, or non-tensor data on another world size.
-        """
-        saved = state.get("args", {}).get("batch_size")
-        saved_world = state.get("world_size", 1)
-        then, now = (saved or 0) * saved_world, batch_size * self.world_size
-        if saved is not None and then != now and saved_world == self.world_size == 1:
-            raise ValueError(
-                f"Checkpoint {str(path)!r} was trained with batch_size={saved!r}, but this call has "
-                f"batch_size={batch_size!r}; the data position would not match. Pass batch_size={saved!r}."
-            )
-        if saved is not None and then != now:
-            fix = (f"Pass batch_size={then // self.world_size}" if then % self.world_size == 0 else
-                   f"Use a number of processes that divides {then}")
-            raise ValueError(
-                f"Checkpoint {str(path)!r} was trained with a global batch of {then} (batch_size={saved} × "
-                f"{saved_world} process(es)), but this run's is {now} (batch_size={batch_size} × "
-                f"{self.world_size} process(es)); the data position would not match. {fix}."
-            )
-        if saved_world != self.world_size and not tensor_data:
-            raise ValueError(
-                f"Checkpoint {str(path)!r} was trained by {saved_world} process(es), this run has "
-                f"{self.world_size}: only tensor data is resharded exactly. Resume with {saved_world} process(es)."
-            )
+        check_world(path, state, batch_size, self.world_size, tensor_data)
 
 
 def torchrun_command(args: list[str], nproc: int) -> list[str]:

@@ -11,7 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import time
@@ -21,9 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.strict_json import json_safe
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
+from utils.training.acceleration import compile_model, tf32_matmuls
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -31,9 +30,16 @@ from utils.training.batches import (
     check_token_ids,
     forward_loss,
     move_to,
+    prepare_batch,
 )
+from utils.training.checkpoint import Checkpointer
+from utils.training.guards import StepChecks
+from utils.training.interrupts import StopSignals
+from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
+from utils.training.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
+from utils.training.scale_health import ScaleHealth
 from utils.training.settings import TrainSettings
 
 
@@ -54,17 +60,27 @@ class TrainResult:
     checkpoint_path: str | None = None
     global_step: int = 0
     best_val_loss: float | None = None
+    scale_health: dict | None = None  # ScaleHealth.to_dict() under 16-mixed, else None
+    checkpoint_step: int | None = None  # the step checkpoint_path holds; == global_step: nothing lost
+    stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "KeyboardInterrupt" when interrupted
     objective: str | None = None  # what the model was trained to predict; None with a loss_fn
+
+    @classmethod
+    def of(cls, trainer: Trainer, wall: float, interrupted: bool) -> TrainResult:
+        return cls(
+            history=trainer.history, epochs=trainer.epoch_records,
+            final_loss=trainer.history[-1]["loss"] if trainer.history else None,
+            skipped_steps=trainer.skipped_steps, final_loss_scale=trainer.scale, precision=trainer.precision,
+            wall_time_s=wall, tokens_per_second=trainer.tokens_done / max(wall - trainer.eval_s, 1e-9),
+            interrupted=interrupted, checkpoint_path=trainer.checkpoints.path, global_step=trainer.global_step,
+            best_val_loss=trainer.best_val_loss, checkpoint_step=trainer.checkpoints.step,
+            stopped_by=trainer.stop.requested or ("KeyboardInterrupt" if interrupted else None),
+            scale_health=None if trainer.scale_health is None else trainer.scale_health.to_dict(),
+            objective=trainer.objective.describe() if trainer.objective is not None else None,
+        )
 
 
 TrainArgs = TrainSettings  # the loop's old name for its settings, kept for code that imports it
-
-
-def _call(callbacks, hook: str, *args) -> None:
-    for cb in callbacks:
-        fn = getattr(cb, hook, None)
-        if callable(fn):
-            fn(*args)
 
 
 def default_optimizer(model: nn.Module, lr: float, weight_decay: float, device_type: str) -> torch.optim.AdamW:
@@ -112,15 +128,19 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
                 loss, n = loss_fn(model, batch), 1
             else:
                 prepared = task.prepare(batch, generator=masks, argument="val_data")
+                check_token_ids(model, prepared, "val_data")  # eval is off the hot path: syncs are fine
                 loss, logits, targets = forward_loss(model, prepared)
                 mask = targets != IGNORE_INDEX
-                n = int(mask.sum())  # eval is off the hot path: a sync per batch is fine
+                n = int(mask.sum())
                 correct += ((logits.argmax(-1) == targets) & mask).sum()
                 n_tok += n
                 is_lm = logits.dim() == 3
-        loss_sum += loss.double() * n
-        n_loss += n
+        if n:  # a batch with no target has a NaN mean loss and nothing to add
+            loss_sum += loss.double() * n
+            n_loss += n
     model.train(was_training)
+    if not n_loss:
+        raise ValueError(f"val_data has no target to evaluate: every target is IGNORE_INDEX ({IGNORE_INDEX}).")
     val_loss = float(loss_sum) / max(n_loss, 1)
     return {
         "val_loss": val_loss,
@@ -129,11 +149,17 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
     }
 
 
+class _StopAtBoundary(Exception):
+    """A stop signal, taken after a whole optimizer step."""
+
+
 class Trainer:
-    """The loop's state. Callbacks receive it as ``trainer`` and may read ``model``, ``optimizer``,
+    """The stepping of a run. Callbacks receive it as ``trainer`` and may read ``model``, ``optimizer``,
     ``scheduler``, ``scaler``, ``precision`` (the plan), ``global_step``, ``current_epoch``,
     ``skipped_steps`` and ``run_dir``; ``net`` is what runs forward (the model, or its DDP wrapper
-    under torchrun) and ``world`` the processes of the run."""
+    under torchrun) and ``world`` the processes of the run. Records go through ``log``
+    (:class:`MetricsLog`), checkpoints through ``checkpoints`` (:class:`Checkpointer`), per-step
+    checks through ``checks`` (:class:`StepChecks`)."""
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, args: TrainArgs,
                  loss_fn, callbacks, run_dir, world: distributed.World | None = None,
@@ -144,21 +170,37 @@ class Trainer:
         self.scheduler, self.scaler, self.args = scheduler, scaler, args
         self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
         self.objective = objective if objective is not None or loss_fn is not None else objective_for(model)
-        self.callbacks = list(callbacks) if self.world.is_rank_zero else []  # rank 0 alone logs
+        self.tensor_data = isinstance(batches, TensorBatches)
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.log = MetricsLog(self.run_dir, callbacks, self.world.is_rank_zero)
+        self.callbacks = self.log.callbacks  # rank 0 alone logs
+        self.checkpoints = Checkpointer(self.run_dir, self.world, args.checkpoint_every, args.checkpoint_minutes)
+        self.checks = StepChecks(model, plan)
+        self.stop = StopSignals(lambda: self.checkpoints.saving)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_step = self.current_epoch = self.batch_in_epoch = self.skipped_steps = 0
         self.history: list[dict] = []
         self.epoch_records: list[dict] = []
         self.best_val_loss: float | None = None
-        self.checkpoint_path: str | None = None
-        self._epoch_rng = None  # RNG state at the start of this epoch, to replay a DataLoader's shuffle
-        self._resume_rng = None
-        self._checked_ids = False
-        self._scale = scaler.get_scale() if scaler.is_enabled() else None
-        self._bad_step = torch.full((), -1, dtype=torch.int64, device=plan.device)
-        self._reset_window()
-        self._metrics_file = None
+        self.epoch_rng = None  # RNG state at the start of this epoch, to replay a DataLoader's shuffle
+        self.resume_rng = None
+        self.resumed = False
+        self.scale = scaler.get_scale() if scaler.is_enabled() else None
+        self._grad_norm = torch.zeros((), device=plan.device)
+        self._skipped = False
+        self._mid_step = False  # True while a step's state is half-applied: an interrupt then saves nothing
+        self._epoch_loss, self._epoch_steps = torch.zeros((), device=plan.device), 0
+        self._bar = None
+        self.tokens_done, self.eval_s = 0, 0.0
+        self._win_loss = torch.zeros((), device=plan.device)  # the steps since the last log step
+        self._win_steps, self._win_count, self._win_t0 = 0, 0, time.perf_counter()
+        self.scale_health = ScaleHealth(lr=args.lr) if scaler.is_enabled() else None
+        self.keep_fp32: list[str] = []  # modules train() runs in fp32 under autocast
+
+    @property
+    def checkpoint_path(self) -> str | None:
+        """The last checkpoint saved or restored: the last good one."""
+        return self.checkpoints.path
 
     # ---- one optimizer step ------------------------------------------------------------------
     def _reset_window(self) -> None:
@@ -166,6 +208,8 @@ class Trainer:
         self._win_steps, self._win_count, self._win_t0 = 0, 0, time.perf_counter()
 
     def _backward(self, batch) -> torch.Tensor:
+        if self.loss_fn is None:
+            self.checks.observe_ids(prepare_batch(batch).input_ids, self.global_step)  # before the copy
         batch = move_to(batch, self.precision.device)
         with self.precision.autocast():
             if self.loss_fn is not None:
@@ -173,10 +217,8 @@ class Trainer:
                 count = batch.shape[0] if isinstance(batch, torch.Tensor) else 1
             else:
                 prepared = self.objective.prepare(batch)
-                if not self._checked_ids:
-                    check_token_ids(self.model, prepared, "train_data")
-                    self._checked_ids = True
-                loss, _, _ = forward_loss(self.net, prepared)
+                loss, _, targets = forward_loss(self.net, prepared)
+                self.checks.observe_targets(targets, self.global_step)
                 count = prepared.count
         self._win_count += count
         loss = loss / self.args.grad_accum_steps
@@ -191,16 +233,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.global_step += 1
         self._skipped = False
-        if self._scale is not None:
+        if self.scale is not None:
             # A skipped step (inf/NaN grads) shows as the scale backing off across update(); this
             # holds for fused optimizers too. One host sync per fp16 step (scaler.step syncs anyway).
             new_scale = self.scaler.get_scale()
-            self._skipped = new_scale < self._scale
-            self._scale = new_scale
+            self._skipped = new_scale < self.scale
+            self.scale = new_scale
             self.skipped_steps += self._skipped
-        else:  # no scaler to absorb a non-finite loss: remember the first bad step, on the device
-            bad = ~torch.isfinite(step_loss) & (self._bad_step < 0)
-            self._bad_step = torch.where(bad, self.global_step, self._bad_step)
+            self.scale_health.update(self.global_step, new_scale, self._skipped)  # host values: no sync
+        else:  # no scaler to absorb a non-finite step: remember the first bad one, on the device
+            self.checks.observe_step(self.global_step, step_loss, self._grad_norm)
         if not self._skipped:
             self.scheduler.step()
         self._win_loss += step_loss
@@ -208,26 +250,35 @@ class Trainer:
         self._epoch_loss += step_loss
         self._epoch_steps += 1
 
+    def _finish_step(self, step_loss: torch.Tensor, micro_batches: int) -> None:
+        self._optimizer_step(step_loss)
+        self.batch_in_epoch += micro_batches
+        self._mid_step = False  # from here on the state is one whole step: safe to save
+        if self.scale is not None:
+            self.checks.observe_skip(self._skipped, self.scale, self.global_step)
+        if self._bar is not None:
+            self._bar.update(1)
+        log_step = self.global_step % self.args.log_every == 0 or self._done()
+        if log_step:
+            self._log_step()
+        if self.checkpoints.due(self.global_step, log_step):
+            self.checkpoints.save(self)
+        if self._stop_now(log_step):
+            raise _StopAtBoundary
+
+    def _stop_now(self, can_agree: bool) -> bool:
+        """A stop signal arrived. Under torchrun the ranks agree on it at log steps (a collective there
+        already), so that all stop after the same step: one rank alone would leave the others waiting."""
+        if not self.world.is_distributed:
+            return self.stop.requested is not None
+        if not can_agree:
+            return False
+        flag = torch.tensor(int(self.stop.requested is not None), device=self.precision.device)
+        return bool(self.world.max(flag))
+
     # ---- logging -----------------------------------------------------------------------------
-    def _check_finite(self) -> None:
-        bad = int(self._bad_step)
-        if bad >= 0:
-            raise FloatingPointError(
-                f"The loss became non-finite at step {bad} in {self.precision.name}. Likely causes: a "
-                f"learning rate too high (lr={self.args.lr}), no gradient clipping, or activations that "
-                f"overflow; try a lower lr or max_grad_norm=1.0. The last good checkpoint was kept: "
-                f"{self.checkpoint_path}."
-            )
-
-    def _write(self, record: dict) -> None:
-        if self._metrics_file is not None:
-            # Strict JSON (jq, pandas): a non-finite number is written as null.
-            self._metrics_file.write(json.dumps(json_safe(record)) + "\n")
-            self._metrics_file.flush()
-
     def _log_step(self) -> None:
-        self._bad_step = self.world.max(self._bad_step)  # so every rank stops, not only the one that saw it
-        self._check_finite()
+        self.checks.verify(self.world, self.checkpoints.last_good(), self.args.lr)  # so every rank stops
         self._win_loss, self._win_count = self.world.mean(self._win_loss), self.world.sum(self._win_count)
         elapsed = max(time.perf_counter() - self._win_t0, 1e-9)
         metrics = {
@@ -235,18 +286,20 @@ class Trainer:
             "loss": float(self._win_loss) / self._win_steps,
             "lr": self.optimizer.param_groups[0]["lr"],
             "grad_norm": float(self._grad_norm),
-            "loss_scale": self._scale,
+            "loss_scale": self.scale,
             "skipped": bool(self._skipped),
             "skipped_steps": self.skipped_steps,
             "tokens_per_s": self._win_count / elapsed,
         }
+        if self.scale_health is not None:
+            metrics.update({"scale_health": self.scale_health.status, "skip_rate": self.scale_health.skip_rate})
         self.history.append(metrics)
-        self._write(metrics)
+        self.log.write(metrics)
         if self._bar is not None:
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
-        self._tokens_done += self._win_count
+        self.tokens_done += self._win_count
         self._reset_window()
-        _call(self.callbacks, "on_step_end", self, metrics)
+        self.log.call("on_step_end", self, metrics)
 
     def _end_epoch(self, complete: bool) -> None:
         if self._win_steps:  # every epoch ends on a logged step
@@ -258,99 +311,34 @@ class Trainer:
             t_eval = time.perf_counter()
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
                            loss_fn=self.loss_fn, task=self.objective)
-            self._eval_s += time.perf_counter() - t_eval
+            self.eval_s += time.perf_counter() - t_eval
             self._win_t0 = time.perf_counter()  # throughput counts training time only
             record.update(val)
-            _call(self.callbacks, "on_validation_end", self, val)
+            self.log.call("on_validation_end", self, val)
+        is_best = record.get("val_loss") is not None and (
+            self.best_val_loss is None or record["val_loss"] < self.best_val_loss)
         self.epoch_records.append(record)
-        self._write(record)
-        _call(self.callbacks, "on_train_epoch_end", self, self.model)  # current_epoch: the one that ended
+        self.log.write(record)
+        self._mid_step = True  # the record is in, the position not yet moved: an interrupt saves nothing
+        self.log.call("on_train_epoch_end", self, self.model)  # current_epoch: the one that ended
         if complete:
             self.current_epoch += 1
             self.batch_in_epoch = 0
-        is_best = record.get("val_loss") is not None and (
-            self.best_val_loss is None or record["val_loss"] < self.best_val_loss)
         if is_best:
             self.best_val_loss = record["val_loss"]
-        self.save_checkpoint(best=is_best)
+        self._mid_step = False
+        self.checkpoints.save(self, best=is_best)
 
-    # ---- checkpoints -------------------------------------------------------------------------
-    def state(self) -> dict:
-        return {
-            "format": ckpt_io.FORMAT, "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(), "rng": ckpt_io.rng_state(), "epoch_rng": self._epoch_rng,
-            "position": {"epoch": self.current_epoch, "batch": self.batch_in_epoch},  # global batches
-            "world_size": self.world.world_size,
-            "global_step": self.global_step, "skipped_steps": self.skipped_steps,
-            "precision": self.precision.name, "best_val_loss": self.best_val_loss,
-            "args": {k: v for k, v in vars(self.args).items() if k != "progress"},
-            "history": self.history, "epochs": self.epoch_records,
-        }
-
-    def save_checkpoint(self, best: bool = False) -> None:
-        if self.run_dir is None:
-            return
-        self._check_finite()  # never overwrite a good checkpoint with a diverged model
-        if not self.world.is_rank_zero:  # rank 0 writes; the others only note where
-            self.checkpoint_path = str(self.run_dir / "checkpoints" / ckpt_io.LATEST)
-            return
-        state = self.state()
-        folder = self.run_dir / "checkpoints"
-        self.checkpoint_path = str(ckpt_io.save_atomic(state, folder / ckpt_io.LATEST))
-        if best:
-            ckpt_io.save_atomic(state, folder / ckpt_io.BEST)
-
+    # ---- resume ------------------------------------------------------------------------------
     def restore(self, resume_from) -> None:
-        path, state = ckpt_io.load_checkpoint(resume_from)
-        saved = state.get("args", {})
-        self.world.check_resume(path, state, self.args.batch_size, isinstance(self.batches, TensorBatches))
-        for name in ("grad_accum_steps", "seed"):  # batch_size: check_resume compares global batches
-            if name in saved and saved[name] != getattr(self.args, name):
-                raise ValueError(
-                    f"Checkpoint {str(path)!r} was trained with {name}={saved[name]!r}, but this call has "
-                    f"{name}={getattr(self.args, name)!r}; the data position would not match. Pass {name}={saved[name]!r}."
-                )
-        try:
-            self.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"Checkpoint {str(path)!r} does not fit this model: {e}") from e
-        try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"Checkpoint {str(path)!r} has optimizer state that does not fit: {e}") from e
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler.is_enabled() and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-            self._scale = self.scaler.get_scale()
-        self.global_step, self.skipped_steps = state["global_step"], state.get("skipped_steps", 0)
-        self.current_epoch, self.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
-        self.best_val_loss = state.get("best_val_loss")
-        self.history, self.epoch_records = list(state.get("history", [])), list(state.get("epochs", []))
-        self._epoch_rng, self._resume_rng = state.get("epoch_rng"), state["rng"]
-        self.checkpoint_path = str(path)
+        self.checkpoints.restore(self, resume_from)
 
     # ---- the loop ----------------------------------------------------------------------------
     def _epoch_iter(self):
-        """This epoch's batches from the saved position; RNG replayed so a DataLoader reshuffles the same."""
-        start, resume = self.batch_in_epoch, self._resume_rng
-        self._resume_rng = None
-        if isinstance(self.batches, TensorBatches):  # its order depends on (seed, epoch) alone
-            if resume is not None:
-                ckpt_io.set_rng_state(resume)
-            return self.batches.epoch(self.current_epoch, start)
-        distributed.set_sampler_epoch(self.batches, self.current_epoch)
-        if resume is not None and start > 0 and self._epoch_rng is not None:
-            ckpt_io.set_rng_state(self._epoch_rng)
-            it = iter(self.batches)
-            for _ in range(start):  # a sampler draws its seed at the first next(): replay, don't jump
-                next(it)
-            ckpt_io.set_rng_state(resume)
-            return it
-        if resume is not None:
-            ckpt_io.set_rng_state(resume)
-        self._epoch_rng = ckpt_io.rng_state()
-        return iter(self.batches)
+        it, self.epoch_rng = ckpt_io.epoch_batches(self.batches, self.current_epoch, self.batch_in_epoch,
+                                                   self.resume_rng, self.epoch_rng)
+        self.resume_rng = None
+        return it
 
     def _done(self) -> bool:
         if self.args.max_steps is not None:
@@ -363,6 +351,7 @@ class Trainer:
         self._epoch_loss, self._epoch_steps = torch.zeros((), device=self.precision.device), 0
         step_loss = torch.zeros((), device=self.precision.device)
         for batch in self._epoch_iter():
+            self._mid_step = True
             with self.world.no_sync(self.net, pending + 1 < accum):  # DDP all-reduces on the last micro-batch
                 step_loss = step_loss + self._backward(batch)
             pending += 1
@@ -376,17 +365,6 @@ class Trainer:
             self._finish_step(step_loss, pending)
         return True
 
-    def _finish_step(self, step_loss: torch.Tensor, micro_batches: int) -> None:
-        self._optimizer_step(step_loss)
-        self.batch_in_epoch += micro_batches
-        if self._bar is not None:
-            self._bar.update(1)
-        if self.global_step % self.args.log_every == 0 or self._done():
-            self._log_step()
-        every = self.args.checkpoint_every
-        if every and self.global_step % every == 0:
-            self.save_checkpoint()
-
     def _total_steps(self) -> int | None:
         if self.args.max_steps is not None:
             return self.args.max_steps
@@ -395,47 +373,51 @@ class Trainer:
         except TypeError:
             return None
 
+    def _train(self) -> None:
+        self.log.call("on_train_start", self)
+        self.model.train()
+        self._reset_window()
+        last = self.epoch_records[-1]["step"] if self.epoch_records else -1
+        if self._done() and self.resumed and last < self.global_step:
+            self._end_epoch(complete=False)  # stopped during its final validation: run it now
+        while not self._done():
+            complete = self._run_epoch()
+            if complete or self._done():
+                self._end_epoch(complete)
+            if self._stop_now(can_agree=True):  # every rank ends its epoch at the same step
+                raise _StopAtBoundary
+        if self._win_steps:
+            self._log_step()
+
+    def _stopped(self) -> None:
+        """After an interrupt: save where the run stopped, unless a step was half-applied."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self._mid_step and self.checkpoints.step != self.global_step:
+            self.checkpoints.save(self)
+
     def fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
-        t0, self._tokens_done, self._eval_s, interrupted = time.perf_counter(), 0, 0.0, False
+        t0, interrupted = time.perf_counter(), False
+        self.checkpoints.prepare(overwrite=self.args.overwrite)
         self._bar = tqdm(total=self._total_steps(), initial=self.global_step,
                          disable=not (self.args.progress and self.world.is_rank_zero),
                          desc=f"train [{self.precision.name}]", unit="step")
-        if self.run_dir is not None and self.world.is_rank_zero:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._metrics_file = open(self.run_dir / "metrics.jsonl", "a")
         try:
-            _call(self.callbacks, "on_train_start", self)
-            self.model.train()
-            self._reset_window()
-            while not self._done():
-                complete = self._run_epoch()
-                if complete or self._done():
-                    self._end_epoch(complete)
-            if self._win_steps:
-                self._log_step()
-        except KeyboardInterrupt:
-            interrupted = True
-            self.optimizer.zero_grad(set_to_none=True)
-            self.save_checkpoint()
+            with self.stop:
+                self.log.open(keep=len(self.history) + len(self.epoch_records) if self.resumed else None)
+                try:
+                    self._train()
+                except (KeyboardInterrupt, _StopAtBoundary):
+                    interrupted = True
+                    self._stopped()
         finally:
             self._bar.close()
-            if self._metrics_file is not None:
-                self._metrics_file.close()
-        if not interrupted and self.run_dir is not None and self.checkpoint_path is None:
-            self.save_checkpoint()
-        wall = time.perf_counter() - t0
-        result = TrainResult(
-            history=self.history, epochs=self.epoch_records,
-            final_loss=self.history[-1]["loss"] if self.history else None,
-            skipped_steps=self.skipped_steps, final_loss_scale=self._scale, precision=self.precision,
-            wall_time_s=wall, tokens_per_second=self._tokens_done / max(wall - self._eval_s, 1e-9),
-            interrupted=interrupted, checkpoint_path=self.checkpoint_path, global_step=self.global_step,
-            best_val_loss=self.best_val_loss,
-            objective=self.objective.describe() if self.objective is not None else None,
-        )
-        _call(self.callbacks, "on_train_end", self, result)
+            self.log.close()
+        if not interrupted and self.checkpoints.step != self.global_step:
+            self.checkpoints.save(self)
+        result = TrainResult.of(self, time.perf_counter() - t0, interrupted)
+        self.log.call("on_train_end", self, result)
         return result
 
 
@@ -456,8 +438,10 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           grad_accum_steps=TrainSettings.grad_accum_steps, max_grad_norm=TrainSettings.max_grad_norm,
           warmup_steps=TrainSettings.warmup_steps, loss_fn=None, callbacks=(), run_dir=None,
           checkpoint_every=TrainSettings.checkpoint_every, resume_from=None, seed=TrainSettings.seed,
-          log_every=TrainSettings.log_every, progress=TrainSettings.progress, task=TrainSettings.task,
-          mask_token_id=None) -> TrainResult:
+          log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
+          scaler_kwargs=None, compile=False, tf32=False,
+          checkpoint_minutes=TrainSettings.checkpoint_minutes, overwrite=TrainSettings.overwrite,
+          task=TrainSettings.task, mask_token_id=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -483,9 +467,25 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         callbacks: objects with any of ``on_train_start(trainer)``, ``on_step_end(trainer, metrics)``
             (each logged step), ``on_validation_end(trainer, metrics)``,
             ``on_train_epoch_end(trainer, model)``, ``on_train_end(trainer, result)``.
-        run_dir: folder for ``metrics.jsonl`` and ``checkpoints/{latest,best}.pt``.
+        run_dir: folder for ``metrics.jsonl`` and ``checkpoints/{latest,best}.pt``. A folder that
+            already holds a run is refused unless ``resume_from`` continues it or ``overwrite=True``.
         checkpoint_every: also checkpoint every N steps (epoch ends and the run end always do).
         resume_from: a checkpoint file or a run folder; continues that run exactly.
+        keep_fp32: modules to run in fp32 under autocast: names, glob patterns (``"*.ln_f"``) or
+            ``nn.Module`` types, or ``"auto"`` (under ``16-mixed``, those :func:`scan_fp16_overflow`
+            flags on the first batch). The plan's ``reason`` names them; the model is left as it
+            was when the call returns. See :mod:`utils.training.keep_fp32`.
+        scaler_kwargs: GradScaler settings (``init_scale``, ``growth_factor``, ``backoff_factor``,
+            ``growth_interval``), see :meth:`PrecisionPlan.make_scaler`.
+        compile: ``torch.compile`` the model in place (default False); True, or a dict of
+            ``torch.compile`` options such as ``{"backend": "eager"}``. The first step compiles.
+            See :func:`~utils.training.acceleration.compile_model`.
+        tf32: let fp32 matmuls use TF32 on CUDA GPUs of compute capability >= 8.0 (default False);
+            elsewhere it warns and is ignored. The flags are restored when the run ends.
+        checkpoint_minutes: also checkpoint when this many minutes of wall time passed since the
+            last save, checked at log steps (default 10: a disconnect loses at most that; None: off).
+        overwrite: a fresh run into a folder that holds a run moves the old run aside into
+            ``run_dir/replaced-<time>/`` (default False: an error).
         task: what the model predicts, which sets the objective on token ids (default None:
             detected, see :func:`utils.tasks.detect_task`): ``"causal-lm"`` the next token;
             ``"masked-lm"`` 15% of positions hidden, loss on those only; ``"seq2seq"`` the window
@@ -495,16 +495,25 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             which the byte tokenizer never emits).
 
     Raises:
-        ValueError: bad arguments, empty data, token ids outside the vocabulary, targets that do
-            not fit the logits, a model with nothing to train, or a checkpoint that does not fit;
-            ``task="causal-lm"`` for a model that sees later tokens; unlabelled token ids for a
-            classifier or a model that takes none.
-        FloatingPointError: a non-finite loss with no GradScaler to absorb it (fp32, bf16).
+        ValueError: bad arguments, empty data, token ids outside the vocabulary or of a non-integer
+            dtype, a batch whose targets are all ignored, targets that do not fit the logits, a model
+            with nothing to train, a ``run_dir`` that holds another run, or a checkpoint that is
+            damaged or does not fit; ``task="causal-lm"`` for a model that sees later tokens;
+            unlabelled token ids for a classifier or a model that takes none.
+        FloatingPointError: a non-finite loss or gradient with no GradScaler to absorb it (fp32,
+            bf16), weights that are not finite at a save, or a 16-mixed run whose steps are all
+            skipped until the loss scale is under 2**-24. No checkpoint is written with them.
+        CheckpointWriteError: (an ``OSError``) a full disk or read-only folder; the message names
+            the file and the cause; the previous checkpoint is intact.
 
     .. note::
         Metrics are read from the device every ``log_every`` steps only; ``16-mixed`` reads the
-        loss scale once per step (one host sync) to count skipped steps. KeyboardInterrupt ends
-        the run cleanly with a checkpoint and ``interrupted=True``.
+        loss scale once per step (one host sync) to count skipped steps. Ctrl-C and SIGTERM (in
+        the main thread) stop the run after the optimizer step in flight, with a checkpoint and
+        ``interrupted=True``; a second one stops at once, but never during a save.
+        ``result.checkpoint_step == result.global_step`` says that nothing was lost. Under
+        ``16-mixed`` a :class:`ScaleHealth` watches the scale (one :class:`PrecisionWarning` when it
+        collapses; ``scale_health`` in the step metrics and ``TrainResult``).
 
     .. note::
         Under ``torchrun`` each process runs this call: the model is wrapped in
@@ -517,24 +526,34 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     args = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
                          warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, seed=seed,
-                         log_every=log_every, progress=progress, task=task)
+                         log_every=log_every, progress=progress,
+                         checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task)
     args.check()
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
+    scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
     model = _place(model, plan)
-    objective = None if loss_fn is not None else objective_for(
+    objective = None if loss_fn is not None else objective_for(  # probed before compiling: eager calls
         model, task, mask_token_id=mask_token_id, call=f"train({type(model).__name__})")
+    model = compile_model(model, compile)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
+    kept = []
+    if keep_fp32 is not None:
+        def first_batch():
+            return next(iter(batches.epoch(0) if isinstance(batches, TensorBatches) else batches))
+        kept, plan = plan_keep_fp32(model, keep_fp32, plan, first_batch, loss_fn)
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
     optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
     warm = max(warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    trainer = Trainer(model, plan, optimizer, scheduler, plan.make_scaler(), batches, val_batches, args,
+    trainer = Trainer(model, plan, optimizer, scheduler, scaler, batches, val_batches, args,
                       loss_fn, callbacks, run_dir, world, objective)
+    trainer.keep_fp32 = kept
     if resume_from is not None:
         trainer.restore(resume_from)
     else:
         torch.manual_seed(seed)
         random.seed(seed)
-    return world.fit(trainer)
+    with tf32_matmuls(plan.device, tf32), KeptModules(model, kept, plan.device_type):  # both undone on the way out
+        return world.fit(trainer)

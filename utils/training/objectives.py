@@ -25,7 +25,7 @@ from torch import nn
 
 from utils.model_calls import find_vocab_size
 from utils.tasks import CAUSAL_LM, CLASSIFIER, MASKED_LM, NON_TOKEN, SEQ2SEQ, TaskInfo, detect_task
-from utils.training.batches import IGNORE_INDEX, Prepared, _count, prepare_batch
+from utils.training.batches import IGNORE_INDEX, Prepared, _count, forward_loss, prepare_batch
 
 MASK_PROB = 0.15  # BERT's share of positions to predict
 
@@ -193,3 +193,20 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
                              f"0..{(vocab or 1) - 1}, the model's vocabulary.")
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
     return Objective(info, vocab, type(model).__name__)
+
+
+def objective_loss_fn(model: nn.Module, task: str | None = None):
+    """A ``loss_fn(model, batch) -> loss`` with ``model``'s objective, for one-off measurements
+    (memory, the fp16 report): the task is found now, before any hook watches a forward pass, and
+    each call hides the same positions (a fresh generator seeded 0), so two passes compare.
+
+    Example::
+
+        >>> loss = objective_loss_fn(bert)(bert, ids)          # doctest: +SKIP
+    """
+    objective = objective_for(model, task)
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0)))[0]
+
+    return loss_fn

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import platform
 import warnings
 from dataclasses import dataclass, field
@@ -163,13 +164,63 @@ class PrecisionPlan:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.autocast_dtype)
 
-    def make_scaler(self) -> torch.amp.GradScaler:
-        """``torch.amp.GradScaler(device_type, enabled=use_scaler)``: a no-op unless ``16-mixed``."""
-        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler)
+    def make_scaler(self, **kwargs) -> torch.amp.GradScaler:
+        """``torch.amp.GradScaler(device_type, enabled=use_scaler, **kwargs)``: a no-op unless ``16-mixed``.
+
+        Example::
+
+            >>> plan = resolve_precision("16-mixed", device="cpu")          # doctest: +SKIP
+            >>> plan.make_scaler(init_scale=2.0**10, growth_interval=500).get_scale()   # doctest: +SKIP
+            1024.0
+
+        Args:
+            **kwargs: GradScaler settings, checked first: ``init_scale`` (> 0, default 2**16),
+                ``growth_factor`` (> 1, default 2.0), ``backoff_factor`` (between 0 and 1, default
+                0.5), ``growth_interval`` (an integer >= 1, default 2000).
+
+        Raises:
+            ValueError: an unknown setting or a bad value; the message names it and what is allowed.
+
+        .. note:: Settings given to a plan without loss scaling are checked, then ignored with a
+            :class:`PrecisionWarning`.
+        """
+        check_scaler_kwargs(kwargs)
+        if kwargs and not self.use_scaler:
+            warnings.warn(f"GradScaler settings {kwargs} have no effect under {self.name}: it uses no loss "
+                          f"scaling (only 16-mixed does).", PrecisionWarning, stacklevel=2)
+        return torch.amp.GradScaler(self.device_type, enabled=self.use_scaler, **kwargs)
 
     def describe(self) -> str:
         """One line for people: ``"bf16-mixed on cpu: <reason>"``."""
         return f"{self.name} on {self.device}: {self.reason}"
+
+
+# What each GradScaler setting accepts: (check, what is allowed).
+_SCALER_SETTINGS = {
+    "init_scale": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
+    "growth_factor": (lambda v: _is_number(v) and 1 < v < math.inf, "a finite number > 1"),
+    "backoff_factor": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
+    "growth_interval": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+}
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_scaler_kwargs(kwargs: dict) -> None:
+    """Check GradScaler settings before torch sees them (torch asserts, or accepts nonsense).
+
+    Raises:
+        ValueError: an unknown setting, or a value outside what the setting allows.
+    """
+    for key, value in kwargs.items():
+        if key not in _SCALER_SETTINGS:
+            allowed = ", ".join(_SCALER_SETTINGS)
+            raise ValueError(f"GradScaler setting {key}={value!r} is not known. Allowed: {allowed}.")
+        check, allowed = _SCALER_SETTINGS[key]
+        if not check(value):
+            raise ValueError(f"GradScaler setting {key}={value!r} is not allowed: it must be {allowed}.")
 
 
 def canonical_precision(precision) -> str:

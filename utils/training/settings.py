@@ -33,9 +33,14 @@ class TrainSettings:
         max_grad_norm: clip the unscaled gradient norm; None turns clipping off (default 1.0).
         warmup_steps: linear learning-rate warm-up (default 0).
         checkpoint_every: also checkpoint every N steps (default None: epoch ends and the run end).
+        checkpoint_minutes: also checkpoint when this many minutes of wall time passed since the last
+            save, checked at log steps (default 10: a Colab disconnect loses at most that, while a
+            save costs seconds; None: off).
         seed: weights and shuffling (default 0).
         log_every: read metrics from the device every N steps (default 10).
         progress: show a progress bar (default True).
+        overwrite: a fresh run into a folder that holds a run moves the old run aside (default
+            False: an error that suggests resuming or a new folder).
         task: what the model predicts, which sets the objective on token ids (default None:
             detected from its config and a probe; see :func:`utils.tasks.detect_task`): one of
             ``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ``"seq2seq"``, ``"non-token"``.
@@ -59,6 +64,8 @@ class TrainSettings:
     seed: int = 0
     log_every: int = 10
     progress: bool = True
+    checkpoint_minutes: float | None = 10.0
+    overwrite: bool = False
     task: str | None = None
 
     def check(self) -> None:
@@ -74,6 +81,9 @@ class TrainSettings:
                 raise ValueError(f"{name}={value!r} is not allowed: it must be None or an integer >= 1.")
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} is not allowed: it must be a number > 0.")
+        minutes = self.checkpoint_minutes
+        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
+            raise ValueError(f"checkpoint_minutes={minutes!r} is not allowed: it must be None or a number > 0.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
         from utils.tasks import TASKS  # the list of tasks lives with their detection

@@ -63,7 +63,8 @@ class _LoopView:
         plan = self.plan
         return {"precision": plan.name, "dtype": _dtype(plan.autocast_dtype or plan.param_dtype),
                 "param_dtype": _dtype(plan.param_dtype), "device": str(plan.device), "reason": plan.reason,
-                "loss_scaling": plan.use_scaler}
+                "loss_scaling": plan.use_scaler,
+                **({"keep_fp32": self.trainer.keep_fp32} if getattr(self.trainer, "keep_fp32", None) else {})}
 
     def define_metrics(self, run) -> None:
         """The loop passes ``step=``: nothing to define."""
@@ -75,8 +76,10 @@ class _LoopView:
         return {f"val/{k.removeprefix('val_')}": v for k, v in metrics.items()}
 
     def summary(self, callback, result) -> dict:
+        health = result.scale_health or {}
         return {"amp/precision": result.precision.name, "amp/skipped_steps": result.skipped_steps,
-                "amp/final_loss_scale": result.final_loss_scale if callback._tracks_scale(self.trainer) else None}
+                "amp/final_loss_scale": result.final_loss_scale if callback._tracks_scale(self.trainer) else None,
+                "amp/scale_health": health.get("status"), "amp/scale_health_step": health.get("step")}
 
 
 class _LightningView:
@@ -143,7 +146,11 @@ class AmpWandbCallback:
       ``epoch`` and, after evaluation, ``val/loss``, ``val/accuracy``, ``val/perplexity``;
     - each epoch end, through ``wandb.log``: ``amp/enabled``, ``amp/precision`` (as passed, e.g. ``'16'``)
       and ``amp/loss_scale`` (the seed's record);
-    - the summary: ``amp/precision``, ``amp/skipped_steps``, ``amp/final_loss_scale``.
+    - the summary: ``amp/precision``, ``amp/skipped_steps``, ``amp/final_loss_scale``; with our loop
+      under ``16-mixed`` also ``amp/scale_health`` (``"ok"`` or ``"warning"``) and, when it warned,
+      ``amp/scale_health_step``; each logged step then has ``amp/skip_rate`` (over the health window);
+    - ``wandb.alert`` once, when our loop's :class:`ScaleHealth` warns the loss scale is collapsing;
+    - the config ``amp.keep_fp32``: the modules ``train(keep_fp32=...)`` ran in fp32, when any.
 
     W&B steps never go backwards (W&B drops such rows): with our loop the step is the loop's
     global step; under Lightning rows carry ``trainer/global_step``, WandbLogger's step metric,
@@ -188,6 +195,7 @@ class AmpWandbCallback:
         self._scale: float | None = None
         self._skipped = self._logged_skipped = 0
         self._last_step: int | None = None
+        self._alerted = False  # the loss-scale health alert goes out once per run
         self._trainer_view: _LoopView | _LightningView | None = None
 
     # ---- reading the trainer -----------------------------------------------------------------
@@ -256,7 +264,7 @@ class AmpWandbCallback:
     # ---- hooks: our loop calls (trainer, ...), Lightning calls (trainer, pl_module, ...) ------
     def on_train_start(self, trainer, pl_module=None) -> None:
         view = self._trainer_view = _view_for(trainer)
-        self._tracking = None
+        self._tracking, self._alerted = None, False
         self._scale = self._get_loss_scale(trainer) if self._tracks_scale(trainer) else None
         self._skipped = self._logged_skipped = getattr(trainer, "skipped_steps", 0)
         self._last_step = getattr(trainer, "global_step", 0)
@@ -271,7 +279,18 @@ class AmpWandbCallback:
                **{f"train/{k}": metrics.get(k) for k in ("loss", "lr", "grad_norm", "tokens_per_s")}}
         if self._tracks_scale(trainer):
             row.update(self._amp_row(metrics.get("loss_scale"), metrics.get("skipped_steps", 0)))
+        if "skip_rate" in metrics:  # our loop under 16-mixed: its ScaleHealth's view
+            row["amp/skip_rate"] = metrics["skip_rate"]
         self._log(row, step=metrics["step"])
+        self._alert_scale_health(trainer)
+
+    def _alert_scale_health(self, trainer) -> None:
+        """``wandb.alert`` once, when our loop's :class:`ScaleHealth` has warned."""
+        message = getattr(getattr(trainer, "scale_health", None), "message", None)
+        if message is None or self._alerted or self._run() is None:
+            return
+        self._alerted = True
+        self._call("alert", lambda run: run.alert(title="fp16 loss scale collapsing", text=message, level="WARN"))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         """Lightning, after each batch: count skipped steps, log every ``log_every`` optimizer steps."""
@@ -303,6 +322,7 @@ class AmpWandbCallback:
 
     def on_train_end(self, trainer, pl_module_or_result=None) -> None:
         """The summary: the precision, the total skipped steps and the final loss scale."""
+        self._alert_scale_health(trainer)  # a warning after the last logged step
         summary = self._view(trainer).summary(self, pl_module_or_result)
         summary = {k: v for k, v in summary.items() if v is not None}
         self._call("summary.update", lambda run: run.summary.update(summary))

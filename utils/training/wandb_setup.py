@@ -110,6 +110,26 @@ def _message(mode: str, why: str, run, run_dir) -> tuple[str, Path | None]:
     return f"W&B: disabled ({why}). Metrics are kept locally only{where}.", None
 
 
+def _start(wandb, chosen: str, why: str, degraded: bool, opts: dict):
+    """``wandb.init``: online falls back to offline; any failure of an offline start (an unwritable
+    folder, a broken install) disables W&B with the cause named. Returns ``(run, mode, why, degraded)``."""
+    run_dir = opts.pop("run_dir")
+    kwargs = {**opts, "dir": None if run_dir is None else str(run_dir)}
+    if chosen == "online":
+        try:
+            return wandb.init(mode="online", **kwargs), chosen, why, degraded
+        except Exception as e:  # unreachable, bad key, quota: the run goes on offline
+            chosen, why, degraded = "offline", f"W&B could not be reached: {type(e).__name__}: {e}", True
+    os.environ["WANDB_MODE"] = chosen  # wandb reads the environment at exit too: no lookup from offline
+    try:
+        if run_dir is not None:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        return wandb.init(mode=chosen, **kwargs), chosen, why, degraded
+    except Exception as e:  # training never depends on W&B: any failure here only disables it
+        os.environ["WANDB_MODE"] = "disabled"
+        return None, "disabled", f"W&B failed to start: {type(e).__name__}: {e}", True
+
+
 def init_wandb(project: str, config: dict | None = None, mode: str | None = None, run_dir=None) -> WandbSession:
     """Start a W&B run: online when logged in, offline when not (or when W&B is unreachable),
     disabled when wandb is not installed.
@@ -137,7 +157,8 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
 
     .. note::
         An online start that fails (no network, bad key, quota) falls back to offline with a
-        warning: a training run never waits on W&B. Tests and unattended runs should set
+        warning, and an offline start that fails (an unwritable ``wandb/`` folder, a broken
+        install: any exception) disables W&B with one warning: a training run never waits on W&B. Tests and unattended runs should set
         ``WANDB_MODE=offline`` in the environment: wandb still tries a lookup at exit otherwise;
         ``init_wandb`` sets it there itself when it starts an offline or disabled run.
     """
@@ -145,18 +166,8 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
     chosen, why, degraded = choose_mode(mode, wandb is not None, lambda: _logged_in(wandb))
     run = None
     if wandb is not None:
-        if run_dir is not None:
-            Path(run_dir).mkdir(parents=True, exist_ok=True)
-        kwargs = {"project": project, "config": config, "dir": None if run_dir is None else str(run_dir)}
-        if chosen == "online":
-            try:
-                run = wandb.init(mode="online", **kwargs)
-            except Exception as e:  # unreachable, bad key, quota: the run goes on offline
-                chosen, why, degraded = "offline", f"W&B could not be reached: {type(e).__name__}: {e}", True
-        if run is None:
-            if chosen != "online":  # wandb reads the environment at exit too: no lookup from an offline run
-                os.environ["WANDB_MODE"] = chosen
-            run = wandb.init(mode=chosen, **kwargs)
+        run, chosen, why, degraded = _start(wandb, chosen, why, degraded,
+                                            {"project": project, "config": config, "run_dir": run_dir})
     message, folder = _message(chosen, why, run, run_dir)
     if degraded:
         warnings.warn(message, WandbWarning, stacklevel=2)

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from utils.model_calls import find_hidden_size, find_num_layers, preserved_state
-from utils.training.batches import forward_loss, move_to
-from utils.training.objectives import objective_for
-from utils.training.precision import PrecisionPlan
+from utils.training.batches import move_to
+from utils.training.objectives import objective_loss_fn
+from utils.training.precision import Capabilities, PrecisionPlan
 
 
 def synchronize(device: torch.device) -> None:
@@ -149,9 +149,7 @@ def saved_tensor_bytes(model: nn.Module, batch, plan: PrecisionPlan, loss_fn=Non
         return t
 
     batch = move_to(batch, plan.device)
-    if loss_fn is None:  # the objective train() would use (masked LM, seq2seq, ...), found before measuring
-        prepared = objective_for(model).prepare(batch, generator=torch.Generator().manual_seed(0))
-        loss_fn = lambda m, _: forward_loss(m, prepared)[0]  # noqa: E731
+    loss_fn = loss_fn or objective_loss_fn(model)  # train()'s objective (masked LM, ...), found before measuring
     with preserved_state(model), torch.enable_grad():
         model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plan.autocast():
@@ -219,3 +217,46 @@ def model_flops_per_step(model: nn.Module, tokens: int, seq_len: int) -> float:
     layers, width = find_num_layers(model), find_hidden_size(model)
     attention = 12 * layers * width * seq_len if layers and width else 0
     return float((6 * matmul_params(model) + attention) * tokens)
+
+
+def runs_natively(device, dtype: torch.dtype, caps: Capabilities | None = None) -> bool:
+    """Whether ``device`` has native matmul kernels for ``dtype``, so a measured ceiling means something.
+
+    fp32 always does; bf16 on a CPU only with AVX512-BF16/AMX/Arm BF16 (``caps.cpu_bf16``), on
+    CUDA only where ``caps.cuda_bf16``; fp16 on a CPU is treated as emulated (converted to fp32 per
+    kernel on most CPUs). ``caps`` defaults to :meth:`Capabilities.detect` (tests inject them).
+    """
+    device_type = torch.device(device).type
+    if dtype == torch.float32:
+        return True
+    caps = Capabilities.detect() if caps is None else caps
+    if device_type == "cpu":
+        return dtype == torch.bfloat16 and caps.cpu_bf16
+    if device_type == "cuda":
+        return dtype != torch.bfloat16 or caps.cuda_bf16
+    return True
+
+
+def linear_shapes(model: nn.Module) -> list[tuple[int, int]]:
+    """``(in_features, out_features)`` of every ``nn.Linear``, once per distinct shape."""
+    return sorted({(m.in_features, m.out_features) for m in model.modules() if isinstance(m, nn.Linear)})
+
+
+def shapes_peak_flops(device, dtype: torch.dtype, shapes: list[tuple[int, int]], tokens: int,
+                      *, target_s: float = 0.05) -> float:
+    """The best FLOP/s among the model's own matmuls, ``(tokens, in) @ (in, out)`` per shape.
+
+    The fallback ceiling when a model beats the square-matmul one of :func:`matmul_peak_flops`
+    (its shapes suit the kernels better). Best of 3 rounds of about ``target_s`` per shape.
+    """
+    device = torch.device(device)
+    best = 0.0
+    for n_in, n_out in shapes:
+        a = torch.randn(tokens, n_in, device=device).to(dtype)
+        b = torch.randn(n_in, n_out, device=device).to(dtype)
+        _time_matmul(a, b, 1)  # warm-up
+        one = max(_time_matmul(a, b, 1), 1e-9)
+        iters = max(1, math.ceil(target_s / one))
+        seconds = min(_time_matmul(a, b, iters) for _ in range(3))
+        best = max(best, 2 * tokens * n_in * n_out / seconds)
+    return best

@@ -19,6 +19,7 @@ from utils.strict_json import json_safe as _json_safe
 from utils.training.benchmark.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
+NOISE_BOUND = 0.10  # a row whose step times' IQR / median stays above this is ``noisy``: no speed verdict
 _MIB = 2**20
 
 
@@ -37,6 +38,11 @@ class AmpRow:
     step_time_min_s: float | None = None
     step_time_max_s: float | None = None
     step_times_s: list[float] = field(default_factory=list)  # every timed step, in run order
+    step_time_iqr_s: float | None = None  # interquartile range of the timed steps
+    noise: float | None = None  # step_time_iqr_s / step_time_s
+    noisy: bool = False  # noise stayed above NOISE_BOUND: the machine was busy, the speed is not trusted
+    compile: bool = False  # the model ran under torch.compile (the row's name ends in "+compile")
+    compile_time_s: float | None = None  # first compiled step minus the median step: compiling, not stepping
     throughput: float | None = None
     throughput_unit: str = "tokens/s"
     speedup: float | None = None  # fp32 median / this median
@@ -57,7 +63,8 @@ class AmpRow:
     skipped_steps: int | None = None  # GradScaler skips (16-mixed)
     model_flops_per_s: float | None = None
     peak_flops: float | None = None  # the matmul ceiling of this precision's compute dtype
-    mfu: float | None = None  # model_flops_per_s / peak_flops
+    mfu: float | None = None  # model_flops_per_s / peak_flops, never above 1.0
+    mfu_note: str = ""  # "n/a (emulated)", or which ceiling peak_flops is ("square matmul", "model's matmul shapes")
     init_checksum: str | None = None  # of the weights every repeat started from
     error: str | None = None
 
@@ -67,7 +74,24 @@ class AmpRow:
         if times:
             self.step_time_s = statistics.median(times)
             self.step_time_min_s, self.step_time_max_s = min(times), max(times)
+            self.step_time_iqr_s = iqr(times)
+            self.noise = _ratio(self.step_time_iqr_s, self.step_time_s)
+            self.noisy = self.noise is not None and self.noise > NOISE_BOUND
             self.throughput = _ratio(items_per_step, self.step_time_s)
+
+
+def iqr(times: list[float]) -> float:
+    """The interquartile range (75th minus 25th percentile, linear interpolation) of ``times``.
+
+    Example::
+
+        >>> iqr([1.0, 2.0, 3.0, 4.0, 5.0])
+        2.0
+    """
+    if len(times) < 2:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q3 - q1
 
 
 def _ratio(a, b):
@@ -102,6 +126,17 @@ def compare_to_baseline(rows: list[AmpRow], tolerance: float) -> None:
         row.exceeds_tolerance = any(not abs(d) <= tolerance for d in deltas) if deltas else None
 
 
+def _status(r: AmpRow) -> str:
+    if r.error:
+        return f"error: {r.error}"
+    parts = [f"noisy (IQR {r.noise:.0%} of the median)"] if r.noisy else []
+    if r.exceeds_tolerance:
+        parts.append("Δ over tolerance")
+    if r.compile_time_s is not None:
+        parts.append(f"compiled in {r.compile_time_s:.1f} s")
+    return ", ".join(parts) or "ok"
+
+
 def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a" if value is None else str(value)
@@ -111,15 +146,30 @@ def _fmt(value, spec: str, scale: float = 1.0, suffix: str = "") -> str:
 _TABLE_COLUMNS = ("precision", "requested", "step_time_s", "step_time_min_s", "step_time_max_s", "throughput",
                   "speedup", "activation_bytes", "activation_ratio", "weight_copy_bytes", "peak_memory_bytes",
                   "memory_reduction_pct",
-                  "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu", "skipped_steps", "error")
+                  "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu", "mfu_note", "skipped_steps",
+                  "step_time_iqr_s", "noise", "noisy", "compile_time_s", "error")
+
+
+def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow]) -> str:
+    """No speed verdict from step times that varied more than NOISE_BOUND: say so, and why."""
+    spread = ", ".join(f"{r.precision} {r.noise:.0%}" for r in noisy)
+    text = (f"The machine was busy: step times varied too much to compare speeds (IQR / median: {spread}; "
+            f"the bound is {NOISE_BOUND:.0%}), so nothing is recommended on speed. Rerun on a quiet machine "
+            f"or with a larger max_seconds.")
+    drift = [r.precision for r in rows if r.exceeds_tolerance and r.error is None]
+    failed = [f"{r.precision} failed here: {r.error}" for r in rows if r.error]
+    if drift:
+        text += f" Loss drifts from fp32 beyond the tolerance in: {', '.join(drift)}."
+    return " ".join([text] + [f if f.endswith(".") else f + "." for f in failed])
 
 
 @dataclass
 class AmpBenchmark:
     """Rows per precision, the settings they were measured with, and notes on what was decided.
 
-    ``settings`` holds ``steps``, ``warmup``, ``repeats``, ``batch_size``, ``lr``,
-    ``loss_tolerance``, ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
+    ``settings`` holds ``steps``, ``warmup``, ``repeats`` (those run, extra ones included),
+    ``noise_bound``, ``compile``, ``tf32``, ``batch_size``, ``lr``, ``loss_tolerance``,
+    ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
     that two requests resolved to the same precision and were measured once.
     """
 
@@ -163,23 +213,23 @@ class AmpBenchmark:
         """A Markdown table, one line per precision, then the notes and any fp16 scan advice."""
         unit = self.rows[0].throughput_unit if self.rows else "tokens/s"
         lines = [
-            f"| precision | step ms (min–max) | {unit} | speedup | activations MiB (×fp32) | weight copies MiB "
+            f"| precision | step ms (IQR; min–max) | {unit} | speedup | activations MiB (×fp32) | weight copies MiB "
             f"| peak MiB | params+optim MiB | final loss | eval loss | Δ loss | MFU | status |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in self.rows:
             asked = [q for q in r.requested if q != r.precision]
             name = r.precision + (f" ({', '.join(asked)})" if asked else "")
-            spread = f"{_fmt(r.step_time_s, '.1f', 1e3)} ({_fmt(r.step_time_min_s, '.1f', 1e3)}–" \
-                     f"{_fmt(r.step_time_max_s, '.1f', 1e3)})"
+            spread = f"{_fmt(r.step_time_s, '.1f', 1e3)} ({_fmt(r.step_time_iqr_s, '.1f', 1e3)}; " \
+                     f"{_fmt(r.step_time_min_s, '.1f', 1e3)}–{_fmt(r.step_time_max_s, '.1f', 1e3)})"
             act = f"{_fmt(r.activation_bytes, '.2f', 1 / _MIB)} ({_fmt(r.activation_ratio, '.2f', suffix='x')})"
             state = None if r.param_bytes is None else r.param_bytes + (r.optimizer_bytes or 0)
-            status = f"error: {r.error}" if r.error else ("Δ over tolerance" if r.exceeds_tolerance else "ok")
+            status = _status(r)
             lines.append(" | ".join([
                 f"| {name}", spread, _fmt(r.throughput, ",.0f"), _fmt(r.speedup, ".2f", suffix="x"), act,
                 _fmt(r.weight_copy_bytes, ".2f", 1 / _MIB), _fmt(r.peak_memory_bytes, ".1f", 1 / _MIB), _fmt(state, ".1f", 1 / _MIB),
                 _fmt(r.final_loss, ".4f"), _fmt(r.eval_loss, ".4f"), _fmt(r.loss_delta, "+.4f"),
-                _fmt(r.mfu, ".1%"), status.replace("|", "/").replace("\n", " ") + " |",
+                r.mfu_note if r.mfu is None and r.mfu_note else _fmt(r.mfu, ".1%"), status.replace("|", "/").replace("\n", " ") + " |",
             ]))
         lines += [f"\n- {note}" for note in self.notes]
         if self.fp16_scan is not None:
@@ -198,6 +248,9 @@ class AmpBenchmark:
         if base is None or base.step_time_s is None:
             return f"No usable {BASELINE} row, so nothing to compare against: include {BASELINE!r} in precisions."
         lines, fine = [], []
+        noisy = [r for r in self.rows if r.noisy and r.error is None]
+        if noisy:
+            return _busy_verdict(noisy, self.rows)
         for r in self.rows:
             if r is base:
                 continue
