@@ -181,3 +181,23 @@ def test_benchmark_amp_trains_a_masked_lm_with_its_objective(windows):
     assert [r.error for r in bench.rows] == [None, None]
     for row in bench.rows:
         assert 4.0 < row.final_loss < 7.0
+
+
+def test_the_precision_report_runs_an_encoder_decoder_with_its_objective(windows):
+    from utils.training import compare_precisions
+
+    model = tiny_t5()
+    report = compare_precisions(model, windows.train[:2], precision="bf16-mixed")
+    inputs = labels = windows.train[:2, :-1].contiguous()
+    hidden, _ = mask_tokens(inputs, 255, 256, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the same hidden positions, rebuilt through labels: the fp32 loss by hand
+        by_hand = model.eval()(input_ids=hidden, labels=labels).loss
+    assert report.loss_fp32 == pytest.approx(float(by_hand), rel=1e-4)
+
+
+def test_plan_memory_measures_a_masked_lm(windows):
+    from utils.training import plan_memory
+
+    plan = plan_memory(BidirectionalMLM(), windows.train[:2], precisions=("32-true",))
+    assert plan.row("32-true").activation_bytes_per_sample > 0
+    assert plan.sequence_length == 16  # the window minus the token a causal LM would predict
