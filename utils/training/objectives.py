@@ -207,6 +207,6 @@ def objective_loss_fn(model: nn.Module, task: str | None = None):
     objective = objective_for(model, task)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
-        return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0)))[0]
+        return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0), argument="batch"))[0]
 
     return loss_fn

@@ -235,16 +235,23 @@ def make_fp16_hostile(model: nn.Module, batch, module: str | None = None, *, pea
         The name of the Linear it scaled.
 
     Raises:
-        ValueError: ``module`` is not a Linear of the model, or the model has none.
+        ValueError: ``module`` is not a Linear of the model, or one its forward pass never calls (an
+            ``nn.MultiheadAttention``'s ``out_proj``), or the model has none.
     """
+    scan = scan_fp16_overflow(model, batch)
+    seen = {m.name: m.max_abs for m in scan.modules}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    called = [n for n in linears if n in seen]  # an nn.MultiheadAttention's out_proj is never called itself
     if module is None:
-        module = next((n for n in linears if "mlp" in n or "fc" in n), linears[0] if linears else None)
+        module = next((n for n in called if "mlp" in n or "fc" in n), called[0] if called else None)
     if module not in linears:
         raise ValueError(f"make_fp16_hostile(module={module!r}): not an nn.Linear of {type(model).__name__}. "
                          f"Its Linears: {', '.join(linears) or 'none'}.")
-    scan = scan_fp16_overflow(model, batch)
-    current = next(m.max_abs for m in scan.modules if m.name == module)
+    if module not in seen:
+        raise ValueError(f"make_fp16_hostile(module={module!r}): {type(model).__name__}'s forward pass never calls "
+                         f"it (an nn.MultiheadAttention uses its out_proj's weights directly). The Linears it "
+                         f"calls: {', '.join(called) or 'none'}.")
+    current = seen[module]
     linear = dict(model.named_modules())[module]
     with torch.no_grad():
         for p in (linear.weight, linear.bias):

@@ -124,7 +124,7 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
     device_type = model_device(model).type
     # The task's objective (masked LM, seq2seq ...), found before the hooks see any forward pass.
     prepared = None if loss_fn is not None else objective_for(model).prepare(
-        batch, generator=torch.Generator().manual_seed(0))
+        batch, generator=torch.Generator().manual_seed(0), argument="batch")
     handles = [module.register_forward_hook(functools.partial(_record, stats, (name, type(module).__name__)))
                for name, module in model.named_modules()]
     try:
