@@ -10,7 +10,7 @@ export WANDB_MODE ?= offline
 export WANDB_SILENT ?= true
 export PYTHONHASHSEED ?= 0
 
-.PHONY: test demo lint clean
+.PHONY: test demo lint mutate clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m utils.demo
+
+# Plants known bugs one at a time and reports which the tests catch (slow: not part of `make test`).
+mutate: $(STAMP)
+	$(BIN)/python benchmarks/mutate.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check utils tests benchmarks

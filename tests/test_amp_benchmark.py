@@ -1,4 +1,5 @@
 import json
+import math
 import re
 import time
 import warnings
@@ -55,8 +56,14 @@ def quiet_benchmark(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def bench():
-    return quiet_benchmark(micro, ids(32), precisions=("32-true", "auto", "bf16-mixed", "16-mixed"), steps=3,
-                           warmup=1, repeats=2, batch_size=4, device="cpu", eval_data=ids(8, seed=1))
+    return quiet_benchmark(micro, counting_ids(32), precisions=("32-true", "auto", "bf16-mixed", "16-mixed"),
+                           steps=3, warmup=1, repeats=2, batch_size=4, device="cpu", eval_data=ids(8, seed=1), lr=1e-2)
+
+
+def counting_ids(rows, vocab=256):
+    """Rows that count upwards mod vocab: learnable, so 4 steps at lr 1e-2 move the loss ~0.3."""
+    start = torch.randint(0, vocab, (rows, 1), generator=torch.Generator().manual_seed(3))
+    return (start + torch.arange(SEQ)) % vocab
 
 
 # ---- rows ------------------------------------------------------------------------------------
@@ -116,6 +123,9 @@ def test_adamw_state_is_twice_the_parameters(bench):
 
 
 def test_half_precision_losses_stay_within_tolerance_of_fp32(bench):
+    # fp32 learned more than 4 tolerances below the untrained loss ln(256): a precision that did not
+    # learn would be flagged, so the tolerance below can fail.
+    assert bench.row("32-true").final_loss < math.log(256) - 4 * 0.05
     for row in bench.rows:
         assert abs(row.loss_delta) < 0.05 and row.exceeds_tolerance is False
 
@@ -317,11 +327,18 @@ def test_wandb_gets_a_table_and_summary_metrics(bench):
     assert run.summary["amp/bf16-mixed/speedup"] == bench.row("bf16-mixed").speedup
 
 
-def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(bench):
+def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(bench, monkeypatch, tmp_path):
     import wandb
+    import wandb_records
 
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     bench.log_to_wandb()
     assert wandb.run is None  # the run it started was finished
+    records = wandb_records.wait_for_exit(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
+    assert wandb_records.config(records)["steps"] == 3
+    summary = wandb_records.summary(records)
+    assert summary["amp/32-true/speedup"] == 1.0
+    assert summary["amp/bf16-mixed/final_loss"] == pytest.approx(bench.row("bf16-mixed").final_loss)
 
 
 # ---- measurement helpers ---------------------------------------------------------------------

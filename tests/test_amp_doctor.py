@@ -272,7 +272,7 @@ def test_benchmark_adds_a_kept_row_beside_16_mixed():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
         bench = benchmark_amp(Hot, token_ids(), precisions=("32-true", "16-mixed"), device="cpu", steps=2, warmup=0,
-                              repeats=1, batch_size=4, keep_fp32="auto")
+                              repeats=1, batch_size=4, keep_fp32="auto", max_seconds=0)
     assert [r.precision for r in bench.rows] == ["32-true", "16-mixed", "16-mixed+fp32[hot]"]
     plain, kept = bench.row("16-mixed"), bench.row("16-mixed+fp32[hot]")
     assert (plain.skipped_steps, kept.skipped_steps, kept.error) == (2, 0, None)

@@ -1,22 +1,30 @@
 """`make demo`'s summary, read back from a run folder written by the real writers."""
 import json
+import warnings
 
 import torch
 
+from utils import demo
 from utils.demo import CPU_PARAMETERS, QUICK_PARAMETERS, summary
 from utils.models import example_model
-from utils.training import train
+from utils.training import resolve_precision, train
 from utils.training.benchmark.results import AmpBenchmark, AmpRow
 from utils.training.settings import TrainSettings
 
 
-def test_summary_reads_training_validation_and_benchmark(tmp_path):
+def write_run(run_dir):
+    """What the notebooks leave in a run folder, written by the real writers."""
     ids = torch.randint(0, 256, (12, 9), generator=torch.Generator().manual_seed(0))
     result = train(example_model("gpt-micro", n_layer=1), ids, val_data=ids[:4], precision="32-true", device="cpu",
-                   max_steps=3, batch_size=4, log_every=1, progress=False, run_dir=tmp_path)
+                   max_steps=3, batch_size=4, log_every=1, progress=False, run_dir=run_dir)
     bench = AmpBenchmark(rows=[AmpRow("32-true", step_time_s=0.0125, speedup=1.0, final_loss=2.5),
                                AmpRow("16-mixed", error="fp16 skipped 9 of 10 steps")], device="cpu")
-    (tmp_path / "benchmark.json").write_text(json.dumps(bench.to_dict()))
+    (run_dir / "benchmark.json").write_text(json.dumps(bench.to_dict()))
+    return result
+
+
+def test_summary_reads_training_validation_and_benchmark(tmp_path):
+    result = write_run(tmp_path)
 
     last, val = result.history[-1], result.epochs[-1]
     assert summary(tmp_path) == [
@@ -34,3 +42,24 @@ def test_summary_of_a_folder_without_results_is_empty(tmp_path):
 def test_demo_sizes_start_from_the_training_settings():
     assert CPU_PARAMETERS["batch_size"] == QUICK_PARAMETERS["batch_size"] == TrainSettings.batch_size
     assert CPU_PARAMETERS["precision"] == TrainSettings.precision == "auto"
+
+
+def test_main_runs_every_notebook_with_the_quick_settings_and_prints_the_plan(tmp_path, monkeypatch, capsys):
+    seen = {}
+
+    def notebooks(run_dir, parameters, root):  # what papermill would leave behind
+        seen.update(parameters=parameters, run_dir=run_dir)
+        write_run(run_dir)
+        return []
+
+    monkeypatch.setattr(demo, "run_notebooks", notebooks)
+    assert demo.main(["--quick", "--runs", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = resolve_precision("auto")
+    assert out.startswith(f"Precision plan for this machine: {plan.describe()}\n")
+    assert seen["parameters"] == QUICK_PARAMETERS and seen["run_dir"].parent == tmp_path
+    assert "training: 3 steps, final train loss " in out
+    assert f"everything is in {seen['run_dir']}/" in out
+    assert "  benchmark.json\n" in out and "  metrics.jsonl\n" in out

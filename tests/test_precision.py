@@ -148,29 +148,56 @@ def test_detected_capabilities_resolve_on_this_machine():
     assert plan.name in CANONICAL and plan.device_type in ("cpu", "cuda", "mps")
 
 
-@settings(max_examples=300, deadline=None)
+DEVICES = st.one_of(
+    st.sampled_from([None, "cpu", "cuda", "mps", torch.device("cpu"), torch.device("mps")]),
+    st.integers(0, 4).map(lambda i: f"cuda:{i}"),
+    st.integers(0, 4).map(lambda i: torch.device("cuda", i)),
+)
+
+
+def expected_device(device, caps):
+    """Where a request should land, by hand; None when the resolver must refuse the device."""
+    if device is None:
+        return torch.device("cuda", 0) if caps.cuda else torch.device("mps" if caps.mps else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        index = 0 if dev.index is None else dev.index
+        return torch.device("cuda", index) if index < caps.cuda_count else None
+    return None if dev.type == "mps" and not caps.mps else dev
+
+
+@settings(max_examples=500, deadline=None)
 @given(
     request=st.sampled_from(sorted(ALIASES) + [16, 32]),
-    cuda=st.booleans(), cuda_bf16=st.booleans(), cpu_bf16=st.booleans(), mps=st.booleans(),
-    explicit_cpu=st.booleans(),
+    cuda_count=st.integers(0, 4), cuda_bf16=st.booleans(), cpu_bf16=st.booleans(), mps=st.booleans(),
+    device=DEVICES,
 )
-def test_resolver_invariants(request, cuda, cuda_bf16, cpu_bf16, mps, explicit_cpu):
-    caps = Capabilities(cuda=cuda, cuda_count=int(cuda), cuda_bf16=cuda and cuda_bf16, cpu_bf16=cpu_bf16, mps=mps)
-    device = "cpu" if explicit_cpu else None
+def test_resolver_invariants(request, cuda_count, cuda_bf16, cpu_bf16, mps, device):
+    caps = Capabilities(cuda=cuda_count > 0, cuda_count=cuda_count, cuda_bf16=cuda_count > 0 and cuda_bf16,
+                        cpu_bf16=cpu_bf16, mps=mps)
+    where = expected_device(device, caps)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
         try:
             plan = resolve_precision(request, device=device, caps=caps)
         except ValueError as e:
-            # The only legitimate refusal: bf16 asked for on a GPU without it.
-            assert cuda and not caps.cuda_bf16 and not explicit_cpu and "bf16" in str(e)
+            if where is None:  # a device that is not there: named, with what there is
+                assert f"device={device!r} is not available" in str(e)
+                return
+            # The only other refusal: bf16 asked for on a GPU without it.
+            assert where.type == "cuda" and not caps.cuda_bf16 and "bf16" in str(e)
             return
+    assert where is not None, f"device={device!r} should have been refused with {caps}"
+    assert plan.device == where and plan.device_type == where.type
     assert plan.name in CANONICAL
     assert plan.use_scaler == (plan.name == "16-mixed")
     assert (plan.autocast_dtype is not None) == plan.name.endswith("-mixed")
-    if plan.device_type == "cpu" and not explicit_cpu:
+    if plan.device_type == "cpu" and device is None:
         assert not plan.name.startswith("16"), "fp16 must never be chosen implicitly on a CPU"
     if plan.device_type == "cuda" and plan.name.startswith("bf16"):
         assert caps.cuda_bf16
-    if canonical_precision(request) == "auto" and plan.device_type == "cpu":
-        assert plan.name == ("bf16-mixed" if cpu_bf16 else "32-true")
+    if canonical_precision(request) == "auto":
+        assert plan.name == {"cuda": "bf16-mixed" if caps.cuda_bf16 else "16-mixed", "mps": "32-true",
+                             "cpu": "bf16-mixed" if cpu_bf16 else "32-true"}[plan.device_type]
+    elif plan.device_type != "cpu" or device is not None:  # honoured as asked off the implicit CPU
+        assert plan.name == canonical_precision(request)

@@ -183,7 +183,7 @@ def test_benchmark_trains_the_modules_own_layers_not_a_copys(monkeypatch):
         return train(net, *args, **kwargs)
 
     monkeypatch.setattr(amp_benchmark_module, "train", spy)
-    bench = benchmark_amp(model, DATA, precisions=("32-true",), steps=2, warmup=0, repeats=2, batch_size=4,
+    bench = benchmark_amp(model, DATA, precisions=("32-true",), steps=2, warmup=0, repeats=2, batch_size=4, max_seconds=0,
                           device="cpu")
     assert trained == [model, model]  # the module itself, whose lambdas close over its own layers
     assert all(cell.cell_contents is block.mlp for block in model.blocks for cell in block.mlpf.__closure__)
@@ -193,7 +193,7 @@ def test_benchmark_trains_the_modules_own_layers_not_a_copys(monkeypatch):
 
 @pytest.mark.parametrize("name", ["nano", "llama"])
 def test_benchmark_amp_runs_a_targets_model(name):
-    bench = benchmark_amp(BUILDERS[name], DATA, precisions=("32-true", "bf16-mixed"), steps=1, warmup=0, repeats=1,
+    bench = benchmark_amp(BUILDERS[name], DATA, precisions=("32-true", "bf16-mixed"), steps=1, warmup=0, repeats=1, max_seconds=0,
                           batch_size=4, device="cpu", eval_data=DATA[:4])
     assert [r.error for r in bench.rows] == [None, None]
     assert bench.rows[0].eval_accuracy is not None
@@ -294,7 +294,7 @@ def test_cli_trains_a_config_object_model_from_its_file(tmp_path, capsys):
 def test_cli_benches_a_closure_model_through_a_factory(tmp_path, capsys):
     path = copy_user_models(tmp_path)
     status = cli.main(["bench", *cli_args(path, "--class-name", "ClosureLM", "--precisions", "32-true",
-                                          "--steps", "1", "--warmup", "0", "--repeats", "1")])
+                                          "--steps", "1", "--warmup", "0", "--repeats", "1", "--max-seconds", "0")])
     assert status == 0, capsys.readouterr().err
     assert "| 32-true" in capsys.readouterr().out
 

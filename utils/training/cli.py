@@ -84,6 +84,7 @@ def _float_where(allowed, what: str):
 
 _positive_float = _float_where(lambda v: v > 0, "a number > 0")
 _fraction = _float_where(lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_non_negative_float = _float_where(lambda v: v >= 0, "a number >= 0")
 
 
 def _precision(text: str) -> str:
@@ -216,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="runs per precision, interleaved (default: 3)")
     b.add_argument("--batch-size", type=_int_at_least(1), default=d["batch_size"], metavar="B",
                    help=f"sequences per step (default: {d['batch_size']})")
+    b.add_argument("--max-seconds", type=_non_negative_float, default=60.0, metavar="S",
+                   help="extra interleaved rounds, up to this long, while a row's timing is noisy "
+                        "(default: 60; 0: none)")
     b.add_argument("--json", metavar="PATH", help="also write the full results as JSON here")
     return parser
 
@@ -412,6 +416,7 @@ def run_bench(args: argparse.Namespace) -> int:
         factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
         bench = benchmark_amp(factory, train_ids, precisions=args.precisions, steps=args.steps,
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
+                              max_seconds=args.max_seconds,
                               device=opts["device"], lr=opts["lr"], eval_data=val_ids,
                               log_to_wandb=session is not None)
     finally:

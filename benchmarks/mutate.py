@@ -1,0 +1,257 @@
+"""Mutation check: plant realistic bugs in the package, one at a time, and see which the tests catch.
+
+Each mutant names a file, a snippet (exact text or a regex) to find in it, and its replacement. For
+each, the package and the tests are copied to a temporary folder, the mutant is applied there, and
+the mutant's tests run (``pytest -x``): a failing run kills the mutant, a passing one lets it
+survive. A snippet the file no longer holds (the code was refactored) makes the mutant *stale*:
+reported, not applied, so the list can be updated rather than the run crashing. A snippet that
+moved to another file of ``utils/`` (found there exactly once) is followed there.
+
+    python benchmarks/mutate.py                 # every mutant; prints a table and killed/total
+    python benchmarks/mutate.py --list          # the mutants and whether each still applies
+    python benchmarks/mutate.py --only no-unscale --only ignore-max-grad-norm --jobs 2
+
+Slow (minutes: the tests run once per mutant), so not part of CI; ``make mutate`` runs it. The
+exit status is 0 when every applicable mutant was killed, 1 when one survived, 2 when the
+unmutated tests fail (nothing can be concluded then).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPIED = ("utils", "tests", "pyproject.toml")  # what a test run needs; tests/browser is left out
+
+# Test files per part of the package, the quickest and most pointed first (``-x`` stops at the
+# first failure, so a killed mutant rarely runs them all). A file that no longer exists is dropped.
+TESTS = {
+    "loop": ["tests/test_loop_invariants.py", "tests/test_loop.py", "tests/test_amp_integration.py"],
+    "resolver": ["tests/test_precision.py", "tests/test_amp_integration.py"],
+    "tier1": ["tests/test_tier1_checks.py", "tests/test_validation.py"],
+    "callback": ["tests/test_amp_wandb.py"],
+    "benchmark": ["tests/test_benchmark_recommendation.py", "tests/test_amp_benchmark.py"],
+}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    path: str  # relative to the repository root
+    find: str  # exact text, or a regex when ``regex`` is True; must occur exactly once
+    replace: str
+    tests: str  # a key of TESTS
+    regex: bool = False
+
+
+LOOP, PRECISION, TIER1 = "utils/training/loop.py", "utils/training/precision.py", "utils/validation.py"
+CALLBACK = "utils/training/amp_utils.py"
+BENCH, RESULTS = "utils/training/amp_benchmark.py", "utils/training/benchmark_results.py"
+
+MUTANTS = [
+    # -- the training loop: the bug classes of issue 19 first ----------------------------------
+    Mutant("no-unscale", LOOP, r"\n\s*self\.scaler\.unscale_\(self\.optimizer\)", "", "loop", regex=True),
+    Mutant("ignore-max-grad-norm", LOOP, "self.args.max_grad_norm or math.inf", "math.inf", "loop"),
+    Mutant("clip-at-1-always", LOOP, "self.args.max_grad_norm or math.inf", "1.0", "loop"),
+    Mutant("no-restore-scaler", LOOP, r"self\.scaler\.load_state_dict\(state\[\"scaler\"\]\)", "pass",
+           "loop", regex=True),
+    Mutant("restore-scale-not-tracker", LOOP, r"self\.scaler\.load_state_dict\(state\[\"scaler\"\]\)",
+           'self.scaler.load_state_dict({**state["scaler"], "_growth_tracker": 0})', "loop", regex=True),
+    Mutant("no-restore-scheduler", LOOP, r"self\.scheduler\.load_state_dict\(state\[\"scheduler\"\]\)", "pass",
+           "loop", regex=True),
+    Mutant("no-restore-skipped-steps", LOOP, r"state\.get\(\"skipped_steps\", 0\)", "0", "loop", regex=True),
+    Mutant("no-restore-rng", LOOP,
+           r"if resume is not None:\n(\s*)ckpt_io\.set_rng_state\(resume\)\n(\s*)return self\.batches\.epoch",
+           r"if resume is not None:\n\1pass\n\2return self.batches.epoch", "loop", regex=True),
+    Mutant("scheduler-steps-on-skipped", LOOP, r"if not self\._skipped:\n\s*self\.scheduler\.step\(\)",
+           "self.scheduler.step()", "loop", regex=True),
+    Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self._scale", "self._skipped = False", "loop"),
+    Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
+    # -- Tier 1: checks made never to fail ------------------------------------------------------
+    Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
+           "if False:", "tier1", regex=True),
+    Mutant("vanishing-never-fails", TIER1, "elif norm < vanishing_below:", "elif False:", "tier1"),
+    Mutant("memory-never-fails", TIER1, "if available and smallest > available:", "if False:", "tier1"),
+    Mutant("random-batch-nan-never-fails", TIER1, "if bad_trials:", "if False:", "tier1"),
+    Mutant("batch-dim-never-checked", TIER1, "if out.dim() == 0 or out.shape[0] != b:", "if False:", "tier1"),
+    Mutant("autocast-nan-never-fails", TIER1, 'if not details["autocast_finite"]:', "if False:", "tier1"),
+    Mutant("gain-without-sqrt", TIER1, 'stats["std"] * math.sqrt(fan_in)', 'stats["std"] * fan_in', "tier1"),
+    Mutant("buffers-not-counted", TIER1, "buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())",
+           "buffer_bytes = 0", "tier1"),
+    Mutant("adam-one-moment", TIER1, "trainable * 4 * 3", "trainable * 4 * 2", "tier1"),
+    # -- the resolver ---------------------------------------------------------------------------
+    Mutant("auto-ignores-cpu-bf16", PRECISION, r"if caps\.cpu_bf16:\n(\s*)return \"bf16-mixed\"",
+           r'if False:\n\1return "bf16-mixed"', "resolver", regex=True),
+    Mutant("implicit-cpu-fp16-honoured", PRECISION, "        if explicit_device:\n", "        if True:\n", "resolver"),
+    Mutant("cuda-index-off-by-one", PRECISION, "index >= caps.cuda_count", "index > caps.cuda_count", "resolver"),
+    Mutant("scaler-for-bf16-too", PRECISION, 'use_scaler=name == "16-mixed"', 'use_scaler=name.endswith("-mixed")',
+           "resolver"),
+    Mutant("autocast-is-a-no-op", PRECISION, "return torch.autocast(self.device_type, dtype=self.autocast_dtype)",
+           "return contextlib.nullcontext()", "resolver"),
+    Mutant("bf16-allowed-on-gpu-without-it", PRECISION,
+           'if dev.type == "cuda" and name.startswith("bf16") and not caps.cuda_bf16:', "if False:", "resolver"),
+    Mutant("true-precisions-keep-fp32-weights", PRECISION,
+           'param_dtype=dtype if mode == "true" and dtype else torch.float32', "param_dtype=torch.float32", "resolver"),
+    # -- the W&B callback -----------------------------------------------------------------------
+    Mutant("overflow-flag-never-set", CALLBACK, '"amp/overflow": int(skipped > self._logged_skipped)',
+           '"amp/overflow": 0', "callback"),
+    Mutant("loop-skips-not-logged", CALLBACK, 'metrics.get("skipped_steps", 0)', "0", "callback"),
+    Mutant("disabled-scaler-reported", CALLBACK,
+           r"if is_enabled is not None and not is_enabled\(\):\n\s*return None", "pass", "callback", regex=True),
+    Mutant("lightning-skips-counted-on-growth", CALLBACK, "scale < self._scale", "scale > self._scale", "callback"),
+    # -- the benchmark --------------------------------------------------------------------------
+    Mutant("speedup-inverted", RESULTS, "row.speedup = _ratio(base.step_time_s, row.step_time_s)",
+           "row.speedup = _ratio(row.step_time_s, base.step_time_s)", "benchmark"),
+    Mutant("tolerance-never-exceeded", RESULTS, "any(not abs(d) <= tolerance for d in deltas)",
+           "any(False for d in deltas)", "benchmark"),
+    Mutant("loss-delta-sign", RESULTS, "row.loss_delta = _delta(row.final_loss, base.final_loss)",
+           "row.loss_delta = _delta(base.final_loss, row.final_loss)", "benchmark"),
+    Mutant("throughput-from-fastest-step", RESULTS, "_ratio(items_per_step, self.step_time_s)",
+           "_ratio(items_per_step, self.step_time_min_s)", "benchmark"),
+    Mutant("warmup-steps-timed", BENCH, "clock.step_times()[self.warmup:]", "clock.step_times()", "benchmark"),
+]
+
+
+def _pattern(mutant: Mutant) -> str:
+    return mutant.find if mutant.regex else re.escape(mutant.find)
+
+
+def locate(mutant: Mutant, root: Path) -> tuple[Path | None, str]:
+    """The one file under ``root`` to mutate: ``mutant.path`` when it holds the snippet once, else
+    the one file of the package that does (the code moved in a refactor). ``(None, why)`` when stale."""
+    pattern = re.compile(_pattern(mutant))
+    named = root / mutant.path
+    if named.is_file() and len(pattern.findall(named.read_text())) == 1:
+        return named, ""
+    hits = [(p, len(pattern.findall(p.read_text()))) for p in sorted((root / "utils").rglob("*.py"))]
+    hits = [(p, n) for p, n in hits if n]
+    if len(hits) == 1 and hits[0][1] == 1:
+        return hits[0][0], ""
+    where = ", ".join(f"{p.relative_to(root)} x{n}" for p, n in hits) or "no file of utils/"
+    return None, f"the snippet must occur once; found in {where}"
+
+
+def apply(mutant: Mutant, root: Path) -> tuple[str | None, str]:
+    """Apply ``mutant`` to the copy under ``root``: ``(file mutated, "")``, or ``(None, why it is stale)``."""
+    path, why = locate(mutant, root)
+    if path is None:
+        return None, why
+    replace = mutant.replace if mutant.regex else mutant.replace.replace("\\", "\\\\")
+    path.write_text(re.sub(_pattern(mutant), replace, path.read_text(), count=1))
+    return str(path.relative_to(root)), ""
+
+
+def copy_tree(dest: Path) -> None:
+    for name in COPIED:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dest / name, ignore=shutil.ignore_patterns("__pycache__", "browser", ".hypothesis"))
+        elif src.is_file():
+            shutil.copy2(src, dest / name)
+
+
+def test_files(group: str) -> list[str]:
+    return [f for f in TESTS[group] if (ROOT / f).is_file()]
+
+
+def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float, str]:
+    """``(outcome, seconds, last line)``: outcome is passed, failed, error (collection or usage) or timeout."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0",
+           "WANDB_DIR": str(root / "wandb"), "PYTHONDONTWRITEBYTECODE": "1"}
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *files]
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0, ""
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    last = lines[-1] if lines else out.stderr.strip()[-200:]
+    outcome = {0: "passed", 1: "failed"}.get(out.returncode, "error")
+    return outcome, time.perf_counter() - t0, last
+
+
+def run_mutant(mutant: Mutant, timeout: float) -> dict:
+    with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
+        root = Path(tmp)
+        copy_tree(root)
+        where, stale = apply(mutant, root)
+        if where is None:
+            return {"mutant": mutant, "file": mutant.path, "status": "stale", "seconds": 0.0, "detail": stale}
+        outcome, seconds, last = run_tests(root, test_files(mutant.tests), timeout)
+    status = {"passed": "SURVIVED", "failed": "killed", "error": "killed (error)", "timeout": "killed (timeout)"}
+    return {"mutant": mutant, "file": where, "status": status[outcome], "seconds": seconds, "detail": last}
+
+
+def baseline(groups: set[str], timeout: float) -> tuple[str, str]:
+    files = list(dict.fromkeys(f for g in sorted(groups) for f in test_files(g)))
+    with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
+        copy_tree(Path(tmp))
+        outcome, _, last = run_tests(Path(tmp), files, timeout * len(groups))
+    return outcome, last
+
+
+def print_table(results: list[dict]) -> None:
+    width = max(len(r["mutant"].name) for r in results)
+    print(f"{'mutant':<{width}}  {'file':<36}  {'status':<17}  {'time':>6}  detail")
+    for r in results:
+        m = r["mutant"]
+        print(f"{m.name:<{width}}  {r['file']:<36}  {r['status']:<17}  {r['seconds']:>5.0f}s  {r['detail'][:70]}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", action="append", help="run this mutant (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the mutants and whether each applies")
+    parser.add_argument("--jobs", type=int, default=1, help="mutants run at once (default 1)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's test run (default 900)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the unmutated run")
+    args = parser.parse_args(argv)
+    mutants = MUTANTS
+    if args.only:
+        unknown = sorted(set(args.only) - {m.name for m in MUTANTS})
+        if unknown:
+            parser.error(f"--only {unknown}: no such mutant. Mutants: {', '.join(m.name for m in MUTANTS)}.")
+        mutants = [m for m in MUTANTS if m.name in args.only]
+    if args.list:
+        with tempfile.TemporaryDirectory() as tmp:
+            copy_tree(Path(tmp))
+            for m in mutants:
+                path, why = locate(m, Path(tmp))
+                print(f"{m.name:<36} {str(path.relative_to(tmp)) if path else m.path:<36} {why or 'applies'}")
+        return 0
+    if not args.no_baseline:
+        outcome, last = baseline({m.tests for m in mutants}, args.timeout)
+        if outcome != "passed":
+            print(f"The unmutated tests do not pass ({outcome}: {last}); fix them first.")
+            return 2
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
+        futures = {pool.submit(run_mutant, m, args.timeout): m for m in mutants}
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            r = future.result()
+            print(f"[{done}/{len(mutants)}] {r['mutant'].name}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
+        results = [f.result() for f in futures]  # in declaration order
+    print()
+    print_table(results)
+    live = [r for r in results if r["status"] != "stale"]
+    killed = [r for r in live if r["status"].startswith("killed")]
+    survived = [r["mutant"].name for r in live if r["status"] == "SURVIVED"]
+    stale = [r["mutant"].name for r in results if r["status"] == "stale"]
+    print(f"\nkilled {len(killed)}/{len(live)} in {time.perf_counter() - t0:.0f}s"
+          + (f"; survived: {', '.join(survived)}" if survived else "")
+          + (f"; stale (snippet not found, update the mutant): {', '.join(stale)}" if stale else ""))
+    return 1 if survived else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
