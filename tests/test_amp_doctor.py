@@ -407,3 +407,15 @@ def test_make_fp16_hostile_scales_one_linear_to_the_asked_peak():
     with pytest.raises(ValueError, match=re.escape("make_fp16_hostile(module='lm_haed'): not an nn.Linear of GPT. "
                                                    "Its Linears: transformer.h.0.attn.c_attn,")):
         make_fp16_hostile(model, batch, module="lm_haed")
+
+
+def test_make_fp16_hostile_picks_a_linear_the_forward_pass_calls():
+    # nn.TransformerEncoderLayer's attention uses out_proj's weights without calling it: never the default.
+    model = example_model("encoder-classifier", n_layer=1)
+    batch = (token_ids(2), torch.tensor([0, 1]))  # a classifier's batch: token ids and their labels
+    assert make_fp16_hostile(model, batch) == "encoder.layers.0.linear1"
+    with pytest.raises(ValueError, match=re.escape(
+            "make_fp16_hostile(module='encoder.layers.0.self_attn.out_proj'): EncoderClassifier's forward pass never "
+            "calls it (an nn.MultiheadAttention uses its out_proj's weights directly). The Linears it calls: "
+            "encoder.layers.0.linear1, encoder.layers.0.linear2, head.")):
+        make_fp16_hostile(model, batch, module="encoder.layers.0.self_attn.out_proj")

@@ -312,7 +312,20 @@ def test_substitution_shows_causality_and_its_absence():
     assert gpt.passed and gpt.details["earlier_positions_unchanged"] is True
     bidirectional = check_token_substitution(TransformerLM().apply(_no_mask), batch_size=4)
     assert bidirectional.details["earlier_positions_unchanged"] is False
-    assert "not causal" in bidirectional.summary
+    # Detected as a masked LM: seeing later tokens is its nature, reported as a property.
+    assert bidirectional.passed
+    assert "earlier positions change too (bidirectional, as a masked-lm model may be)" in bidirectional.summary
+
+
+def test_substitution_fails_a_causal_lm_whose_earlier_positions_see_later_tokens():
+    from utils.tasks import TaskInfo
+
+    leaky = TaskInfo("causal-lm", "the config says so")
+    check = check_token_substitution(TransformerLM().apply(_no_mask), batch_size=4, task=leaky)
+    assert not check.passed
+    assert check.summary.endswith("earlier positions change too (not causal): a causal LM whose earlier positions "
+                                  "see later tokens reads each answer in next-token training (task causal-lm "
+                                  "(the config says so)).")
 
 
 def _no_mask(module):

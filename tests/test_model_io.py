@@ -129,8 +129,11 @@ def test_input_spec_random_ids_are_reproducible_and_in_range():
 
 def test_input_spec_needs_a_vocabulary():
     with pytest.raises(ValueError, match=re.escape(
-            "run_tier1(Linear): cannot tell the vocabulary size of Linear: it has no config.vocab_size "
-            "and no nn.Embedding. Pass vocab_size=.")):
+            "run_tier1(Linear): Linear is not a token model: it has no config.vocab_size and no nn.Embedding. "
+            "The tiers, evaluate and train on text take models of token ids (B, T); found instead: "
+            "Linear.forward(input); its first layer (root) (Linear) takes float vectors (..., 2). For such a "
+            "model, call train() with your own batches and loss_fn=. (If it does take token ids, pass "
+            "vocab_size=.)")):
         input_spec(nn.Linear(2, 2), call="run_tier1(Linear)")
 
 

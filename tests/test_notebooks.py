@@ -201,3 +201,52 @@ def test_notebook_03_trains_a_users_model_file_from_the_settings(tmp_path):
     assert "now at step 23" in text["#@title 9. Resume"]
     if not torch.cuda.is_available():
         assert text["#@title 10. fp16 on the GPU"].strip() == nb.cuda_missing("10. fp16 on the GPU")
+
+
+def test_use_settings_checks_the_task(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    with pytest.raises(ValueError, match=re.escape(
+            "task='mlm' is not allowed: use 'auto' (detected) or one of 'causal-lm', 'masked-lm', 'classifier', "
+            "'seq2seq', 'non-token'.")):
+        nb.use_settings(task="mlm", run_dir=str(tmp_path))
+    assert nb.use_settings(run_dir=str(tmp_path)).task is None  # "auto": detected
+    assert nb.use_settings(task="masked-lm", run_dir=str(tmp_path)).task == "masked-lm"
+
+
+def test_load_settings_data_gives_a_classifier_labelled_topics(tmp_path, monkeypatch):
+    from utils.models import example_model
+
+    monkeypatch.setattr(nb, "_DONE", {})
+    nb.use_settings(run_dir=str(tmp_path))
+    data = nb.load_settings_data(example_model("encoder-classifier", num_classes=4), max_context=16)
+    inputs, labels = data.train
+    assert inputs.shape[1] == 16 and labels.shape == (inputs.shape[0],) and set(labels.tolist()) == {0, 1, 2, 3}
+    assert data.description.startswith("classifier (one output per sequence, logits (2, 4)): which part of")
+
+
+def test_load_settings_data_says_plainly_a_non_token_model_takes_no_token_ids(tmp_path, monkeypatch):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from task_models import PatchClassifier
+
+    monkeypatch.setattr(nb, "_DONE", {})
+    nb.use_settings(run_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=re.escape("3. Model: PatchClassifier is not a token model")):
+        nb.load_settings_data(PatchClassifier())
+
+
+def test_notebook_03_trains_a_bidirectional_model_as_a_masked_lm(tmp_path):
+    """One papermill run: a BERT-like encoder file; the task is detected and its objective used."""
+    papermill = pytest.importorskip("papermill")
+    out = tmp_path / "03.ipynb"
+    papermill.execute_notebook(
+        str(ROOT / "notebooks" / "03_train_amp.ipynb"), str(out), cwd=str(ROOT / "notebooks"), progress_bar=False,
+        parameters={"model_source": str(ROOT / "tests" / "task_models.py"), "class_name": "BidirectionalMLM",
+                    "precision": "32-true", "max_steps": 3, "batch_size": 4, "wandb_mode": "disabled",
+                    "run_dir": str(tmp_path / "run")})
+    text = {c.source.splitlines()[0]: "".join(o.get("text", "") for o in c.outputs)
+            for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title")}
+    assert text["#@title 4. Data"].startswith("masked-lm (changing the last token changes earlier positions")
+    assert "objective: masked-lm: 15% of positions hidden" in text["#@title 7. Train"]
+    assert "now at step 23" in text["#@title 9. Resume"]

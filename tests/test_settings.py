@@ -24,7 +24,7 @@ def test_train_defaults_are_the_settings_defaults():
 def test_the_cli_defaults_are_the_settings_defaults():
     names = {"grad_accum": "grad_accum_steps"}  # the CLI's shorter option name
     for key in ("epochs", "max_steps", "batch_size", "grad_accum", "lr", "warmup_steps", "checkpoint_every",
-                "log_every", "seed", "progress"):
+                "log_every", "seed", "progress", "task"):
         assert cli.TRAIN_DEFAULTS[key] == getattr(TrainSettings, names.get(key, key)), key
     bench = cli.build_parser().parse_args(["bench"])
     assert bench.batch_size == TrainSettings.batch_size
@@ -43,3 +43,10 @@ def test_bad_settings_name_the_value_and_what_is_allowed():
         TrainSettings(batch_size=0).check()
     with pytest.raises(ValueError, match=re.escape("max_grad_norm=-1 is not allowed: it must be None or > 0.")):
         TrainSettings(max_grad_norm=-1).check()
+
+
+def test_a_bad_task_names_the_value_and_the_tasks():
+    with pytest.raises(ValueError, match=re.escape(
+            "task='mlm' is not allowed: use one of 'causal-lm', 'masked-lm', 'classifier', 'seq2seq', "
+            "'non-token', or None to detect it.")):
+        TrainSettings(task="mlm").check()

@@ -121,11 +121,14 @@ def test_tier1_leaves_the_model_as_it_was():
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_vocab_size_is_required_when_it_cannot_be_found():
+def test_a_model_without_a_vocabulary_is_told_the_tiers_take_token_ids():
     class NoEmbedding(nn.Module):
         def forward(self, ids):
             return ids.float()
-    with pytest.raises(ValueError, match=re.escape("run_tier1(NoEmbedding): cannot tell the vocabulary size")):
+    with pytest.raises(ValueError, match=re.escape(
+            "run_tier1(NoEmbedding): NoEmbedding is not a token model: it has no config.vocab_size and no "
+            "nn.Embedding. The tiers, evaluate and train on text take models of token ids (B, T); found instead: "
+            "NoEmbedding.forward(ids); it has no layer with parameters.")):
         run_tier1(NoEmbedding())
 
 

@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.model_calls import find_input_embedding, get_attentions, input_spec, predict, preserved_state
+from utils.model_calls import find_input_embedding, get_attentions, input_spec, preserved_state
 from utils.report import Check, Report, new_figure, run_check
+from utils.tasks import (
+    CAUSAL_LM,
+    TaskInfo,
+    call_inputs,
+    detect_task,
+    earlier_positions_unchanged,
+    task_logits,
+)
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",
@@ -45,6 +53,7 @@ def run_tier2(
     figures: bool = True,
     trained: bool | None = None,
     seed: int = 0,
+    task: str | None = None,
 ) -> Report:
     """Run every Tier 2 check on a model: attention patterns, then robustness.
 
@@ -64,15 +73,19 @@ def run_tier2(
         trained: whether the model has been trained, which decides whether uniform attention heads
             fail (see :func:`check_attention_patterns`). Default None: inferred by :func:`looks_trained`.
         seed: for the random inputs and noise (default 0).
+        task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`).
+            For a masked LM, a classifier or an encoder-decoder, seeing later tokens is reported as
+            the property it is, not as a defect.
 
     Raises:
-        ValueError: the vocabulary size cannot be found, or a bad size.
+        ValueError: the model takes no token ids, or a bad size or task.
     """
     call = f"run_tier2({type(model).__name__})"
     if device is not None:
         model.to(device)
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
-    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed)
+    info = _task(model, task, vocab_size, max_seq_len, call)
+    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
     checks = [
         run_check("attention_patterns", lambda: check_attention_patterns(
             model, batch_size=batch_size, trained=trained, figure=figures, **kw)),
@@ -81,17 +94,35 @@ def run_tier2(
         run_check("batch_consistency", lambda: check_batch_consistency(
             model, batch_size=max(batch_size, 3), **kw)),
     ]
-    info = {"model": type(model).__name__, "vocab_size": spec.vocab_size,
-            "seq_len": _length(spec, seq_len), "device": str(spec.device)}
-    return Report(f"Tier 2: {type(model).__name__}", checks, info=info)
+    about = {"model": type(model).__name__, "task": info.describe(), "vocab_size": spec.vocab_size,
+             "seq_len": _length(spec, seq_len), "device": str(spec.device)}
+    return Report(f"Tier 2: {type(model).__name__}", checks, info=about)
 
 
 def _length(spec, seq_len: int | None) -> int:
     return min(seq_len or 32, spec.max_seq_len)
 
 
-def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return predict(model, ids).detach().float()  # (B, T, V), whatever the calling convention
+def _forward(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+    return task_logits(model, ids, info).detach().float()
+
+
+def _task(model: nn.Module, task, vocab_size, max_seq_len, call: str) -> TaskInfo:
+    """The model's task: as given (a ``TaskInfo`` from :func:`run_tier2`), else detected."""
+    if isinstance(task, TaskInfo):
+        return task
+    return detect_task(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+
+
+def _causality(causal: bool | None, info: TaskInfo) -> str:
+    """Causality in words: a property for models that may see the future, a finding for a causal LM."""
+    if causal is None:
+        return ""
+    if causal:
+        return "causal"
+    if info.sees_future:
+        return f"bidirectional, as a {info.task} model may be"
+    return "not causal"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -161,7 +192,7 @@ class _SDPARecorder(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCapture:
+def capture_attention(model: nn.Module, input_ids: torch.Tensor, info: TaskInfo | None = None) -> AttentionCapture:
     """Run ``model(input_ids)`` once in eval mode and collect its attention weights.
 
     Example::
@@ -169,6 +200,8 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCap
         >>> cap = capture_attention(example_model("gpt-micro"), torch.zeros(1, 8, dtype=torch.long))
         >>> cap.source, list(cap.maps)[0], tuple(cap.maps["transformer.h.0.attn"].shape)
         ('F.scaled_dot_product_attention', 'transformer.h.0.attn', (1, 2, 8, 8))
+
+    An encoder-decoder (``info.task == "seq2seq"``) gets the ids shifted right as decoder inputs.
 
     .. note::
         Runs with autograd enabled: PyTorch's fused ``TransformerEncoderLayer`` path would otherwise
@@ -193,18 +226,30 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor) -> AttentionCap
         for mha_name, mha in ((n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)):
             stack.enter_context(_mha_weights(mha, lambda w, n=mha_name: record("nn.MultiheadAttention", n, w)))
         stack.enter_context(_SDPARecorder(lambda w: record("F.scaled_dot_product_attention", names.current, w)))
+        args, kwargs = call_inputs(input_ids, info)
         if hf:
             try:
-                output = model(input_ids, output_attentions=True)
+                output = model(*args, **kwargs, output_attentions=True)
             except TypeError:  # a Hugging Face-style config, but a forward without the argument
                 maps.clear()
-                hf, output = False, model(input_ids)
+                hf, output = False, model(*args, **kwargs)
         else:
-            output = model(input_ids)
-    returned = get_attentions(output) if hf else None
+            output = model(*args, **kwargs)
+    returned = _returned_attentions(output) if hf else None
     if returned:  # the model's own answer wins over what was seen inside it
         return AttentionCapture("output_attentions", {f"layer {i}": _as_4d(a) for i, a in enumerate(returned)})
     return AttentionCapture(" + ".join(sources), maps)
+
+
+def _returned_attentions(output):
+    """``attentions`` (decoder-only and encoder models) or, for an encoder-decoder, its encoder's
+    then its decoder's self-attention (``encoder_attentions``, ``decoder_attentions``)."""
+    found = get_attentions(output)
+    if found or not hasattr(output, "get"):
+        return found
+    both = tuple(a for key in ("encoder_attentions", "decoder_attentions") for a in (output.get(key) or ())
+                 if isinstance(a, torch.Tensor))
+    return both or None
 
 
 def _as_4d(a: torch.Tensor) -> torch.Tensor:
@@ -288,6 +333,7 @@ def check_attention_patterns(
     trained: bool | None = None,
     figure: bool = True,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Entropy per head, causality, and heatmaps of the attention weights on random input.
 
@@ -319,8 +365,9 @@ def check_attention_patterns(
         ``trained=True`` to fail on them.
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_attention_patterns({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
     ids = spec.random_ids(batch_size, _length(spec, seq_len), torch.Generator().manual_seed(seed))
-    capture = capture_attention(model, ids)
+    capture = capture_attention(model, ids, info)
     if not capture.maps:
         return Check("attention_patterns", True,
                      "No attention found: the model has no nn.MultiheadAttention, never calls "
@@ -345,7 +392,7 @@ def check_attention_patterns(
     heads = sum(s["heads"] for s in layers.values())
     mean = sum(sum(s["normalized_entropy"]) for s in layers.values()) / heads
     counts = (f"{len(layers)} attention layer(s), {heads} heads, from {capture.source}"
-              f"{' (causal)' if details['causal'] else ''}; mean normalized entropy {mean:.2f}; "
+              f"{_attention_causality(details['causal'], info)}; mean normalized entropy {mean:.2f}; "
               f"{len(details['collapsed_heads'])} collapsed, {len(details['uniform_heads'])} uniform heads.")
     problems, notes = _head_verdict(details["collapsed_heads"], details["uniform_heads"], trained)
     return Check("attention_patterns", not problems, " ".join([counts, *problems, *notes]), details, fig)
@@ -417,6 +464,13 @@ def _at_init(norm: nn.Module) -> bool:
     weight, bias = norm.weight.detach().flatten(), getattr(norm, "bias", None)
     constant = weight.numel() == 0 or bool((weight == weight[0]).all())
     return constant and (not isinstance(bias, torch.Tensor) or not bool(bias.detach().any()))
+
+
+def _attention_causality(causal: bool, info: TaskInfo) -> str:
+    """`` (causal)``, or for a model that may see the future `` (bidirectional, as ...)``."""
+    if causal:
+        return " (causal)"
+    return f" ({_causality(False, info)})" if info.sees_future else ""
 
 
 def _head_stats(weights: torch.Tensor, collapsed_below: float, uniform_above: float) -> dict:
@@ -493,6 +547,7 @@ def check_token_substitution(
     seq_len: int | None = None,
     batch_size: int = 2,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Change one random token per sequence and measure how much the output moves.
 
@@ -507,6 +562,7 @@ def check_token_substitution(
         True
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_token_substitution({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_token_substitution({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     t = _length(spec, seq_len)
     ids = spec.random_ids(batch_size, t, gen)
@@ -517,7 +573,7 @@ def check_token_substitution(
     changed[rows, where] = (ids[rows, where] + shift) % spec.vocab_size  # always a different token
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y, y2 = _logits(model, ids), _logits(model, changed)
+        y, y2 = _forward(model, ids, info), _forward(model, changed, info)
     if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
         return Check("token_substitution", False, "The output has NaN/Inf on random or substituted tokens.", {})
     rel = ((y2 - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp_min(1e-12)).tolist()
@@ -532,20 +588,20 @@ def check_token_substitution(
         summary += f"; {details['top1_flipped']:.1%} of top-1 predictions from there on flip"
     causal = details.get("earlier_positions_unchanged")
     if causal is not None:
-        summary += "; earlier positions unchanged (causal)" if causal else "; earlier positions change too (not causal)"
+        summary += f"; earlier positions {'unchanged' if causal else 'change too'} ({_causality(causal, info)})"
+    if causal is False and info.task == CAUSAL_LM:
+        return Check("token_substitution", False,
+                     f"{summary}: a causal LM whose earlier positions see later tokens reads each answer in "
+                     f"next-token training (task {info.describe()}).", details)
     return Check("token_substitution", True, summary + ".", details)
 
 
 def _per_token_effects(y: torch.Tensor, y2: torch.Tensor, where: torch.Tensor) -> dict:
-    t = y.shape[1]
-    pos = torch.arange(t)
-    before = pos[None, :] < where[:, None]  # (B, T)
-    after = ~before
-    diff = (y2 - y).abs().flatten(2).amax(-1).cpu()  # (B, T)
+    after = torch.arange(y.shape[1])[None, :] >= where.cpu()[:, None]  # (B, T)
     flipped = (y2.argmax(-1) != y.argmax(-1)).cpu()  # (B, T)
     return {
-        # None when every change was at position 0, so there was nothing before it to compare.
-        "earlier_positions_unchanged": float(diff[before].max()) == 0.0 if before.any() else None,
+        # The causality probe's reading (utils.tasks); None when every change was at position 0.
+        "earlier_positions_unchanged": earlier_positions_unchanged(y, y2, where),
         "top1_flipped": float(flipped[after].float().mean()),
     }
 
@@ -559,6 +615,7 @@ def check_embedding_noise(
     batch_size: int = 2,
     noise_levels: tuple[float, ...] = (0.01, 0.1),
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Add Gaussian noise to the input embedding's output (at each level times its std) and measure
     the relative output change. Fails on NaN/Inf; skipped when there is no input embedding.
@@ -569,6 +626,7 @@ def check_embedding_noise(
         [0.01, 0.1]
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_embedding_noise({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_embedding_noise({type(model).__name__})")
     embedding = find_input_embedding(model)
     if embedding is None:
         return Check("embedding_noise", True, "No input embedding found (no nn.Embedding): nothing to perturb.",
@@ -578,10 +636,10 @@ def check_embedding_noise(
     changes, finite = {}, True
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = _logits(model, ids)
+        y = _forward(model, ids, info)
         for level in noise_levels:
             with _noisy(embedding, level, gen):
-                y2 = _logits(model, ids)
+                y2 = _forward(model, ids, info)
             finite &= bool(torch.isfinite(y2).all())
             changes[level] = float((y2 - y).norm() / y.norm().clamp_min(1e-12)) if finite else math.inf
     details = {"embedding": type(embedding).__name__, "relative_change": changes}
@@ -613,6 +671,7 @@ def check_batch_consistency(
     batch_size: int = 3,
     rtol: float = 1e-4,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Each sequence's output must not depend on the rest of the batch: compare a batch with each
     sequence alone and with the batch reversed. Fails (naming the sequences) beyond ``rtol`` of the
@@ -624,12 +683,13 @@ def check_batch_consistency(
         True
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_batch_consistency({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_batch_consistency({type(model).__name__})")
     ids = spec.random_ids(batch_size, _length(spec, seq_len), torch.Generator().manual_seed(seed))
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = _logits(model, ids)
-        alone = torch.cat([_logits(model, ids[i:i + 1]) for i in range(batch_size)])
-        reversed_ = _logits(model, ids.flip(0)).flip(0)
+        y = _forward(model, ids, info)
+        alone = torch.cat([_forward(model, ids[i:i + 1], info) for i in range(batch_size)])
+        reversed_ = _forward(model, ids.flip(0), info).flip(0)
     scale = max(float(y.abs().max()), 1e-12)
     alone_diff = ((alone - y).flatten(1).abs().amax(1) / scale).tolist()
     reversed_diff = float((reversed_ - y).abs().max()) / scale

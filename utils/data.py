@@ -223,3 +223,135 @@ def make_lm_dataset(text: str, tokenizer, context: int, val_fraction: float = 0.
         )
     windows = ids[: n_windows * width].view(n_windows, width)
     return LMDataset(train=windows[: n_windows - n_val].clone(), val=windows[n_windows - n_val:].clone())
+
+
+# ----------------------------------------------------------------------------------------------
+# A labelled task from the same text: which part of the Python reference a window comes from.
+
+# Help topics grouped by the chapter of the Python documentation they come from. Topics that fit
+# none cleanly (the debugger, naming, formatting mini-language, ...) are left out.
+TOPIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "statements": ("assert", "assignment", "async", "augassign", "break", "class", "compound", "continue",
+                   "del", "else", "for", "function", "global", "if", "import", "nonlocal", "pass", "raise",
+                   "return", "try", "while", "with"),
+    "expressions": ("atom-identifiers", "atom-literals", "attribute-references", "await", "binary", "bitwise",
+                    "booleans", "calls", "comparisons", "conversions", "dict", "exprlists", "floating",
+                    "identifiers", "imaginary", "in", "integers", "lambda", "lists", "operator-summary",
+                    "power", "shifting", "slicings", "strings", "subscriptions", "unary", "yield"),
+    "data model": ("attribute-access", "callable-types", "context-managers", "customization", "id-classes",
+                   "numeric-types", "objects", "sequence-types", "specialattrs", "specialnames"),
+    "built-in types": ("bltin-code-objects", "bltin-ellipsis-object", "bltin-null-object",
+                       "bltin-type-objects", "string-methods", "truth", "types", "typesfunctions",
+                       "typesmapping", "typesmethods", "typesmodules", "typesseq", "typesseq-mutable"),
+}
+
+
+class LabelledDataset(NamedTuple):
+    """Windows of ``context`` token ids with one class label each, split into train and validation."""
+
+    train: tuple[torch.Tensor, torch.Tensor]  # (N_train, context) int64, (N_train,) int64
+    val: tuple[torch.Tensor, torch.Tensor]
+    classes: tuple[str, ...]
+
+
+def make_topic_dataset(tokenizer=None, context: int = 64, val_fraction: float = 0.1) -> LabelledDataset:
+    """Which part of the Python reference a window of its help text comes from: statements,
+    expressions, the data model or the built-in types (:data:`TOPIC_GROUPS`), from
+    ``pydoc_data.topics``; nothing is downloaded. A classifier must read the words: the groups
+    share the same style and layout.
+
+    Example::
+
+        >>> data = make_topic_dataset(context=32)
+        >>> data.classes
+        ('statements', 'expressions', 'data model', 'built-in types')
+        >>> (x, y), (vx, vy) = data.train, data.val
+        >>> x.shape[1], y.dtype, int(y.max())
+        (32, torch.int64, 3)
+
+    Args:
+        tokenizer: default None: :class:`ByteTokenizer`.
+        context: tokens per window (default 64).
+        val_fraction: the share of each topic's windows kept for validation (its *last* ones, so no
+            validation text is seen in training), in ``(0, 1)``.
+
+    Raises:
+        ValueError: a bad ``context`` or ``val_fraction``.
+    """
+    call = f"make_topic_dataset(context={context!r}, val_fraction={val_fraction!r})"
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise ValueError(f"{call}: context must be a positive int.")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"{call}: val_fraction must be in (0, 1).")
+    from pydoc_data.topics import topics
+
+    tokenizer = tokenizer or ByteTokenizer()
+    parts = {"train": ([], []), "val": ([], [])}
+    for label, names in enumerate(TOPIC_GROUPS.values()):
+        for name in names:
+            ids = tokenizer.encode(topics[name]).long()
+            n = ids.numel() // context
+            if n == 0:
+                continue
+            windows = ids[: n * context].view(n, context)
+            n_val = math.ceil(n * val_fraction) if n > 1 else 0
+            for split, rows in (("train", windows[: n - n_val]), ("val", windows[n - n_val:])):
+                parts[split][0].append(rows)
+                parts[split][1].append(torch.full((rows.shape[0],), label, dtype=torch.long))
+    train, val = ((torch.cat(x), torch.cat(y)) for x, y in parts.values())
+    return LabelledDataset(train, val, tuple(TOPIC_GROUPS))
+
+
+class TaskDataset(NamedTuple):
+    """Training and validation data for a model's task, and one line saying what it is."""
+
+    train: torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # token windows, or (inputs, labels)
+    val: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None
+    description: str
+
+
+def make_task_dataset(task: str, *, context: int, source=None, val_fraction: float = 0.1,
+                      num_classes: int | None = None) -> TaskDataset:
+    """The bundled data for a task, byte-tokenized: for a classifier the labelled help topics
+    (:func:`make_topic_dataset`), for every token model else windows of ``load_corpus(source)``
+    (the masked-LM or seq2seq objective is built from them while training).
+
+    Example::
+
+        >>> make_task_dataset("classifier", context=32).description
+        'which part of the Python reference a window comes from (4 classes: statements, expressions, data model, built-in types)'
+
+    Args:
+        task: a task of :mod:`utils.tasks` (``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ...).
+        source: the text, as :func:`load_corpus` takes it (default None: the bundled help topics).
+        num_classes: a classifier's number of classes, checked against the labelled task's.
+
+    Raises:
+        ValueError: a classifier given a text (which has no labels) or with too few classes; a
+            model that takes no token ids.
+    """
+    if task == "non-token":
+        raise ValueError("make_task_dataset(task='non-token'): the bundled data is token ids; the model takes "
+                         "something else. Pass your own batches and loss_fn= to train().")
+    if task == "classifier":
+        if source is not None:
+            raise ValueError(
+                f"source={str(source)[:60]!r}: the model is a sequence classifier and a text has no labels. Use the "
+                f"bundled labelled task (source=None: which part of the Python reference a window comes from, "
+                f"{len(TOPIC_GROUPS)} classes), or train() with your own (inputs, labels).")
+        if num_classes is not None and num_classes < len(TOPIC_GROUPS):
+            raise ValueError(
+                f"The model classifies into {num_classes} classes, but the bundled labelled task (which part of "
+                f"the Python reference a window comes from) has {len(TOPIC_GROUPS)}. Build it with "
+                f"{len(TOPIC_GROUPS)} classes (num_classes, or num_labels for Hugging Face).")
+        data = make_topic_dataset(context=context, val_fraction=max(val_fraction, 0.01))
+        what = (f"which part of the Python reference a window comes from ({len(data.classes)} classes: "
+                f"{', '.join(data.classes)})")
+        return TaskDataset(data.train, data.val, what)
+    data = make_lm_dataset(load_corpus(source), ByteTokenizer(), context, val_fraction)
+    return TaskDataset(data.train, data.val if data.val.shape[0] else None, f"windows of {context + 1} bytes of text")
+
+
+def head(data, n: int):
+    """The first ``n`` samples of token windows ``(N, T)`` or of an ``(inputs, labels)`` pair."""
+    return tuple(t[:n] for t in data) if isinstance(data, tuple) else data[:n]

@@ -220,18 +220,17 @@ def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int
         call: how the caller was called, repeated in errors.
 
     Raises:
-        ValueError: the vocabulary size is not given and cannot be found, or a size is not a
-            positive int.
+        ValueError: the vocabulary size is not given and cannot be found (the model takes no token
+            ids: the message says what it takes), or a size is not a positive int.
     """
     for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
     vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     if vocab is None:
-        raise ValueError(
-            f"{call}: cannot tell the vocabulary size of {type(model).__name__}: it has no "
-            f"config.vocab_size and no nn.Embedding. Pass vocab_size=."
-        )
+        from utils.tasks import not_a_token_model_error  # tasks builds on this module
+
+        raise not_a_token_model_error(model, call)
     if max_seq_len is not None:
         context, source = max_seq_len, "argument"
     elif (found := find_context_length(model)) is not None:

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from utils.tasks import TASKS
 from utils.training.precision import canonical_precision
 from utils.training.settings import TrainSettings
 
@@ -79,6 +80,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
     class_name: str | None = None  # which class, builder or instance of a model file
+    task: str | None = None  # what the model predicts; None: detected (see utils.tasks.detect_task)
 
 
 def _positive_int(name: str, value) -> int:
@@ -113,7 +115,8 @@ def _json_object(name: str, text) -> dict:
 
 def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_STEPS,
                  batch_size=TrainSettings.batch_size, model_source="example",
-                 wandb_mode="offline", run_dir="", model_config="", class_name="", **extra) -> Settings:
+                 wandb_mode="offline", run_dir="", model_config="", class_name="", task="auto",
+                 **extra) -> Settings:
     """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
 
     Args:
@@ -121,6 +124,9 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_ST
         model_config: a JSON object (text, as a Colab form field gives it) of the model's arguments,
             or of its config object's fields (``{"n_layer": 2}`` for ``GPT(GPTConfig)``); empty: none.
         class_name: which class, builder function or instance of the model file; empty: found.
+        task: what the model predicts: ``"auto"`` (detected from its config and a probe) or one of
+            :data:`utils.tasks.TASKS`; it picks the data (labelled topics for a classifier) and the
+            objective (masked LM for a bidirectional model).
         extra: any other settings of the notebook, kept in ``Settings.extra``.
 
     Raises:
@@ -132,13 +138,15 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_ST
     if not isinstance(model_source, str) or not model_source.strip():
         raise ValueError(f"model_source={model_source!r} is not allowed: use 'example', a .py file path, or a gist id/URL.")
     config = _json_object("model_config", model_config)
+    if task != "auto" and task not in TASKS:
+        raise ValueError(f"task={task!r} is not allowed: use 'auto' (detected) or one of {', '.join(map(repr, TASKS))}.")
     folder = new_run_dir() if not run_dir else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["WANDB_MODE"] = wandb_mode  # in the environment: wandb reads it at exit too
     return remember("settings", Settings(precision, _positive_int("max_steps", max_steps),
                                          _positive_int("batch_size", batch_size), model_source.strip(),
                                          wandb_mode, folder, dict(extra), config,
-                                         str(class_name).strip() or None))
+                                         str(class_name).strip() or None, None if task == "auto" else task))
 
 
 def load_settings_model():
@@ -152,6 +160,34 @@ def load_settings_model():
 
     cfg = need("settings")
     return load_model(cfg.model_source, class_name=cfg.class_name, config=cfg.model_config or None)
+
+
+def load_settings_data(model, max_context: int = 128):
+    """The bundled data for ``model``'s task (the settings' ``task``, or detected), windows of its
+    context (at most ``max_context``): text for language models, the labelled help topics for a
+    classifier. Its ``description`` starts with the task and how it was found.
+
+    Example::
+
+        >>> data = remember("data", load_settings_data(need("model")))      # doctest: +SKIP
+        >>> print(data.description)                                           # doctest: +SKIP
+        causal-lm (changing the last token leaves earlier positions unchanged (causal)): windows of 129 bytes of text
+
+    Raises:
+        ValueError: the model takes no token ids (the message says what it takes), or a classifier
+            whose classes do not fit the labelled task.
+    """
+    from utils.data import make_task_dataset
+    from utils.model_calls import find_context_length
+    from utils.tasks import CLASSIFIER, NON_TOKEN, detect_task, find_num_classes, not_a_token_model_error
+
+    info = detect_task(model, need("settings").task, call="Settings task")
+    if info.task == NON_TOKEN:
+        raise not_a_token_model_error(model, "3. Model")
+    context = min(find_context_length(model) or max_context, max_context)
+    classes = find_num_classes(model) if info.task == CLASSIFIER else None
+    data = make_task_dataset(info.task, context=context, num_classes=classes)
+    return data._replace(description=f"{info.describe()}: {data.description}")
 
 
 def cuda_missing(what: str) -> str:

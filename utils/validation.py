@@ -28,11 +28,11 @@ from utils.model_calls import (
     input_spec,
     model_call,
     model_device,
-    predict,
     preserved_state,
     short_logits_error,
 )
 from utils.report import Check, Report, new_figure, run_check
+from utils.tasks import TaskInfo, detect_task, task_logits
 from utils.training.benchmark.measure import saved_tensor_bytes
 from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
@@ -50,6 +50,7 @@ def run_tier1(
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     figures: bool = True,
     seed: int = 0,
+    task: str | None = None,
 ) -> Report:
     """Run every Tier 1 check on a model.
 
@@ -69,9 +70,11 @@ def run_tier1(
         batch_sizes: batch sizes for shapes, memory and speed (default ``(1, 2, 4)``).
         figures: draw matplotlib figures (default True).
         seed: for the random inputs (default 0).
+        task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`);
+            an encoder-decoder is called with the ids shifted right as its decoder inputs.
 
     Raises:
-        ValueError: the vocabulary size cannot be found, or a bad size or precision.
+        ValueError: the model takes no token ids, or a bad size, precision or task.
 
     .. note::
         Cost: about 40 forward passes of up to ``max(batch_sizes) x max_seq_len`` tokens and one
@@ -82,8 +85,9 @@ def run_tier1(
         model.to(device)
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     plan = resolve_precision(precision, device=spec.device)
+    info, task_note = _tier_task(model, task, vocab_size, max_seq_len, call)
     # The checks resolve the same spec again (cheap), so each knows where its context came from.
-    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seed=seed)
+    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seed=seed, task=info)
     checks = [
         run_check("shape_robustness", lambda: check_shapes(model, batch_sizes=batch_sizes, **kw)),
         run_check("gradient_flow", lambda: check_gradient_flow(model, figure=figures, **kw)),
@@ -94,7 +98,7 @@ def run_tier1(
         run_check("inference_speed", lambda: check_inference_speed(
             model, batch_sizes=batch_sizes, plan=plan, figure=figures, **kw)),
     ]
-    return Report(f"Tier 1: {type(model).__name__}", checks, info=_model_info(model, spec, plan))
+    return Report(f"Tier 1: {type(model).__name__}", checks, info=_model_info(model, spec, plan) | {"task": task_note})
 
 
 def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
@@ -116,6 +120,29 @@ def _seq_grid(max_seq_len: int) -> list[int]:
     return sorted({n for n in (1, 2, max_seq_len // 4, max_seq_len // 2, max_seq_len) if n >= 1})
 
 
+def _forward(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+    return task_logits(model, ids, info)
+
+
+def _tier_task(model: nn.Module, task, vocab_size, max_seq_len, call: str) -> tuple:
+    """``(task for the checks, one line for the report)``. When the probe call itself raises, the
+    checks get ``task`` as given and each reports the model's error (run_check), as without it."""
+    try:
+        info = _task(model, task, vocab_size, max_seq_len, call)
+    except ValueError:
+        raise
+    except Exception as e:  # the model's own failure: the checks that call it report it one by one
+        return task, f"not detected: calling the model raised {type(e).__name__}"
+    return info, info.describe()
+
+
+def _task(model: nn.Module, task, vocab_size, max_seq_len, call: str) -> TaskInfo:
+    """The model's task: as given (a ``TaskInfo`` from :func:`run_tier1`), else detected."""
+    if isinstance(task, TaskInfo):
+        return task
+    return detect_task(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+
+
 # ----------------------------------------------------------------------------------------------
 # Shapes
 
@@ -127,6 +154,7 @@ def check_shapes(
     max_seq_len: int | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Run every batch size against sequence lengths from 1 to the maximum, and edge-case tokens.
 
@@ -139,6 +167,7 @@ def check_shapes(
         '(B, T, 256)'
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_shapes({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     long = spec.max_seq_len
     cases = [(f"({b}, {t})", spec.random_ids(b, t, gen)) for b in batch_sizes for t in _seq_grid(long)]
@@ -150,7 +179,7 @@ def check_shapes(
         for key, ids in cases:
             b, t = ids.shape
             try:
-                out = predict(model, ids)
+                out = _forward(model, ids, info)
             except Exception as e:  # a shape the model cannot take is the finding itself
                 problems.append(f"input {key} raised {type(e).__name__}: {e}{_default_context_hint(spec)}")
                 continue
@@ -163,7 +192,7 @@ def check_shapes(
     if len(trailing) > 1:
         problems.append(f"the output's trailing dimensions change with the input: {sorted(trailing)}")
     details = {"inputs_tried": len(cases), "output_shapes": shapes,
-               "too_long_input": _too_long_behaviour(model, spec)}
+               "too_long_input": _too_long_behaviour(model, spec, info)}
     if problems:
         details["problems"] = problems[:_MAX_NAMED]
         return Check("shape_robustness", False, f"{len(problems)} shape problem(s); first: {problems[0]}.", details)
@@ -189,7 +218,7 @@ def _shape_problems(key: str, out: torch.Tensor, b: int, t: int) -> list[str]:
     return []
 
 
-def _too_long_behaviour(model: nn.Module, spec) -> str:
+def _too_long_behaviour(model: nn.Module, spec, info: TaskInfo) -> str:
     """What an input one token longer than the context does: informative, not pass/fail."""
     if spec.context_from != "model":
         return ("not tried: the model has no fixed context" if spec.context_from == "default"
@@ -197,7 +226,7 @@ def _too_long_behaviour(model: nn.Module, spec) -> str:
     with preserved_state(model), torch.no_grad():
         model.eval()
         try:
-            predict(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device))
+            _forward(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device), info)
         except Exception as e:  # raising is the good outcome here
             return f"refused ({type(e).__name__})"
     return "accepted (the model does not enforce its context length)"
@@ -218,6 +247,7 @@ def check_gradient_flow(
     exploding_above: float = 1e3,
     figure: bool = True,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """One forward and backward in train mode; name parameters whose gradient is missing, zero,
     vanishing (norm below ``vanishing_below``), exploding (above ``exploding_above``) or not finite.
@@ -231,6 +261,7 @@ def check_gradient_flow(
         True
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_gradient_flow({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_gradient_flow({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     ids = spec.random_ids(batch_size, min(seq_len or 32, spec.max_seq_len), gen)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -239,7 +270,7 @@ def check_gradient_flow(
         model.train()
         for _, p in params:
             p.grad = None
-        logits = predict(model, ids)
+        logits = _forward(model, ids, info)
         if not logits.requires_grad:
             return Check("gradient_flow", False,
                          "The output does not depend on any trainable parameter: no gradient reaches the model.",
@@ -247,8 +278,10 @@ def check_gradient_flow(
         _surrogate_loss(logits, gen).backward()
         norms = {n: (None if p.grad is None else float(p.grad.detach().float().norm())) for n, p in params}
     groups = _classify_grad_norms(norms, vanishing_below, exploding_above)
+    inert = _inert_parameters(model, ids, info, dict(params), norms, groups, vanishing_below, gen)
     bad = {k: v for k, v in groups.items() if v}
-    details = {"grad_norms": norms, "frozen": frozen[:_MAX_NAMED], **{k: v[:_MAX_NAMED] for k, v in bad.items()}}
+    details = {"grad_norms": norms, "frozen": frozen[:_MAX_NAMED], "inert_by_design": inert,
+               **{k: v[:_MAX_NAMED] for k, v in bad.items()}}
     fig = _grad_norm_figure(norms, groups) if figure else None
     if bad:
         first = next(iter(bad))
@@ -256,10 +289,62 @@ def check_gradient_flow(
         return Check("gradient_flow", False,
                      f"{summary} (of {len(params)} trainable parameters), e.g. {first.replace('_', ' ')}: "
                      f"{', '.join(bad[first][:5])}.", details, fig)
-    finite = [v for v in norms.values() if v is not None]
-    return Check("gradient_flow", True,
-                 f"All {len(params)} trainable parameters get a finite gradient, norms "
-                 f"{min(finite):.2e} to {max(finite):.2e}.", details, fig)
+    return Check("gradient_flow", True, _flow_summary(norms, inert), details, fig)
+
+
+def _flow_summary(norms: dict, inert: dict) -> str:
+    learning = [v for n, v in norms.items() if n not in inert]
+    text = (f"All {len(learning)} {'other ' if inert else ''}trainable parameters get a finite gradient, "
+            f"norms {min(learning):.2e} to {max(learning):.2e}.")
+    if inert:
+        text += (f" {len(inert)} inert by design (the output does not depend on them, e.g. a key bias under "
+                 f"softmax): {', '.join(list(inert)[:5])}.")
+    return text
+
+
+_INERT_NOISE_STD = 5.0  # a perturbation far larger than any trained value
+_INERT_RTOL = 1e-5  # output change that is rounding, not dependence
+
+
+def _inert_parameters(model, ids, info, params: dict, norms: dict, groups: dict, vanishing_below: float,
+                      gen: torch.Generator) -> dict[str, str]:
+    """Move zero and vanishing gradients that are so by design out of ``groups`` (in place).
+
+    A parameter is inert by design when it is a vector (a bias or a scale), perturbing it by
+    N(0, 5²) leaves the output as it was (relative change below 1e-5), and another parameter of
+    its module does learn: a key bias, which softmax cancels, is the usual one. A dead layer (every
+    parameter of the module silent), a matrix fed by a dead layer, or a parameter the output does
+    depend on stays a failure.
+    """
+    inert = {}
+    for group in ("zero_gradient", "vanishing_gradient"):
+        for name in list(groups[group]):
+            if params[name].dim() > 1:
+                continue
+            owner = name.rpartition(".")[0]
+            siblings = [n for n in params if n != name and n.rpartition(".")[0] == owner]
+            if not any((norms[n] or 0.0) >= vanishing_below for n in siblings):
+                continue
+            moved = _output_change(model, ids, info, params[name], gen)
+            if moved < _INERT_RTOL:
+                groups[group].remove(name)
+                inert[name] = (f"gradient norm {norms[name]:.1e}; perturbing it by N(0, {_INERT_NOISE_STD:g}²) "
+                               f"moved the output by {moved:.1e} relative")
+    return inert
+
+
+def _output_change(model, ids, info, param: nn.Parameter, gen: torch.Generator) -> float:
+    """Relative change of the eval-mode output when ``param`` gets N(0, 5²) noise (then restored)."""
+    noise = _INERT_NOISE_STD * torch.randn(param.shape, generator=gen).to(param.device, param.dtype)
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        y = _forward(model, ids, info).float()
+        param.add_(noise)
+        try:
+            y2 = _forward(model, ids, info).float()
+        finally:
+            param.sub_(noise)
+    return float((y2 - y).norm() / y.norm().clamp_min(1e-12))
 
 
 def _surrogate_loss(logits: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -316,6 +401,7 @@ def check_numerical_stability(
     max_sweep_tokens: int = 65536,
     plan: PrecisionPlan | None = None,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Look for NaN/Inf outputs and for non-determinism in eval mode.
 
@@ -329,26 +415,27 @@ def check_numerical_stability(
         []
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_numerical_stability({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     batches = [spec.random_ids(batch_size, spec.max_seq_len, gen) for _ in range(trials)]
     problems, details = [], {}
     with preserved_state(model), torch.no_grad():
         model.eval()
-        outs = [predict(model, ids) for ids in batches]
+        outs = [_forward(model, ids, info) for ids in batches]
         bad_trials = [i for i, out in enumerate(outs) if not torch.isfinite(out).all()]
         if bad_trials:
             problems.append(f"{len(bad_trials)} of {trials} random batches give NaN/Inf")
         details["max_abs_output"] = max(float(o.float().abs().nan_to_num(0.0, 0.0, 0.0).max()) for o in outs)
-        bad_tokens, swept = _sweep_tokens(model, spec, max_sweep_tokens, gen)
+        bad_tokens, swept = _sweep_tokens(model, spec, max_sweep_tokens, gen, info)
         details.update(bad_tokens=bad_tokens[:_MAX_NAMED], tokens_swept=swept)
         if bad_tokens:
             problems.append(f"{len(bad_tokens)} token id(s) alone give NaN/Inf, e.g. {bad_tokens[:5]}")
-        diff = (predict(model, batches[0]).float() - outs[0].float()).abs().nan_to_num(0.0).max()
+        diff = (_forward(model, batches[0], info).float() - outs[0].float()).abs().nan_to_num(0.0).max()
         details["eval_repeat_max_diff"] = float(diff)
         if diff > 1e-6 * max(1.0, details["max_abs_output"]):
             problems.append(f"eval mode is not deterministic: the same batch twice differs by {float(diff):.3g}")
         if plan is not None and plan.autocast_dtype is not None:
-            details.update(_autocast_finite(model, batches[0][:1, :16], plan))
+            details.update(_autocast_finite(model, batches[0][:1, :16], plan, info))
             if not details["autocast_finite"]:
                 problems.append(f"under {plan.name} the output has NaN/Inf")
     if problems:
@@ -358,7 +445,7 @@ def check_numerical_stability(
                  f"deterministic; largest |output| {details['max_abs_output']:.3g}.", details)
 
 
-def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator,
+def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator, info: TaskInfo,
                   chunk: int = 1024) -> tuple[list[int], int]:
     """Token ids whose one-token input gives a non-finite output; and how many ids were tried."""
     if spec.vocab_size <= max_tokens:
@@ -367,15 +454,15 @@ def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator,
         ids = torch.randperm(spec.vocab_size, generator=gen)[:max_tokens].sort().values
     bad = []
     for part in ids.split(chunk):
-        out = predict(model, part.view(-1, 1).to(spec.device))  # (n, 1, V) or (n, C)
+        out = _forward(model, part.view(-1, 1).to(spec.device), info)  # (n, 1, V) or (n, C)
         finite = torch.isfinite(out.reshape(len(part), -1)).all(dim=1).cpu()
         bad += part[~finite].tolist()
     return bad, len(ids)
 
 
-def _autocast_finite(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) -> dict:
+def _autocast_finite(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo) -> dict:
     with plan.autocast():
-        out = predict(model, ids)
+        out = _forward(model, ids, info)
     return {"autocast_precision": plan.name, "autocast_finite": bool(torch.isfinite(out).all())}
 
 
@@ -465,6 +552,7 @@ def check_memory(
     plan: PrecisionPlan | None = None,
     figure: bool = True,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Parameters, gradients, Adam state and activations, by batch size and by precision.
 
@@ -480,18 +568,19 @@ def check_memory(
         {1: 1703936, 2: 3407872, 4: 6815744}
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_memory({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_memory({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     # parameters() yields a tied weight once, so it is counted once.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     fp32_plan = _measuring_plan("32-true", spec.device)
-    fp32 = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan) for b in batch_sizes}
+    fp32 = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan, info) for b in batch_sizes}
     activations = {"32-true": fp32}
     # The 16-bit precision worth comparing: the plan's when it autocasts (e.g. 16-mixed on a GPU
     # without bf16), otherwise bf16-mixed, to show what it would save here.
     half = plan.name if plan is not None and plan.autocast_dtype is not None else "bf16-mixed"
-    activations[half] = _scaled_activations(model, spec, fp32, _measuring_plan(half, spec.device), gen)
+    activations[half] = _scaled_activations(model, spec, fp32, _measuring_plan(half, spec.device), gen, info)
     training = {name: {b: _training_bytes(name, trainable, param_bytes + buffer_bytes, act)
                        for b, act in acts.items()} for name, acts in activations.items()}
     available = _device_memory_bytes(spec.device)
@@ -518,7 +607,7 @@ def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
     return plan_for(name, device, reason="Tier 1's memory check measures it.")
 
 
-def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen) -> dict[int, int]:
+def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen, info) -> dict[int, int]:
     """Activation bytes under ``plan``'s autocast, from two short measurements instead of full ones
     (16-bit matmuls can be 100x slower than fp32 on a CPU without native support).
 
@@ -527,18 +616,18 @@ def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan,
     """
     short = spec.random_ids(2, min(spec.max_seq_len, 16), gen)
     fp32_plan = _measuring_plan("32-true", spec.device)
-    f1, f2 = (_activation_bytes(model, short[:n], fp32_plan) for n in (1, 2))
-    l1, l2 = (_activation_bytes(model, short[:n], plan) for n in (1, 2))
+    f1, f2 = (_activation_bytes(model, short[:n], fp32_plan, info) for n in (1, 2))
+    l1, l2 = (_activation_bytes(model, short[:n], plan, info) for n in (1, 2))
     ratio = (l2 - l1) / max(f2 - f1, 1)
     constant = max(l1 - ratio * f1, 0)
     return {b: int(ratio * v + constant) for b, v in fp32.items()}
 
 
-def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan) -> int:
+def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo) -> int:
     """Bytes autograd saves in one train-mode forward of ``ids`` to the logits (no loss), parameters
     left out. Autocast's 16-bit weight copies count here too: like activations, they are memory a
     training step holds beyond the weights (the constant part :func:`_scaled_activations` finds)."""
-    saved = saved_tensor_bytes(model, ids, plan, loss_fn=predict)
+    saved = saved_tensor_bytes(model, ids, plan, loss_fn=lambda m, x: _forward(m, x, info))
     return saved.activations + saved.weight_copies
 
 
@@ -600,6 +689,7 @@ def check_inference_speed(
     warmup: int = 1,
     figure: bool = True,
     seed: int = 0,
+    task=None,
 ) -> Check:
     """Forward latency (median and p95, ms) and throughput (tokens/s) by batch size, in fp32 and
     under ``plan`` (default: ``resolve_precision("auto")`` on the model's device) when it differs.
@@ -615,14 +705,15 @@ def check_inference_speed(
         for a moment). On a CPU without native bf16, bf16 runs many times slower than fp32.
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_inference_speed({type(model).__name__})")
+    info = _task(model, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
     plan = plan if plan is not None else resolve_precision("auto", device=spec.device)
     t = min(seq_len or 128, spec.max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     inputs = {b: spec.random_ids(b, t, gen) for b in batch_sizes}
-    results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup)}
+    results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup, info)}
     if plan.name != "32-true":
         target = model if plan.param_dtype == torch.float32 else copy.deepcopy(model).to(plan.param_dtype)
-        results[plan.name] = _time_forwards(target, inputs, plan, repeats, warmup)
+        results[plan.name] = _time_forwards(target, inputs, plan, repeats, warmup, info)
     details = {"seq_len": t, "repeats": repeats, "plan": plan.describe(), **results}
     fig = _latency_figure(results) if figure else None
     big = max(batch_sizes)
@@ -637,19 +728,20 @@ def check_inference_speed(
     return Check("inference_speed", True, summary, details, fig)
 
 
-def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int) -> dict:
+def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int,
+                   info: TaskInfo) -> dict:
     """Forward latency per batch size: ``repeats`` timed calls after ``warmup`` untimed ones, each
     timed by ``torch.utils.benchmark.Timer`` (it waits for CUDA's queue) on this process's threads."""
     from torch.utils import benchmark  # ~0.9 s to import: only when speed is measured
-
     device = model_device(model)
     autocast = plan.autocast if plan is not None else (lambda: torch.autocast(device.type, enabled=False))
     lat_median, lat_p95, tps = {}, {}, {}
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for b, ids in inputs.items():
-            timer = benchmark.Timer("with autocast(): forward(model, ids)", num_threads=torch.get_num_threads(),
-                                    globals={"autocast": autocast, "forward": predict, "model": model, "ids": ids})
+            timer = benchmark.Timer("with autocast(): forward(model, ids, info)", num_threads=torch.get_num_threads(),
+                                    globals={"autocast": autocast, "forward": _forward, "model": model, "ids": ids,
+                                             "info": info})
             if warmup:
                 timer.timeit(warmup)
             times = [timer.timeit(1).mean for _ in range(repeats)]

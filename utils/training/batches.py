@@ -180,32 +180,46 @@ def check_token_ids(model: nn.Module, prepared: Prepared, argument: str) -> None
 class TensorBatches:
     """Shuffled mini-batches of a (N, T) tensor, one permutation per epoch drawn from ``seed``.
 
-    The permutation depends only on (seed, epoch), so a resumed run sees the same batches.
+    The permutation depends only on (seed, epoch), so a resumed run sees the same batches. With
+    ``labels`` (N,), each batch is the pair ``(inputs (B, T), labels (B,))``.
     """
 
     def __init__(self, data: torch.Tensor, batch_size: int, seed: int, shuffle: bool = True,
-                 drop_last: bool = True):
+                 drop_last: bool = True, labels: torch.Tensor | None = None):
         self.data, self.batch_size, self.seed, self.shuffle = data, batch_size, seed, shuffle
+        self.labels = labels
         n = data.shape[0]
         self.n_batches = n // batch_size if drop_last and n >= batch_size else -(-n // batch_size)
 
     def __len__(self) -> int:
         return self.n_batches
 
-    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, start: int = 0) -> Iterator:
         n = self.data.shape[0]
         if self.shuffle:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch))
         else:
             order = torch.arange(n)
         for i in range(start, self.n_batches):
-            yield self.data[order[i * self.batch_size:(i + 1) * self.batch_size]]
+            rows = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.data[rows] if self.labels is None else (self.data[rows], self.labels[rows])
+
+
+def _labelled_pair(data) -> bool:
+    """A tuple ``(inputs (N, ...), labels (N,))`` of tensors, as ``make_topic_dataset`` returns."""
+    return (isinstance(data, tuple) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data)
+            and data[1].dim() == 1 and data[0].dim() >= 1 and data[0].shape[0] == data[1].shape[0])
 
 
 def as_batches(data, batch_size: int, seed: int, argument: str, shuffle: bool = True):
-    """``TensorBatches`` for a tensor, the re-iterable itself otherwise; empty data is an error."""
+    """``TensorBatches`` for a tensor or an ``(inputs, labels)`` tuple of tensors with one label per
+    row; the re-iterable itself otherwise; empty data is an error."""
     if isinstance(data, TensorBatches):
         return data
+    if _labelled_pair(data):
+        if data[0].shape[0] == 0:
+            raise ValueError(f"{argument} is empty: inputs of shape {tuple(data[0].shape)}.")
+        return TensorBatches(data[0], batch_size, seed, shuffle=shuffle, drop_last=shuffle, labels=data[1])
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.shape[0] == 0 or data.shape[1] < 2:
             raise ValueError(

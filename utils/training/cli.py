@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from utils.model_calls import check_context, find_context_length, find_vocab_size
+from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision
@@ -43,12 +44,12 @@ TRAIN_DEFAULTS = {  # the training values come from TrainSettings; the rest are 
     "warmup_steps": _S.warmup_steps, "checkpoint_every": _S.checkpoint_every, "log_every": _S.log_every,
     "seed": _S.seed, "run_dir": None, "resume": None, "wandb": "disabled", "wandb_project": "amp-transformer",
     "progress": _S.progress,
-    "checkpoint_minutes": _S.checkpoint_minutes, "overwrite": _S.overwrite,
+    "checkpoint_minutes": _S.checkpoint_minutes, "overwrite": _S.overwrite, "task": _S.task,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
            "batch_size", "grad_accum", "lr", "warmup_steps", "seed", "max_steps", "epochs", "log_every",
-           "checkpoint_every", "checkpoint_minutes", "wandb_project")
+           "checkpoint_every", "checkpoint_minutes", "wandb_project", "task")
 
 
 class CliError(Exception):
@@ -132,6 +133,10 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
     p.add_argument("--data", metavar="default|PATH.txt",
                    help=f"'default': Python's bundled English help topics (~460 KB); or a UTF-8 text file. "
                         f"Tokenized as bytes (vocabulary 256) (default: {d['data']})")
+    p.add_argument("--task", choices=TASKS, metavar="TASK",
+                   help="what the model predicts, which sets the objective: " + ", ".join(TASKS) + " (default: "
+                        "detected from its config and a probe; a classifier trains on the bundled labelled "
+                        "topics)")
     p.add_argument("--context", type=_int_at_least(1), metavar="N",
                    help="tokens the model sees per sequence (default: the model's context length, or 64)")
     p.add_argument("--val-fraction", type=_fraction, metavar="F",
@@ -233,10 +238,19 @@ def build_model(spec: str, config: dict, class_name: str | None):
                        f"Check the file, --class-name and --model-config.") from e
 
 
-def load_data(spec: str, model, context: int | None, val_fraction: float):
-    """Byte-tokenized windows of the text; ``(train, val or None, context)``."""
-    from utils.data import ByteTokenizer, load_corpus, make_lm_dataset
+def load_data(spec: str, model, context: int | None, val_fraction: float, task: str | None = None):
+    """The bundled data for the model's task (:func:`utils.data.make_task_dataset`): byte windows
+    of the text, or for a classifier the labelled help topics; ``(train, val or None, context, task)``
+    with the task as detected (or as ``--task`` states it)."""
+    from utils.data import ByteTokenizer, make_task_dataset
 
+    info = detect_task(model, task, call=f"--task {task}" if task else f"{type(model).__name__}")
+    if info.task == NON_TOKEN:
+        raise CliError(str(not_a_token_model_error(model, "--model")))
+    if info.task == CLASSIFIER and spec != "default":
+        raise CliError(f"--data {spec}: the model is a sequence classifier and a text file has no labels. Use "
+                       f"--data default (the bundled labelled task: which part of the Python reference a window "
+                       f"comes from), or train() with your own (inputs, labels).")
     tokenizer = ByteTokenizer()
     vocab = find_vocab_size(model)
     if vocab is not None and vocab < tokenizer.vocab_size:
@@ -253,9 +267,10 @@ def load_data(spec: str, model, context: int | None, val_fraction: float):
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
     check_context(model, context, source, "--context N")
-    text = load_corpus(None if spec == "default" else Path(spec))
-    data = make_lm_dataset(text, tokenizer, context, val_fraction)
-    return data.train, (data.val if data.val.shape[0] else None), context
+    classes = find_num_classes(model) if info.task == CLASSIFIER else None
+    data = make_task_dataset(info.task, context=context, source=None if spec == "default" else Path(spec),
+                             val_fraction=val_fraction, num_classes=classes)
+    return data.train, data.val, context, info.task
 
 
 def _start_wandb(opts: dict, config: dict, run_dir):
@@ -312,7 +327,8 @@ def run_train(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
     torch.manual_seed(opts["seed"])
     model = build_model(opts["model"], opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                                  opts["task"])
     opts["context"] = context
     run_dir = Path(opts["run_dir"])
     if world.is_rank_zero:
@@ -333,7 +349,7 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"])
+                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task)
     finally:
         if session is not None:
             session.finish()
@@ -375,6 +391,7 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
         f"  skipped steps  {result.skipped_steps}   final loss scale {result.final_loss_scale}",
         f"  precision      {result.precision.describe()}",
+        f"  objective      {result.objective}",
         f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
         f"  saved          {saved}",
         f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
@@ -391,7 +408,8 @@ def run_bench(args: argparse.Namespace) -> int:
     opts = {**TRAIN_DEFAULTS, **{k: v for k, v in vars(args).items() if v is not None}}
     torch.manual_seed(opts["seed"])
     model = build_model(opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context = load_data(opts["data"], model, opts["context"], opts["val_fraction"])
+    train_ids, val_ids, context, _ = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                               opts["task"])
     session = _start_wandb(opts, {**opts, "context": context, "command": "bench"}, None)
     try:
         # A factory, never the instance: every run builds the model from the file again.

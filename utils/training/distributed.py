@@ -66,13 +66,17 @@ class ShardedTensorBatches(TensorBatches):
                 f"process × {world_size} processes = {per_rank * world_size}. Pass a smaller batch_size "
                 f"or more data."
             )
-        super().__init__(batches.data, per_rank * world_size, batches.seed, batches.shuffle, drop_last=True)
+        super().__init__(batches.data, per_rank * world_size, batches.seed, batches.shuffle, drop_last=True,
+                         labels=batches.labels)
         self.rank, self.world_size, self.per_rank = rank, world_size, per_rank
 
     def epoch(self, epoch: int, start: int = 0):
         lo = self.rank * self.per_rank
-        for batch in super().epoch(epoch, start):  # (B × world_size, T)
-            yield batch[lo:lo + self.per_rank]  # (B, T)
+        for batch in super().epoch(epoch, start):  # (B × world_size, T), or with labels (B × world_size,)
+            if isinstance(batch, tuple):
+                yield tuple(t[lo:lo + self.per_rank] for t in batch)
+            else:
+                yield batch[lo:lo + self.per_rank]  # (B, T)
 
 
 @dataclass(frozen=True)

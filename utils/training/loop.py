@@ -37,6 +37,7 @@ from utils.training.guards import StepChecks
 from utils.training.interrupts import StopSignals
 from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
 from utils.training.metrics_log import MetricsLog
+from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
 from utils.training.scale_health import ScaleHealth
 from utils.training.settings import TrainSettings
@@ -62,6 +63,7 @@ class TrainResult:
     scale_health: dict | None = None  # ScaleHealth.to_dict() under 16-mixed, else None
     checkpoint_step: int | None = None  # the step checkpoint_path holds; == global_step: nothing lost
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "KeyboardInterrupt" when interrupted
+    objective: str | None = None  # what the model was trained to predict; None with a loss_fn
 
     @classmethod
     def of(cls, trainer: Trainer, wall: float, interrupted: bool) -> TrainResult:
@@ -74,6 +76,7 @@ class TrainResult:
             best_val_loss=trainer.best_val_loss, checkpoint_step=trainer.checkpoints.step,
             stopped_by=trainer.stop.requested or ("KeyboardInterrupt" if interrupted else None),
             scale_health=None if trainer.scale_health is None else trainer.scale_health.to_dict(),
+            objective=trainer.objective.describe() if trainer.objective is not None else None,
         )
 
 
@@ -90,12 +93,28 @@ def default_optimizer(model: nn.Module, lr: float, weight_decay: float, device_t
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8, loss_fn=None) -> dict:
+def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8, loss_fn=None,
+             task: str | Objective | None = None) -> dict:
     """Mean loss (and accuracy, and perplexity for language models) over ``data``, under the plan's autocast.
+
+    Example::
+
+        >>> evaluate(bert, val_ids, resolve_precision("32-true"))["val_accuracy"]   # doctest: +SKIP
+        0.31
+
+    Args:
+        loss_fn: ``loss_fn(model, batch) -> scalar`` replaces the forward pass (no accuracy then).
+        task: the model's task or its :class:`~utils.training.objectives.Objective` (default None:
+            detected). Accuracy counts what the objective predicts: the next token (causal LM),
+            the hidden tokens (masked LM, the same positions every call), each label of a seq2seq
+            target, or one label per sequence (classifier).
 
     Returns:
         ``{"val_loss": float, "val_accuracy": float | None, "val_perplexity": float | None}``.
     """
+    if loss_fn is None and not isinstance(task, Objective):
+        task = objective_for(model, task, call=f"evaluate({type(model).__name__})")
+    masks = torch.Generator().manual_seed(0)  # a masked LM is scored on the same positions every time
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), device=plan.device, dtype=torch.float64)
@@ -108,7 +127,7 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
             if loss_fn is not None:
                 loss, n = loss_fn(model, batch), 1
             else:
-                prepared = prepare_batch(batch)
+                prepared = task.prepare(batch, generator=masks, argument="val_data")
                 check_token_ids(model, prepared, "val_data")  # eval is off the hot path: syncs are fine
                 loss, logits, targets = forward_loss(model, prepared)
                 mask = targets != IGNORE_INDEX
@@ -143,12 +162,14 @@ class Trainer:
     checks through ``checks`` (:class:`StepChecks`)."""
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, args: TrainArgs,
-                 loss_fn, callbacks, run_dir, world: distributed.World | None = None):
+                 loss_fn, callbacks, run_dir, world: distributed.World | None = None,
+                 objective: Objective | None = None):
         self.model, self.precision, self.optimizer = model, plan, optimizer
         self.world = world or distributed.World()
         self.net = model  # World.fit swaps in the DDP wrapper for the run
         self.scheduler, self.scaler, self.args = scheduler, scaler, args
         self.batches, self.val_batches, self.loss_fn = batches, val_batches, loss_fn
+        self.objective = objective if objective is not None or loss_fn is not None else objective_for(model)
         self.tensor_data = isinstance(batches, TensorBatches)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log = MetricsLog(self.run_dir, callbacks, self.world.is_rank_zero)
@@ -195,7 +216,7 @@ class Trainer:
                 loss = self.loss_fn(self.net, batch)
                 count = batch.shape[0] if isinstance(batch, torch.Tensor) else 1
             else:
-                prepared = prepare_batch(batch)
+                prepared = self.objective.prepare(batch)
                 loss, _, targets = forward_loss(self.net, prepared)
                 self.checks.observe_targets(targets, self.global_step)
                 count = prepared.count
@@ -289,7 +310,7 @@ class Trainer:
         if self.val_batches is not None:
             t_eval = time.perf_counter()
             val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.args.batch_size,
-                           loss_fn=self.loss_fn)
+                           loss_fn=self.loss_fn, task=self.objective)
             self.eval_s += time.perf_counter() - t_eval
             self._win_t0 = time.perf_counter()  # throughput counts training time only
             record.update(val)
@@ -419,7 +440,8 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           checkpoint_every=TrainSettings.checkpoint_every, resume_from=None, seed=TrainSettings.seed,
           log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
           scaler_kwargs=None, compile=False, tf32=False,
-          checkpoint_minutes=TrainSettings.checkpoint_minutes, overwrite=TrainSettings.overwrite) -> TrainResult:
+          checkpoint_minutes=TrainSettings.checkpoint_minutes, overwrite=TrainSettings.overwrite,
+          task=TrainSettings.task, mask_token_id=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -464,12 +486,20 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             last save, checked at log steps (default 10: a disconnect loses at most that; None: off).
         overwrite: a fresh run into a folder that holds a run moves the old run aside into
             ``run_dir/replaced-<time>/`` (default False: an error).
+        task: what the model predicts, which sets the objective on token ids (default None:
+            detected, see :func:`utils.tasks.detect_task`): ``"causal-lm"`` the next token;
+            ``"masked-lm"`` 15% of positions hidden, loss on those only; ``"seq2seq"`` the window
+            rebuilt from a corrupted copy through ``labels``; ``"classifier"`` needs
+            ``(inputs, labels)`` batches. Ignored with ``loss_fn``. ``result.objective`` says which ran.
+        mask_token_id: the id that hides a token (default: ``config.mask_token_id``, else 255,
+            which the byte tokenizer never emits).
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary or of a non-integer
             dtype, a batch whose targets are all ignored, targets that do not fit the logits, a model
             with nothing to train, a ``run_dir`` that holds another run, or a checkpoint that is
-            damaged or does not fit.
+            damaged or does not fit; ``task="causal-lm"`` for a model that sees later tokens;
+            unlabelled token ids for a classifier or a model that takes none.
         FloatingPointError: a non-finite loss or gradient with no GradScaler to absorb it (fp32,
             bf16), weights that are not finite at a save, or a 16-mixed run whose steps are all
             skipped until the loss scale is under 2**-24. No checkpoint is written with them.
@@ -497,13 +527,16 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
                          weight_decay=weight_decay, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
                          warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, seed=seed,
                          log_every=log_every, progress=progress,
-                         checkpoint_minutes=checkpoint_minutes, overwrite=overwrite)
+                         checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task)
     args.check()
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
-    model = compile_model(_place(model, plan), compile)
+    model = _place(model, plan)
+    objective = None if loss_fn is not None else objective_for(  # probed before compiling: eager calls
+        model, task, mask_token_id=mask_token_id, call=f"train({type(model).__name__})")
+    model = compile_model(model, compile)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     kept = []
     if keep_fp32 is not None:
@@ -515,7 +548,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     warm = max(warmup_steps, 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
     trainer = Trainer(model, plan, optimizer, scheduler, scaler, batches, val_batches, args,
-                      loss_fn, callbacks, run_dir, world)
+                      loss_fn, callbacks, run_dir, world, objective)
     trainer.keep_fp32 = kept
     if resume_from is not None:
         trainer.restore(resume_from)

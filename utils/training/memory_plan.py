@@ -37,6 +37,7 @@ from torch import nn
 from utils.training.batches import prepare_batch
 from utils.training.benchmark.measure import saved_tensor_bytes, tensor_bytes
 from utils.training.benchmark.overflow_scan import _float_tensors
+from utils.training.objectives import objective_loss_fn
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def _measure_plan(precision, device) -> PrecisionPlan:
         return resolve_precision(precision, device)
 
 
-def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, samples: int) -> MemoryRow:
+def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, samples: int, loss_fn) -> MemoryRow:
     itemsize = torch.empty((), dtype=plan.param_dtype).element_size()
     weights = tensor_bytes(model.parameters()) * itemsize // 4
     trainable = tensor_bytes(p for p in model.parameters() if p.requires_grad) * itemsize // 4
@@ -197,7 +198,7 @@ def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, sa
     outputs: list[int] = []
     hook = measured.register_forward_hook(lambda m, a, out: outputs.extend(t.numel() for t in _float_tensors(out)))
     try:
-        saved = saved_tensor_bytes(measured, batch, plan)
+        saved = saved_tensor_bytes(measured, batch, plan, loss_fn=loss_fn)
     finally:
         hook.remove()
     # Backward holds the output's gradient (the loss works in fp32) and the gradient of the loss's
@@ -248,7 +249,8 @@ def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=
     device = resolve_precision("32-true", device).device  # explicit, so fp16 on a CPU is measured as fp16
     plans = [_measure_plan(p, device) for p in precisions]
     model.to(plans[0].device)
-    rows = [_row(model, batch, plan, optimizer_states, samples) for plan in plans]
+    loss_fn = objective_loss_fn(model)  # the task's objective, found before any hook counts outputs
+    rows = [_row(model, batch, plan, optimizer_states, samples, loss_fn) for plan in plans]
     return MemoryPlan(rows, tuple(gpus), margin, ids.shape[-1] if ids is not None and ids.dim() >= 2 else None,
                       str(plans[0].device))
 

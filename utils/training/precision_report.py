@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from utils.model_calls import model_device
-from utils.training.batches import forward_loss, move_to, prepare_batch
+from utils.training.batches import move_to
 from utils.training.benchmark.overflow_scan import _float_tensors, scan_fp16_overflow
 from utils.training.keep_fp32 import units_to_keep
+from utils.training.objectives import objective_loss_fn
 from utils.training.precision import PrecisionPlan, PrecisionWarning, resolve_precision
 
 FP16_LOSS_SCALE = 2.0**10  # a scale a GradScaler often settles near; the fp16 backward sees it too
@@ -115,7 +116,7 @@ def _one_pass(model, batch, autocast, loss_fn, loss_scale) -> tuple[dict, dict, 
     handles = [m.register_forward_hook(functools.partial(_record, outputs, n)) for n, m in model.named_modules()]
     try:
         with autocast:
-            loss = loss_fn(model, batch) if loss_fn is not None else forward_loss(model, prepare_batch(batch))[0]
+            loss = loss_fn(model, batch)
         (loss.float() * loss_scale).backward()
     finally:
         for h in handles:
@@ -178,6 +179,7 @@ def compare_precisions(model: nn.Module, batch, precision="16-mixed", *, loss_fn
                          f"(the reference pass is fp32). Pass the model before .half()/.to(torch.bfloat16).")
     scale = loss_scale if loss_scale is not None else (FP16_LOSS_SCALE if plan.use_scaler else 1.0)
     batch = move_to(batch, device)
+    loss_fn = loss_fn or objective_loss_fn(model)  # the task's objective (masked LM, seq2seq ...)
     saved = {p: p.grad for p in model.parameters()}
     was_training = model.training
     model.eval()
@@ -233,16 +235,23 @@ def make_fp16_hostile(model: nn.Module, batch, module: str | None = None, *, pea
         The name of the Linear it scaled.
 
     Raises:
-        ValueError: ``module`` is not a Linear of the model, or the model has none.
+        ValueError: ``module`` is not a Linear of the model, or one its forward pass never calls (an
+            ``nn.MultiheadAttention``'s ``out_proj``), or the model has none.
     """
+    scan = scan_fp16_overflow(model, batch)
+    seen = {m.name: m.max_abs for m in scan.modules}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    called = [n for n in linears if n in seen]  # an nn.MultiheadAttention's out_proj is never called itself
     if module is None:
-        module = next((n for n in linears if "mlp" in n or "fc" in n), linears[0] if linears else None)
+        module = next((n for n in called if "mlp" in n or "fc" in n), called[0] if called else None)
     if module not in linears:
         raise ValueError(f"make_fp16_hostile(module={module!r}): not an nn.Linear of {type(model).__name__}. "
                          f"Its Linears: {', '.join(linears) or 'none'}.")
-    scan = scan_fp16_overflow(model, batch)
-    current = next(m.max_abs for m in scan.modules if m.name == module)
+    if module not in seen:
+        raise ValueError(f"make_fp16_hostile(module={module!r}): {type(model).__name__}'s forward pass never calls "
+                         f"it (an nn.MultiheadAttention uses its out_proj's weights directly). The Linears it "
+                         f"calls: {', '.join(called) or 'none'}.")
+    current = seen[module]
     linear = dict(model.named_modules())[module]
     with torch.no_grad():
         for p in (linear.weight, linear.bias):

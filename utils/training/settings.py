@@ -41,6 +41,9 @@ class TrainSettings:
         progress: show a progress bar (default True).
         overwrite: a fresh run into a folder that holds a run moves the old run aside (default
             False: an error that suggests resuming or a new folder).
+        task: what the model predicts, which sets the objective on token ids (default None:
+            detected from its config and a probe; see :func:`utils.tasks.detect_task`): one of
+            ``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ``"seq2seq"``, ``"non-token"``.
 
     .. note::
         ``precision`` (default ``"auto"``) is a class attribute, not a field: the run's precision
@@ -63,6 +66,7 @@ class TrainSettings:
     progress: bool = True
     checkpoint_minutes: float | None = 10.0
     overwrite: bool = False
+    task: str | None = None
 
     def check(self) -> None:
         """Every bad value is a ``ValueError`` naming the argument and what is allowed."""
@@ -82,3 +86,8 @@ class TrainSettings:
             raise ValueError(f"checkpoint_minutes={minutes!r} is not allowed: it must be None or a number > 0.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
+        from utils.tasks import TASKS  # the list of tasks lives with their detection
+
+        if self.task is not None and self.task not in TASKS:
+            allowed = ", ".join(repr(t) for t in TASKS)
+            raise ValueError(f"task={self.task!r} is not allowed: use one of {allowed}, or None to detect it.")

@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from utils.model_calls import find_hidden_size, find_num_layers, preserved_state
-from utils.training.batches import forward_loss, move_to, prepare_batch
+from utils.training.batches import move_to
+from utils.training.objectives import objective_loss_fn
 from utils.training.precision import Capabilities, PrecisionPlan
 
 
@@ -148,10 +149,11 @@ def saved_tensor_bytes(model: nn.Module, batch, plan: PrecisionPlan, loss_fn=Non
         return t
 
     batch = move_to(batch, plan.device)
+    loss_fn = loss_fn or objective_loss_fn(model)  # train()'s objective (masked LM, ...), found before measuring
     with preserved_state(model), torch.enable_grad():
         model.train()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), plan.autocast():
-            loss = loss_fn(model, batch) if loss_fn is not None else forward_loss(model, prepare_batch(batch))[0]
+            loss = loss_fn(model, batch)
         del loss  # frees the graph and what it saved
     return SavedBytes(sum(activations.values()), sum(copies.values()))
 

@@ -21,7 +21,8 @@ from torch import nn
 
 from utils.model_calls import model_device
 from utils.strict_json import json_safe
-from utils.training.batches import move_to, prepare_batch, run_model
+from utils.training.batches import move_to, run_model
+from utils.training.objectives import objective_for
 
 FP16_MAX = 65504.0  # the largest finite fp16; anything bigger becomes inf
 FP16_TINY = 2.0**-24  # the smallest fp16 subnormal (~6e-8); smaller magnitudes flush to zero
@@ -119,16 +120,19 @@ def scan_fp16_overflow(model: nn.Module, batch, *, loss_fn=None, underflow_fract
     .. note:: Reads each module's range back to the host: one sync per module (a one-off check).
     """
     stats: dict[tuple[str, str], list] = {}
-    handles = [module.register_forward_hook(functools.partial(_record, stats, (name, type(module).__name__)))
-               for name, module in model.named_modules()]
     batch = move_to(batch, model_device(model))
     device_type = model_device(model).type
+    # The task's objective (masked LM, seq2seq ...), found before the hooks see any forward pass.
+    prepared = None if loss_fn is not None else objective_for(model).prepare(
+        batch, generator=torch.Generator().manual_seed(0), argument="batch")
+    handles = [module.register_forward_hook(functools.partial(_record, stats, (name, type(module).__name__)))
+               for name, module in model.named_modules()]
     try:
         with torch.no_grad(), torch.autocast(device_type, enabled=False):
             if loss_fn is not None:
                 loss_fn(model, batch)
             else:
-                run_model(model, prepare_batch(batch))  # with the targets, when forward takes them
+                run_model(model, prepared)  # with the targets when forward takes them
     finally:
         for handle in handles:
             handle.remove()

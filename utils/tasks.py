@@ -1,0 +1,348 @@
+"""What a model predicts: causal LM, masked LM, sequence classifier, encoder-decoder, or no tokens at all.
+
+The loop, ``evaluate``, the tiers and the CLI ask here once per model, so a BERT is never trained
+to predict the next token, a T5 gets its decoder inputs, and a ViT is told plainly that the suite
+takes token ids.
+
+Decided, in order, from: what the user states (``task=``); the Hugging Face config
+(``is_encoder_decoder``, the class or ``architectures`` name, ``is_decoder``); ``forward`` taking
+``decoder_input_ids``; then one probe call on random ids: logits ``(B, C)`` are a classifier, logits
+``(B, T, V)`` a causal LM when changing the last token leaves every earlier position as it was,
+a masked LM otherwise.
+
+Example::
+
+    >>> info = detect_task(example_model("gpt-micro"))           # doctest: +SKIP
+    >>> info.task, info.reason                                   # doctest: +SKIP
+    ('causal-lm', 'changing the last token leaves earlier positions unchanged (causal)')
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from utils.model_calls import find_vocab_size, get_logits, input_spec, predict, preserved_state
+
+CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
+TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
+BYTE_MASK_ID = 0xFF  # never a byte of UTF-8 text: the byte tokenizer's reserved mask id
+_PROBE_LEN = 16
+_CAUSAL_RTOL = 1e-5  # earlier outputs may move by rounding only
+
+# Hugging Face head classes, by the end of their name.
+_HF_SUFFIXES = (("ForMaskedLM", MASKED_LM), ("ForSequenceClassification", CLASSIFIER),
+                ("ForConditionalGeneration", SEQ2SEQ), ("ForCausalLM", CAUSAL_LM), ("LMHeadModel", CAUSAL_LM))
+
+
+@dataclass(frozen=True)
+class TaskInfo:
+    """What a model predicts and how that was decided.
+
+    Attributes:
+        task: one of :data:`TASKS`.
+        reason: how it was decided, in words (shown in plans, reports and errors).
+        mask_token_id: the id that hides a token for masked-LM and denoising objectives: the
+            config's ``mask_token_id``, else :data:`BYTE_MASK_ID` when the vocabulary holds the bytes;
+            None when neither applies.
+        decoder_start_token_id: seq2seq only: the first decoder input (config, else pad id, else 0).
+        expected_input: non-token only: what the model takes instead of token ids.
+    """
+
+    task: str
+    reason: str
+    mask_token_id: int | None = None
+    decoder_start_token_id: int | None = None
+    expected_input: str | None = None
+
+    @property
+    def sees_future(self) -> bool:
+        """True when every position may read every token: next-token training would be cheating."""
+        return self.task in (MASKED_LM, CLASSIFIER, SEQ2SEQ)
+
+    def describe(self) -> str:
+        """One line for plans and reports, e.g. ``"masked-lm (the config names BertForMaskedLM)"``."""
+        extra = f"; mask id {self.mask_token_id}" if self.task in (MASKED_LM, SEQ2SEQ) else ""
+        return f"{self.task} ({self.reason}{extra})"
+
+
+def check_task(task, call: str) -> str | None:
+    """``task`` when it is None or one of :data:`TASKS`; otherwise a ValueError that lists them."""
+    if task is None or task in TASKS:
+        return task
+    allowed = ", ".join(repr(t) for t in TASKS)
+    raise ValueError(f"{call}: task={task!r} is not allowed: use one of {allowed}, or None to detect it.")
+
+
+# ----------------------------------------------------------------------------------------------
+# What the model says about itself
+
+
+def _config(model: nn.Module):
+    return getattr(model, "config", None)
+
+
+def _config_value(model: nn.Module, name: str):
+    for holder in (_config(model), model):
+        value = holder.get(name) if isinstance(holder, dict) else getattr(holder, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _hf_task(model: nn.Module) -> tuple[str, str] | None:
+    """The task a Hugging Face-style config or class name states, with the reason; None if none."""
+    if _config_value(model, "is_encoder_decoder") is True:
+        return SEQ2SEQ, "the config says is_encoder_decoder=True"
+    names = [type(model).__name__, *(getattr(_config(model), "architectures", None) or [])]
+    for name in names:
+        for suffix, task in _HF_SUFFIXES:
+            if name.endswith(suffix):
+                return task, f"the model is a {name}"
+    if _accepts(model, "decoder_input_ids"):
+        return SEQ2SEQ, f"{type(model).__name__}.forward takes decoder_input_ids"
+    return None
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # builtins and C extensions have no signature
+        return False
+    return name in params
+
+
+def find_mask_token_id(model: nn.Module) -> int | None:
+    """``config.mask_token_id`` (or ``model.mask_token_id``), else :data:`BYTE_MASK_ID` (255) when the
+    vocabulary holds all 256 bytes; None otherwise.
+
+    Example::
+
+        >>> find_mask_token_id(nn.Embedding(256, 4))
+        255
+    """
+    found = _config_value(model, "mask_token_id")
+    if isinstance(found, int) and not isinstance(found, bool):
+        return found
+    vocab = find_vocab_size(model)
+    return BYTE_MASK_ID if vocab is not None and vocab > BYTE_MASK_ID else None
+
+
+def find_decoder_start_token_id(model: nn.Module) -> int:
+    """``config.decoder_start_token_id``, else ``config.pad_token_id``, else 0 (T5's choice)."""
+    for name in ("decoder_start_token_id", "pad_token_id"):
+        found = _config_value(model, name)
+        if isinstance(found, int) and not isinstance(found, bool):
+            return found
+    return 0
+
+
+def expected_input(model: nn.Module) -> str:
+    """What a model takes, read from ``forward``'s signature and its first layer with parameters.
+
+    Example::
+
+        >>> expected_input(nn.Sequential(nn.Linear(8, 2)))
+        'Sequential.forward(input); its first layer 0 (Linear) takes float vectors (..., 8)'
+    """
+    try:
+        names = list(inspect.signature(model.forward).parameters)
+    except (TypeError, ValueError):
+        names = ["..."]
+    head = f"{type(model).__name__}.forward({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    layers = [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
+    known = [(n, m) for n, m in layers if isinstance(m, _KNOWN_LAYERS)]
+    for name, module in (known or layers)[:1]:
+        return f"{head}; its first layer {name or '(root)'} ({type(module).__name__}) takes {_takes(module)}"
+    return f"{head}; it has no layer with parameters"
+
+
+_KNOWN_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.LayerNorm)
+
+
+def _takes(module: nn.Module) -> str:
+    if isinstance(module, nn.Embedding):
+        return f"token ids below {module.num_embeddings}"
+    if isinstance(module, nn.Conv2d):
+        return f"images (B, {module.in_channels}, H, W)"
+    if isinstance(module, nn.Conv1d):
+        return f"signals (B, {module.in_channels}, L)"
+    if isinstance(module, nn.Linear):
+        return f"float vectors (..., {module.in_features})"
+    if isinstance(module, nn.MultiheadAttention):
+        return f"embeddings (..., {module.embed_dim}), not token ids"
+    if isinstance(module, nn.LayerNorm):
+        return f"float vectors (..., {module.normalized_shape[-1]})"
+    return "floating-point tensors"
+
+
+def find_num_classes(model: nn.Module) -> int | None:
+    """A classifier's number of classes: ``config.num_labels`` / ``num_classes``, else the width of
+    its logits on a two-token input (one probe call, the model left as it was)."""
+    for name in ("num_labels", "num_classes"):
+        value = _config_value(model, name)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    from utils.model_calls import model_device
+
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        return int(predict(model, torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1])
+
+
+def is_token_model(model: nn.Module) -> bool:
+    """True when the model has a vocabulary (a config ``vocab_size`` or an ``nn.Embedding``)."""
+    return find_vocab_size(model) is not None
+
+
+def not_a_token_model_error(model: nn.Module, call: str) -> ValueError:
+    """The one message for paths that need token ids and got a model that takes something else."""
+    return ValueError(
+        f"{call}: {type(model).__name__} is not a token model: it has no config.vocab_size and no "
+        f"nn.Embedding. The tiers, evaluate and train on text take models of token ids (B, T); found "
+        f"instead: {expected_input(model)}. For such a model, call train() with your own batches and "
+        f"loss_fn=. (If it does take token ids, pass vocab_size=.)"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Calling a token model for per-position logits
+
+
+def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None = None) -> torch.Tensor:
+    """Decoder inputs from labels ``(B, T)``, as Hugging Face seq2seq models build them: the start
+    id, then the labels minus their last token, ignored positions (-100) as ``pad_id``.
+
+    Example::
+
+        >>> shift_right(torch.tensor([[5, 6, -100]]), start_id=0).tolist()
+        [[0, 5, 6]]
+    """
+    out = labels.new_full(labels.shape, start_id)
+    out[:, 1:] = labels[:, :-1]
+    return out.masked_fill(out == -100, start_id if pad_id is None else pad_id)
+
+
+def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that give per-position logits for token ids ``(B, T)``: ``(ids,)`` for
+    most models; for an encoder-decoder the ids and, as decoder inputs, the ids shifted right (a
+    copy task), so the logits are ``(B, T, V)`` aligned with ``ids``."""
+    if info is not None and info.task == SEQ2SEQ:
+        return (ids,), {"decoder_input_ids": shift_right(ids, info.decoder_start_token_id or 0)}
+    return (ids,), {}
+
+
+def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+    """Per-position logits of ``model`` on token ids ``(B, T)``, called as its task needs: an
+    encoder-decoder with decoder inputs (see :func:`call_inputs`), any other model through
+    :func:`utils.model_calls.predict` (which knows the calling conventions)."""
+    if info is None or info.task != SEQ2SEQ:
+        return predict(model, ids)
+    args, kwargs = call_inputs(ids, info)
+    return get_logits(model(*args, **kwargs))
+
+
+# ----------------------------------------------------------------------------------------------
+# The causality probe (Tier 2's token substitution reads it too)
+
+
+def earlier_positions_unchanged(y: torch.Tensor, y2: torch.Tensor, where: torch.Tensor) -> bool | None:
+    """Whether per-position outputs ``(B, T, ...)`` before each sequence's changed position
+    ``where`` (B,) stayed as they were, within rounding (``1e-5`` of the output's scale). None when
+    every change was at position 0, so there was nothing before it to compare.
+
+    Example::
+
+        >>> y = torch.zeros(1, 3, 2); y2 = y.clone(); y2[0, 2] = 1.0
+        >>> earlier_positions_unchanged(y, y2, torch.tensor([2]))
+        True
+    """
+    y, y2 = y.detach(), y2.detach()
+    before = torch.arange(y.shape[1], device=where.device)[None, :] < where[:, None]  # (B, T)
+    if not before.any():
+        return None
+    diff = (y2 - y).abs().flatten(2).amax(-1).cpu()  # (B, T)
+    scale = max(float(y.abs().max()), 1e-12)
+    return float(diff[before.cpu()].max()) <= _CAUSAL_RTOL * scale
+
+
+def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> bool | None:
+    """Does changing the last token leave every earlier position's output as it was? Runs the model
+    twice in eval mode; None when the output is not per position ``(B, T, ...)``."""
+    changed = ids.clone()
+    vocab = int(ids.max()) + 2
+    changed[:, -1] = (ids[:, -1] + 1) % max(vocab, 2)  # always a different token
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        y, y2 = (task_logits(model, x, info).float() for x in (ids, changed))
+    if y.dim() < 3 or y.shape[1] != ids.shape[1]:
+        return None
+    where = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
+    return earlier_positions_unchanged(y, y2, where)
+
+
+# ----------------------------------------------------------------------------------------------
+# The decision
+
+
+def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | None = None,
+                max_seq_len: int | None = None, call: str | None = None) -> TaskInfo:
+    """What ``model`` predicts; ``task`` states it (then only ``"causal-lm"`` is checked).
+
+    Example::
+
+        >>> detect_task(example_model("encoder-classifier")).task       # doctest: +SKIP
+        'classifier'
+
+    Args:
+        task: None (default): detect it. Else one of :data:`TASKS`.
+        vocab_size, max_seq_len: for the probe, as :func:`utils.model_calls.input_spec` takes them.
+        call: how the caller was called, repeated in errors (default ``detect_task(<class>)``).
+
+    Raises:
+        ValueError: an unknown ``task``; ``task="causal-lm"`` for a model whose earlier positions
+            see later tokens (next-token training would let it read each answer).
+
+    .. note::
+        Costs up to three forward passes of ``(2, 16)`` ids, in eval mode, the model left as it was.
+    """
+    call = call or f"detect_task({type(model).__name__})"
+    task = check_task(task, call)
+    if vocab_size is None and not is_token_model(model):
+        return TaskInfo(NON_TOKEN, "no config.vocab_size and no nn.Embedding", expected_input=expected_input(model))
+    stated = _hf_task(model)
+    if task is not None and task != CAUSAL_LM:
+        return _with_ids(model, TaskInfo(task, "stated with task="))
+    if stated is not None and not (task == CAUSAL_LM and stated[0] != CAUSAL_LM):
+        return _with_ids(model, TaskInfo(*stated))
+    return _probe(model, task, vocab_size, max_seq_len, call)
+
+
+def _with_ids(model: nn.Module, info: TaskInfo) -> TaskInfo:
+    start = find_decoder_start_token_id(model) if info.task == SEQ2SEQ else None
+    return TaskInfo(info.task, info.reason, find_mask_token_id(model), start, info.expected_input)
+
+
+def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: str) -> TaskInfo:
+    spec = input_spec(model, vocab_size, max_seq_len, call=call)
+    ids = spec.random_ids(2, min(_PROBE_LEN, spec.max_seq_len), torch.Generator().manual_seed(0))
+    with preserved_state(model), torch.no_grad():
+        model.eval()
+        logits = task_logits(model, ids)
+    if logits.dim() == 2:
+        found = TaskInfo(CLASSIFIER, f"one output per sequence, logits {tuple(logits.shape)}")
+    else:
+        causal = probe_causal(model, ids) if ids.shape[1] > 1 else None
+        if causal is False:
+            found = TaskInfo(MASKED_LM, "changing the last token changes earlier positions (bidirectional)")
+        else:
+            found = TaskInfo(CAUSAL_LM, "changing the last token leaves earlier positions unchanged (causal)")
+    if task == CAUSAL_LM and found.task != CAUSAL_LM:
+        raise ValueError(
+            f"{call}: task='causal-lm' is not allowed for {type(model).__name__}: {found.reason}, so "
+            f"next-token training would let it read each answer. Use task={found.task!r} (or None to detect)."
+        )
+    return _with_ids(model, TaskInfo(found.task, "stated with task=, and the probe agrees") if task else found)
