@@ -273,6 +273,11 @@ class AmpBenchmark:
             verdict = (f"{best.precision} is about as fast as {BASELINE} ({best.speedup:.2f}x) but saves "
                        f"{best.memory_reduction_pct:.0f}% of the memory saved for backward: use it when memory "
                        f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
+        elif not fine:
+            measured = [r.precision for r in self.rows if r is not base]
+            verdict = (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
+                       f"to precisions." if not measured else
+                       f"Stay with {BASELINE}: no mixed precision ran to the end here.")
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
         slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine if r.speedup < 0.95]
