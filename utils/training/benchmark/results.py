@@ -294,8 +294,11 @@ class AmpBenchmark:
         low = [m - (r.step_time_min_s or 0.0) * 1e3 if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
         high = [(r.step_time_max_s or 0.0) * 1e3 - m if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
         bars = ax_time.bar(names, med, yerr=[low, high], capsize=6, color="tab:blue")
-        ax_time.bar_label(bars, labels=[("error" if r.error else _fmt(r.speedup, ".2f", suffix="x"))
-                                        for r in self.rows], padding=3)
+        pad = 0.02 * max([m + h for m, h in zip(med, high)] + [1e-9])
+        for bar, m, h, r in zip(bars, med, high, self.rows):  # above the upper whisker, not on it
+            ax_time.text(bar.get_x() + bar.get_width() / 2, m + h + pad,
+                         "error" if r.error else _fmt(r.speedup, ".2f", suffix="x"), ha="center", va="bottom")
+        ax_time.margins(y=0.15)  # room for the labels above the tallest whisker
         ax_time.set(title="Step time (median, min–max); label: speedup", ylabel="ms per step")
         kinds = [("activations", "activation_bytes"), ("autocast weight copies", "weight_copy_bytes"),
                  ("params + optimizer", None), ("peak (CUDA)", "peak_memory_bytes")]
