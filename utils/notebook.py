@@ -2,8 +2,8 @@
 
 Example::
 
-    >>> cfg = use_settings(precision="auto", max_steps=0, batch_size=0, model_source="auto",
-    ...                    wandb_mode="auto")           # 0 / "auto": sized for this runtime  # doctest: +SKIP
+    >>> cfg = use_settings(precision="auto", max_steps="auto", batch_size=16, model_source="auto",
+    ...                    wandb_mode="auto")           # "auto": sized for this runtime  # doctest: +SKIP
     >>> cfg = need("settings")          # in a later cell: says which cell to run when it wasn't
 """
 
@@ -20,12 +20,12 @@ from utils.training.settings import TrainSettings
 
 WANDB_MODES = ("auto", "offline", "online", "disabled")  # auto: online when logged in, else offline
 NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
-AUTO = "auto"  # a text setting's "size it for this runtime"; an integer setting's is 0
+AUTO = "auto"  # a setting's "size it for this runtime"
 
-# What "auto" (0 for a number) means on each runtime: on a CPU, Run All of any notebook fits in about
+# What "auto" means on each runtime: on a CPU, Run All of any notebook fits in about
 # two minutes; on a GPU, the full sizes.
 RUNTIME_SIZES = {
-    "cpu": {"model_source": "example:gpt-micro", "max_steps": 60, "batch_size": 8, "bench_steps": 4,
+    "cpu": {"model_source": "example:gpt-micro", "max_steps": 40, "batch_size": 8, "bench_steps": 4,
             "bench_warmup": 1, "bench_repeats": 2, "bench_max_seconds": 0},
     "gpu": {"model_source": "example:gpt-tiny", "max_steps": NOTEBOOK_MAX_STEPS,
             "batch_size": TrainSettings.batch_size, "bench_steps": 20, "bench_warmup": 5, "bench_repeats": 3,
@@ -94,13 +94,13 @@ class Settings:
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1, or 0 for this "
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1, or 'auto' for this "
                          f"runtime's size.")
     return value
 
 
 def runtime_sizes(cuda: bool | None = None) -> dict:
-    """What the settings' ``"auto"`` (``0`` for a number) stands for on this runtime.
+    """What the settings' ``"auto"`` stands for on this runtime.
 
     Example::
 
@@ -135,9 +135,8 @@ def mixed_precisions_here(caps=None) -> tuple[str, ...]:
 
 
 def _sized(values: dict, sizes: dict, caps=None) -> dict:
-    """``values`` with each ``"auto"``/``0`` replaced by this runtime's size."""
-    out = {k: (sizes[k] if k in sizes and (v == AUTO or v == 0) and not isinstance(v, bool) else v)
-           for k, v in values.items()}
+    """``values`` with each ``"auto"`` replaced by this runtime's size."""
+    out = {k: (sizes[k] if k in sizes and v == AUTO else v) for k, v in values.items()}
     if out.get("bench_precisions") == AUTO:
         out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps)))
     return out
@@ -167,13 +166,13 @@ def _json_object(name: str, text) -> dict:
     return value
 
 
-def use_settings(*, precision=TrainSettings.precision, max_steps=0, batch_size=0, model_source=AUTO,
+def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_size=AUTO, model_source=AUTO,
                  wandb_mode=AUTO, run_dir="", model_config="", class_name="", **extra) -> Settings:
     """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
 
     Args:
-        max_steps, batch_size, model_source and the ``bench_*`` extras: ``0`` (numbers) or ``"auto"``
-            (text) size them for this runtime (:func:`runtime_sizes`); ``bench_precisions="auto"`` is
+        max_steps, batch_size, model_source and the ``bench_*`` extras: ``"auto"`` sizes them for
+            this runtime (:func:`runtime_sizes`: small on a CPU, full on a GPU); ``bench_precisions="auto"`` is
             ``32-true`` and every mixed precision this runtime runs (:func:`mixed_precisions_here`).
         wandb_mode: ``"auto"`` (default: online when logged in, else offline; see ``init_wandb``),
             ``"offline"``, ``"online"`` or ``"disabled"``.
