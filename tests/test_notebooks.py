@@ -287,3 +287,11 @@ def test_wandb_mode_auto_leaves_the_choice_to_init_wandb(tmp_path, monkeypatch):
     assert "WANDB_MODE" not in os.environ
     nb.use_settings(run_dir=str(tmp_path), wandb_mode="disabled")
     assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_notebook_03_draws_the_curves_again_after_the_resume_from_the_run_folder():
+    """The first result stops where training first stopped; the run folder's metrics.jsonl has the resumed
+    steps too (the curves of `make demo` stopped at step 150 of 170)."""
+    cell = next(c for c in code_cells(BOOKS["03_train_amp.ipynb"]) if c.source.startswith("#@title 9. Resume"))
+    assert "plot_training_curves(cfg.run_dir" in cell.source
+    assert cell.source.index("resume_from=") < cell.source.index("plot_training_curves(cfg.run_dir")

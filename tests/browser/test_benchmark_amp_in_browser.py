@@ -15,6 +15,13 @@ def test_run_all_cells_leaves_no_error_output(notebook):
     assert unexecuted_cells(saved) == []
 
 
+def test_run_all_reaches_the_last_cell_in_order(notebook):
+    code = [c for c in notebook.saved()["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert counts == sorted(counts) and len(set(counts)) == len(code)  # each ran once, top to bottom
+    assert code[-1]["source"].startswith('#@title 13. Benchmark with and without keep_fp32')
+
+
 def test_benchmark_table_renders_a_row_per_precision(notebook):
     output = notebook.code_cell("#@title 6. Benchmark").locator(".jp-OutputArea")
     table = output.locator(".jp-RenderedMarkdown table")
