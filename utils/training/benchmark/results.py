@@ -247,6 +247,9 @@ class AmpBenchmark:
         base = next((r for r in self.rows if r.precision == BASELINE and r.error is None), None)
         if base is None or base.step_time_s is None:
             return f"No usable {BASELINE} row, so nothing to compare against: include {BASELINE!r} in precisions."
+        if all(r is base for r in self.rows):  # one row: nothing to compare, noisy or not
+            return (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
+                    f"to precisions.")
         lines, fine = [], []
         noisy = [r for r in self.rows if r.noisy and r.error is None]
         if noisy:
@@ -274,10 +277,7 @@ class AmpBenchmark:
                        f"{best.memory_reduction_pct:.0f}% of the memory saved for backward: use it when memory "
                        f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
         elif not fine:
-            measured = [r.precision for r in self.rows if r is not base]
-            verdict = (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
-                       f"to precisions." if not measured else
-                       f"Stay with {BASELINE}: no mixed precision ran to the end here.")
+            verdict = f"Stay with {BASELINE}: no mixed precision ran to the end here."
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
         slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine if r.speedup < 0.95]
