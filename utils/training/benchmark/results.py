@@ -247,13 +247,13 @@ class AmpBenchmark:
         base = next((r for r in self.rows if r.precision == BASELINE and r.error is None), None)
         if base is None or base.step_time_s is None:
             return f"No usable {BASELINE} row, so nothing to compare against: include {BASELINE!r} in precisions."
-        if all(r is base for r in self.rows):  # one row: nothing to compare, noisy or not
-            return (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
-                    f"to precisions.")
         lines, fine = [], []
         noisy = [r for r in self.rows if r.noisy and r.error is None]
         if noisy:
             return _busy_verdict(noisy, self.rows)
+        if all(r is base for r in self.rows):  # one row: nothing to compare
+            return (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
+                    f"to precisions.")
         for r in self.rows:
             if r is base:
                 continue
