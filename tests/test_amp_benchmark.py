@@ -300,6 +300,27 @@ def test_plot_draws_step_time_with_spread_and_memory(bench):
     fig.canvas.draw()  # renders without error on Agg
 
 
+def test_plot_puts_each_speedup_label_above_its_error_bar(bench):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = bench.plot()
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    ax_time = fig.axes[0]
+    whiskers = [seg for coll in ax_time.collections if hasattr(coll, "get_segments")
+                for seg in coll.get_segments()]  # each (2, 2): the x, y of both ends
+    labels = [t for t in ax_time.texts if t.get_text().endswith("x") or t.get_text() == "error"]
+    assert len(labels) == len(bench.rows)
+    renderer = canvas.get_renderer()
+    for text, row in zip(labels, bench.rows):
+        x, _ = text.get_position()
+        top = max(seg[:, 1].max() for seg in whiskers if abs(seg[0, 0] - x) < 1e-9)
+        assert top == pytest.approx(row.step_time_max_s * 1e3)
+        box = text.get_window_extent(renderer).transformed(ax_time.transData.inverted())
+        assert box.y0 > top  # the label's lowest pixel is above the whisker's end
+        assert box.y1 <= ax_time.get_ylim()[1]  # and inside the axes
+
+
 def test_summary_has_the_seeds_figures(bench):
     fig = bench.summary()["bf16-mixed"]
     row = bench.row("bf16-mixed")

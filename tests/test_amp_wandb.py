@@ -394,8 +394,64 @@ def test_choose_mode_order_is_argument_then_wandb_mode_then_login(monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
     assert choose_mode(None, True, lambda: True)[::2] == ("online", False)
     assert choose_mode(None, True, lambda: False)[::2] == ("offline", True)
-    with pytest.raises(ValueError, match=re.escape("init_wandb(mode='cloud'): mode must be None (choose), 'online'")):
+    assert choose_mode("auto", True, lambda: False)[::2] == ("offline", True)  # "auto" chooses, as None does
+    assert choose_mode("auto", True, lambda: True)[0] == "online"
+    with pytest.raises(ValueError, match=re.escape(
+            "init_wandb(mode='cloud'): mode must be None or 'auto' (choose), 'online'")):
         choose_mode("cloud", True, lambda: True)
+
+
+def fake_colab(monkeypatch, secrets, *, refuse=None):
+    """A stand-in ``google.colab.userdata`` in sys.modules: ``get`` reads ``secrets`` or raises."""
+    import types
+
+    userdata = types.ModuleType("google.colab.userdata")
+
+    class SecretNotFoundError(Exception):
+        pass
+
+    class NotebookAccessError(Exception):
+        pass
+
+    def get(name):
+        if refuse is not None:
+            raise {"missing": SecretNotFoundError, "access": NotebookAccessError}[refuse](name)
+        return secrets[name]
+
+    userdata.get, userdata.SecretNotFoundError, userdata.NotebookAccessError = get, SecretNotFoundError, NotebookAccessError
+    colab = types.ModuleType("google.colab")
+    colab.userdata = userdata
+    google = types.ModuleType("google")
+    google.colab = colab
+    for name, module in {"google": google, "google.colab": colab, "google.colab.userdata": userdata}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+
+
+def test_on_colab_the_wandb_key_comes_from_colabs_secrets_unprinted(monkeypatch, capsys):
+    from utils.training.wandb_setup import colab_secret_key
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    fake_colab(monkeypatch, {"WANDB_API_KEY": "k" * 40})
+    assert colab_secret_key() is True
+    assert os.environ["WANDB_API_KEY"] == "k" * 40
+    assert "k" * 40 not in "".join(capsys.readouterr())
+
+
+@pytest.mark.parametrize("refuse", ["missing", "access"])
+def test_without_the_secret_or_access_to_it_nothing_changes(monkeypatch, refuse):
+    from utils.training.wandb_setup import colab_secret_key
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    fake_colab(monkeypatch, {}, refuse=refuse)
+    assert colab_secret_key() is False and "WANDB_API_KEY" not in os.environ
+
+
+def test_a_key_already_in_the_environment_wins_over_colabs_secret(monkeypatch):
+    from utils.training.wandb_setup import colab_secret_key
+
+    monkeypatch.setenv("WANDB_API_KEY", "mine")
+    fake_colab(monkeypatch, {"WANDB_API_KEY": "other"})
+    assert colab_secret_key() is False and os.environ["WANDB_API_KEY"] == "mine"
 
 
 def test_utils_training_imports_without_wandb():

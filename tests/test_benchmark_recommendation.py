@@ -51,3 +51,14 @@ def test_a_noisy_row_means_no_speed_verdict_even_when_another_row_looks_faster()
     assert text == ("The machine was busy: step times varied too much to compare speeds (IQR / median: "
                     "32-true 43%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
                     "machine or with a larger max_seconds. 16-mixed failed here: no fp16.")
+
+
+def test_a_single_fp32_row_never_claims_mixed_precision_was_slower():
+    text = bench(row("32-true", 60.0)).recommendation()
+    assert text == ("Only 32-true was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
+                    "to precisions.")
+
+
+def test_when_every_mixed_precision_failed_the_verdict_says_none_ran():
+    text = bench(row("32-true", 60.0), row("16-mixed", None, error="no fp16")).recommendation()
+    assert text == "Stay with 32-true: no mixed precision ran to the end here. 16-mixed failed here: no fp16."

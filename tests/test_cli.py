@@ -18,6 +18,7 @@ import wandb_records
 
 from utils.data import load_corpus
 from utils.training import cli, resolve_precision
+from utils.training.benchmark.results import AmpBenchmark
 from utils.training.checkpoint import load_checkpoint
 from utils.training.distributed import torchrun_command
 
@@ -76,6 +77,9 @@ def test_train_prints_a_summary(trained):
     assert "example:gpt-micro trained to step 6" in out
     assert re.search(r"final loss +\d+\.\d{4}", out)
     assert "skipped steps  0" in out
+    assert "None" not in out
+    plan = resolve_precision("auto")
+    assert (f"final loss scale n/a (no GradScaler in {plan.name})" in out) == (not plan.use_scaler)
     assert f"precision      {resolve_precision('auto').describe()}" in out  # auto, with its reason, wherever it runs
     assert f"run folder     {run_dir}" in out
 
@@ -98,6 +102,53 @@ def test_resume_into_the_same_folder_appends_to_its_metrics(trained, tmp_path):
     subprocess.run(["cp", "-r", str(trained[0]), str(copy)], check=True)
     assert cli.main(["train", "--resume", str(copy), "--max-steps", "8", "--no-progress"]) == 0
     assert steps_in(copy) == [2, 4, 6, 8]
+
+
+def folder_bytes(root):
+    """Every file under ``root`` and its bytes: what a failed call must leave as it was."""
+    return {str(f.relative_to(root)): f.read_bytes() for f in sorted(Path(root).rglob("*")) if f.is_file()}
+
+
+def test_a_resume_with_another_batch_size_fails_and_leaves_the_folder_as_it_was(trained, capsys):
+    run_dir, _ = trained
+    before = folder_bytes(run_dir.parent)
+    assert cli.main(["train", "--resume", str(run_dir), "--batch-size", "4", "--max-steps", "10",
+                     "--no-progress"]) == 1
+    assert "was trained with batch_size=8, but this call has batch_size=4" in capsys.readouterr().err
+    assert folder_bytes(run_dir.parent) == before  # command.json still says batch_size 8
+
+
+def test_a_resume_at_or_below_the_step_done_is_one_error_and_changes_nothing(trained, capsys):
+    run_dir, _ = trained
+    before = folder_bytes(run_dir.parent)
+    assert cli.main(["train", "--resume", str(run_dir), "--max-steps", "5", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "max_steps=5 is not allowed: checkpoint " in err
+    assert "is already at step 6, so there is " \
+        "nothing to train. Pass max_steps > 6" in err
+    assert "tokens/s" not in err
+    assert folder_bytes(run_dir.parent) == before
+
+
+def test_a_missing_resume_folder_is_named_before_anything_else(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    assert cli.main(["train", "--resume", "runs/nope"]) == 1
+    err = capsys.readouterr().err
+    assert "--resume runs/nope: runs/nope does not exist." in err
+    assert "--model is required" not in err
+    assert cli.main(["train", "--resume", "runs/nope/latest.pt", *TINY]) == 1
+    assert "runs/nope/latest.pt does not exist" in capsys.readouterr().err
+    assert folder_bytes(tmp_path) == {}  # no stray runs/command.json
+
+
+def test_a_resume_says_the_step_it_resumes_from_and_rewrites_command_json(trained, tmp_path, capsys):
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-r", str(trained[0]), str(copy)], check=True)
+    assert cli.main(["train", "--resume", str(copy), "--max-steps", "8", "--no-progress"]) == 0
+    assert f"resuming {copy / 'checkpoints' / 'latest.pt'} from step 6" in capsys.readouterr().out
+    assert json.loads((copy / "command.json").read_text())["max_steps"] == 8
+    assert not list(copy.glob(".command.json*"))  # written atomically: no temp file left
 
 
 def test_wandb_offline_records_the_run_in_the_run_folder(tmp_path, text_file, capsys):
@@ -128,10 +179,15 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, text_file, capsys):
                        "--data", str(text_file), "--context", "16", "--precisions", "32-true", "--steps", "2",
                        "--warmup", "1", "--repeats", "1", "--batch-size", "4", "--max-seconds", "0",
                        "--json", str(out_json)])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert status == 0
     assert "| precision |" in out and "| 32-true |" in out
     assert [r["precision"] for r in json.loads(out_json.read_text())["rows"]] == ["32-true"]
+    assert "bench: 100%" in captured.err and "1/1" in captured.err and "32-true done" in captured.err  # progress
+    verdict = AmpBenchmark.from_dict(json.loads(out_json.read_text())).recommendation()
+    assert out.rstrip().endswith(f"\n\n{verdict}")  # the table's verdict, last (a busy machine's, or "Only 32-true ...")
+    assert "no mixed precision was faster" not in verdict
 
 
 # ---- help and bad options ------------------------------------------------------------------------

@@ -56,3 +56,18 @@ def test_step_axis_has_whole_numbers_only(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in steps))
     ticks = plot_training_curves(tmp_path).axes[0].get_xticks()
     assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
+
+
+def test_curves_of_a_resumed_run_folder_reach_the_resumed_steps(tmp_path):
+    ids = torch.randint(0, 256, (64, 17), generator=torch.Generator().manual_seed(0))
+
+    def run(**kw):
+        torch.manual_seed(0)
+        return train(example_model("gpt-micro", n_layer=1), ids, precision="32-true", batch_size=8, log_every=2,
+                     run_dir=tmp_path, progress=False, **kw)
+
+    first = run(max_steps=4)
+    run(max_steps=6, resume_from=tmp_path)
+    assert [h["step"] for h in first.history] == [2, 4]  # what the notebook used to draw: no resumed steps
+    line = plot_training_curves(tmp_path).axes[0].lines[0]
+    assert list(line.get_xdata()) == [2, 4, 6]

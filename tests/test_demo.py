@@ -63,3 +63,15 @@ def test_main_runs_every_notebook_with_the_quick_settings_and_prints_the_plan(tm
     assert "training: 3 steps, final train loss " in out
     assert f"everything is in {seen['run_dir']}/" in out
     assert "  benchmark.json\n" in out and "  metrics.jsonl\n" in out
+    assert out.rstrip().endswith(
+        "next: make lab  (opens JupyterLab on notebooks/; Run All in each)\n"
+        "      your own model: model_source='path/to/model.py' in a notebook's Settings, or "
+        "make train ARGS='--model path/to/model.py --run-dir runs/mine'")
+
+
+def test_next_steps_name_each_offline_wandb_run_to_sync(tmp_path):
+    offline = tmp_path / "wandb" / "offline-run-20250101_120000-abcd1234"
+    offline.mkdir(parents=True)
+    (tmp_path / "wandb" / "offline-run-not-a-folder").write_text("")
+    assert demo.next_steps(tmp_path)[-1] == f"      upload the W&B run: wandb sync {offline}"
+    assert len(demo.next_steps(tmp_path)) == 3

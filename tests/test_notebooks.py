@@ -1,7 +1,10 @@
 """The notebooks as files: valid, clean, thin, consistently pinned; their helpers in utils/notebook.py."""
 import ast
 import importlib.util
+import os
 import re
+import sys
+import types
 from pathlib import Path
 
 import nbformat
@@ -12,7 +15,13 @@ from utils.project import NOTEBOOKS, REPO_REF, REPO_SLUG, colab_badge, colab_url
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = {name: nbformat.read(ROOT / "notebooks" / name, as_version=4) for name in NOTEBOOKS}
-REQUIRED_PARAMETERS = {"precision", "max_steps", "batch_size", "model_source", "wandb_mode"}
+REQUIRED_PARAMETERS = {"model_source", "run_dir"}
+# How a later cell reads each setting: a notebook shows a field exactly when one of its cells reads it.
+SETTING = r'(?:cfg|nb\.need\("settings"\))\.'
+READ_BY = {**{k: SETTING + k + r"\b" for k in ("precision", "max_steps", "batch_size", "wandb_mode", "run_dir")},
+           "model_source": r"load_settings_model", "model_config": r"load_settings_model",
+           "class_name": r"load_settings_model", "task": r"load_settings_data|cfg\.task|\(\"settings\"\)\.task",
+           **{f"bench_{k}": rf'extra\["bench_{k}"\]' for k in ("precisions", "steps", "warmup", "repeats", "max_seconds")}}
 
 
 def code_cells(book):
@@ -47,7 +56,29 @@ def test_one_parameters_cell_with_the_required_settings_as_colab_fields(name):
     assert REQUIRED_PARAMETERS <= assigned(source)
     assignments = [line for line in source.splitlines() if "=" in line]
     assert all("#@param" in line for line in assignments)
-    assert re.search(r'^precision = "auto"\s+#@param \["auto", "32-true", "bf16-mixed", "16-mixed"\]', source, re.M)
+    if "precision" in assigned(source):
+        assert re.search(r'^precision = "auto"\s+#@param \["auto", "32-true", "bf16-mixed", "16-mixed"\]', source, re.M)
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_each_notebook_shows_exactly_the_settings_it_reads(name):
+    cells = code_cells(BOOKS[name])
+    i = next(k for k, c in enumerate(cells) if "parameters" in tags(c))
+    shown = assigned(cells[i].source)
+    later = "\n".join(c.source for c in cells[i + 2:])
+    read = {field for field, pattern in READ_BY.items() if re.search(pattern, later)}
+    assert shown == read | {"run_dir"}, f"shown but never read: {shown - read - {'run_dir'}}; read but not shown: {read - shown}"
+    passed = set(re.findall(r"(\w+)=\1\b", cells[i + 1].source))  # the use_settings(x=x, ...) call
+    assert passed == shown
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_sizes_are_auto_and_the_form_says_what_auto_means(name):
+    source = next(c for c in code_cells(BOOKS[name]) if "parameters" in tags(c)).source
+    for field in ("max_steps", "batch_size", "model_source", "wandb_mode", "bench_precisions", "bench_steps"):
+        if field in assigned(source):
+            assert re.search(rf'^{field} = "auto"\s+#@param', source, re.M), field
+    assert '"auto" sizes a setting for this runtime: on a CPU a small model (example:gpt-micro)' in source
 
 
 @pytest.mark.parametrize("name", NOTEBOOKS)
@@ -64,6 +95,23 @@ def test_setup_cell_pins_the_project_and_never_deletes(name):
     assert 'if "google.colab" in sys.modules:' in setup
     assert "requirements.txt" in setup and "torch" not in setup.replace("# Installs only what Colab lacks (wandb); requirements.txt never names torch.", "")
     assert REPO_REF != "main" and not re.search(r"rmtree|rm -rf|shutil", setup)
+    assert "a test keeps" not in setup  # no internal notes in what a user reads
+    assert "capture_output=True" in setup and "failed:\\n{clone.stderr.strip()}" in setup  # git's own error
+
+
+def test_the_setup_cells_clone_failure_shows_gits_own_words(tmp_path, monkeypatch):
+    """Run the setup cell as on Colab, with a git that fails: its stderr is in the error."""
+    setup = code_cells(BOOKS[NOTEBOOKS[0]])[0].source
+    git = tmp_path / "bin" / "git"
+    git.parent.mkdir()
+    git.write_text("#!/bin/sh\necho 'fatal: Remote branch v0.1.0 not found in upstream origin' >&2\nexit 128\n")
+    git.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{git.parent}:{os.environ['PATH']}")
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    source = setup.replace('Path("/content")', f"Path({str(tmp_path)!r})")
+    with pytest.raises(RuntimeError, match=re.escape(
+            f"git clone of {REPO_SLUG} at {REPO_REF} failed:\nfatal: Remote branch v0.1.0 not found in upstream origin")):
+        exec(compile(source.split("    # Installs only")[0], "setup", "exec"), {})
 
 
 def test_readme_badges_point_at_the_pinned_notebooks():
@@ -120,9 +168,11 @@ def test_use_settings_checks_each_value(tmp_path, monkeypatch):
     monkeypatch.setattr(nb, "_DONE", {})
     with pytest.raises(ValueError, match=re.escape("precision='fp61' is not a known precision.")):
         nb.use_settings(precision="fp61", run_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=re.escape("wandb_mode='cloud' is not allowed. Use one of 'offline', 'online', 'disabled'.")):
+    with pytest.raises(ValueError, match=re.escape(
+            "wandb_mode='cloud' is not allowed. Use one of 'auto', 'offline', 'online', 'disabled'.")):
         nb.use_settings(wandb_mode="cloud", run_dir=str(tmp_path))
-    with pytest.raises(ValueError, match=re.escape("max_steps=0 is not allowed: it must be an integer >= 1.")):
+    with pytest.raises(ValueError, match=re.escape(
+            "max_steps=0 is not allowed: it must be an integer >= 1, or 'auto' for this runtime's size.")):
         nb.use_settings(max_steps=0, run_dir=str(tmp_path))
     cfg = nb.use_settings(max_steps=5, run_dir=str(tmp_path / "run"), bench_steps=3)
     assert nb.need("settings") is cfg and cfg.run_dir.is_dir() and cfg.extra == {"bench_steps": 3}
@@ -250,3 +300,47 @@ def test_notebook_03_trains_a_bidirectional_model_as_a_masked_lm(tmp_path):
     assert text["#@title 4. Data"].startswith("masked-lm (changing the last token changes earlier positions")
     assert "objective: masked-lm: 15% of positions hidden" in text["#@title 7. Train"]
     assert "now at step 23" in text["#@title 9. Resume"]
+
+
+@pytest.mark.parametrize("cuda, runtime", [(False, "cpu"), (True, "gpu")])
+def test_auto_settings_take_this_runtimes_sizes(cuda, runtime, tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(nb, "_DONE", {})
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    cfg = nb.use_settings(run_dir=str(tmp_path), bench_steps="auto", bench_warmup=0)
+    sizes = nb.RUNTIME_SIZES[runtime]
+    assert (cfg.model_source, cfg.max_steps, cfg.batch_size) == (sizes["model_source"], sizes["max_steps"],
+                                                                 sizes["batch_size"])
+    assert cfg.extra == {"bench_steps": sizes["bench_steps"], "bench_warmup": 0}  # a value given stays
+    assert nb.RUNTIME_SIZES["cpu"]["model_source"] == "example:gpt-micro"
+    assert nb.RUNTIME_SIZES["gpu"]["max_steps"] > nb.RUNTIME_SIZES["cpu"]["max_steps"]
+    assert nb.use_settings(run_dir=str(tmp_path), max_steps=7, batch_size=3).max_steps == 7  # papermill's values win
+
+
+def test_auto_bench_precisions_are_fp32_and_every_mixed_precision_the_runtime_runs(monkeypatch):
+    from utils.training import Capabilities
+
+    assert nb.mixed_precisions_here(Capabilities(cpu_bf16=False)) == ("bf16-mixed",)  # emulated: still measured
+    assert nb.mixed_precisions_here(Capabilities(cpu_bf16=True)) == ("bf16-mixed",)
+    assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1)) == ("16-mixed",)
+    assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True)) == ("16-mixed", "bf16-mixed")
+    monkeypatch.setattr(nb, "mixed_precisions_here", lambda caps=None: ("bf16-mixed",))
+    assert nb._sized({"bench_precisions": "auto"}, {})["bench_precisions"] == "32-true,bf16-mixed"
+
+
+def test_wandb_mode_auto_leaves_the_choice_to_init_wandb(tmp_path, monkeypatch):
+    monkeypatch.setattr(nb, "_DONE", {})
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    assert nb.use_settings(run_dir=str(tmp_path)).wandb_mode == "auto"
+    assert "WANDB_MODE" not in os.environ
+    nb.use_settings(run_dir=str(tmp_path), wandb_mode="disabled")
+    assert os.environ["WANDB_MODE"] == "disabled"
+
+
+def test_notebook_03_draws_the_curves_again_after_the_resume_from_the_run_folder():
+    """The first result stops where training first stopped; the run folder's metrics.jsonl has the resumed
+    steps too (the curves of `make demo` stopped at step 150 of 170)."""
+    cell = next(c for c in code_cells(BOOKS["03_train_amp.ipynb"]) if c.source.startswith("#@title 9. Resume"))
+    assert "plot_training_curves(cfg.run_dir" in cell.source
+    assert cell.source.index("resume_from=") < cell.source.index("plot_training_curves(cfg.run_dir")

@@ -550,3 +550,15 @@ def test_train_in_another_thread_installs_no_handler():
     worker.start()
     worker.join()
     assert results[0].global_step == 1 and seen == [before]
+
+
+@pytest.mark.parametrize("max_steps", [3, 4])
+def test_resuming_with_max_steps_at_or_below_the_step_done_is_an_error_that_writes_nothing(tmp_path, max_steps):
+    run(tiny(), data(), val_data=data(16, seed=2), max_steps=4, run_dir=tmp_path)
+    before = {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()}
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    with pytest.raises(ValueError, match=re.escape(
+            f"max_steps={max_steps} is not allowed: checkpoint {str(latest)!r} is already at step 4, so there is "
+            f"nothing to train. Pass max_steps > 4")):
+        run(tiny(), data(), val_data=data(16, seed=2), max_steps=max_steps, run_dir=tmp_path, resume_from=tmp_path)
+    assert {f: f.read_bytes() for f in tmp_path.rglob("*") if f.is_file()} == before

@@ -320,8 +320,20 @@ def test_cli_a_file_that_fails_to_import_is_one_message(tmp_path, capsys):
     status = cli.main(["train", *cli_args(path, "--max-steps", "1", "--run-dir", str(tmp_path / "run"))])
     assert status == 1
     assert capsys.readouterr().err.strip() == (
-        f"python -m utils.training train: error: --model {path}: building the model failed with "
+        f"python -m utils.training train: error: --model {path}: building the model failed at {path}, line 1 with "
         f"ModuleNotFoundError: No module named 'not_a_module_anywhere'. Check the file, --class-name and --model-config.")
+
+
+def test_cli_a_file_with_a_syntax_error_is_its_file_line_and_error_in_one_message(tmp_path, capsys):
+    path = tmp_path / "m.py"
+    path.write_text("import torch\n\nclass Net(torch.nn.Module):\n    def __init__(self)\n        pass\n")
+    run_dir = tmp_path / "run"
+    status = cli.main(["train", *cli_args(path, "--max-steps", "1", "--run-dir", str(run_dir))])
+    err = capsys.readouterr().err
+    assert status == 1 and not run_dir.exists()
+    assert err.strip() == (
+        f"python -m utils.training train: error: --model {path}: building the model failed at {path}, line 4 with "
+        f"SyntaxError: expected ':'. Check the file, --class-name and --model-config.")
 
 
 def test_tier1_explains_a_last_position_model_it_cannot_pass_targets_to():

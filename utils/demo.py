@@ -90,6 +90,22 @@ def _benchmark_lines(run_dir: Path) -> list[str]:
             f"benchmark {r.precision}: {r.error}" for r in bench.rows]
 
 
+def next_steps(run_dir: Path) -> list[str]:
+    """What to do after the demo: open the notebooks, bring your own model, upload the offline W&B run.
+
+    Example::
+
+        >>> next_steps(Path("runs/20250101-120000"))[0]                 # doctest: +SKIP
+        'next: make lab  (opens JupyterLab on notebooks/; Run All in each)'
+    """
+    lines = ["next: make lab  (opens JupyterLab on notebooks/; Run All in each)",
+             "      your own model: model_source='path/to/model.py' in a notebook's Settings, or "
+             "make train ARGS='--model path/to/model.py --run-dir runs/mine'"]
+    lines += [f"      upload the W&B run: wandb sync {path}"
+              for path in sorted(Path(run_dir).glob("**/offline-run-*")) if path.is_dir()]
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Run the four notebooks headless on this machine.")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
@@ -110,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.write(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}/\n")
     for path in sorted(run_dir.iterdir()):
         sys.stdout.write(f"  {path.name}\n")
+    for line in next_steps(run_dir):
+        sys.stdout.write(line + "\n")
     return 0
 
 

@@ -2,8 +2,8 @@
 
 Example::
 
-    >>> cfg = use_settings(precision="auto", max_steps=200, batch_size=16, model_source="example",
-    ...                    wandb_mode="offline")                       # doctest: +SKIP
+    >>> cfg = use_settings(precision="auto", max_steps="auto", batch_size=16, model_source="auto",
+    ...                    wandb_mode="auto")           # "auto": sized for this runtime  # doctest: +SKIP
     >>> cfg = need("settings")          # in a later cell: says which cell to run when it wasn't
 """
 
@@ -19,8 +19,19 @@ from utils.tasks import TASKS
 from utils.training.precision import canonical_precision
 from utils.training.settings import TrainSettings
 
-WANDB_MODES = ("offline", "online", "disabled")
+WANDB_MODES = ("auto", "offline", "online", "disabled")  # auto: online when logged in, else offline
 NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
+AUTO = "auto"  # a setting's "size it for this runtime"
+
+# What "auto" means on each runtime: on a CPU, Run All of any notebook fits in about
+# two minutes; on a GPU, the full sizes.
+RUNTIME_SIZES = {
+    "cpu": {"model_source": "example:gpt-micro", "max_steps": 40, "batch_size": 8, "bench_steps": 4,
+            "bench_warmup": 1, "bench_repeats": 2, "bench_max_seconds": 0},
+    "gpu": {"model_source": "example:gpt-tiny", "max_steps": NOTEBOOK_MAX_STEPS,
+            "batch_size": TrainSettings.batch_size, "bench_steps": 20, "bench_warmup": 5, "bench_repeats": 3,
+            "bench_max_seconds": 60},
+}
 
 # The steps a later cell may need, and how to tell the user to provide them.
 _STEPS = {
@@ -75,7 +86,7 @@ class Settings:
     max_steps: int = NOTEBOOK_MAX_STEPS
     batch_size: int = TrainSettings.batch_size
     model_source: str = "example"
-    wandb_mode: str = "offline"
+    wandb_mode: str = AUTO
     run_dir: Path = field(default_factory=lambda: Path("runs"))
     extra: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
@@ -85,8 +96,52 @@ class Settings:
 
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1.")
+        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1, or 'auto' for this "
+                         f"runtime's size.")
     return value
+
+
+def runtime_sizes(cuda: bool | None = None) -> dict:
+    """What the settings' ``"auto"`` stands for on this runtime.
+
+    Example::
+
+        >>> runtime_sizes(cuda=False)["model_source"]
+        'example:gpt-micro'
+
+    Args:
+        cuda: whether a CUDA GPU runs the notebook (default: ``torch.cuda.is_available()``).
+    """
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return dict(RUNTIME_SIZES["gpu" if cuda else "cpu"])
+
+
+def mixed_precisions_here(caps=None) -> tuple[str, ...]:
+    """Every mixed precision this runtime runs: bf16 on a CPU (native or emulated: its row's reason
+    says which); fp16 on a GPU, and bf16 where the GPU has it.
+
+    Example::
+
+        >>> mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True))  # doctest: +SKIP
+        ('16-mixed', 'bf16-mixed')
+    """
+    from utils.training.precision import Capabilities
+
+    caps = caps or Capabilities.detect()
+    if caps.cuda:
+        return ("16-mixed", "bf16-mixed") if caps.cuda_bf16 else ("16-mixed",)
+    return ("bf16-mixed",)
+
+
+def _sized(values: dict, sizes: dict, caps=None) -> dict:
+    """``values`` with each ``"auto"`` replaced by this runtime's size."""
+    out = {k: (sizes[k] if k in sizes and v == AUTO else v) for k, v in values.items()}
+    if out.get("bench_precisions") == AUTO:
+        out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps)))
+    return out
 
 
 def new_run_dir(base="runs") -> Path:
@@ -113,13 +168,17 @@ def _json_object(name: str, text) -> dict:
     return value
 
 
-def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_STEPS,
-                 batch_size=TrainSettings.batch_size, model_source="example",
-                 wandb_mode="offline", run_dir="", model_config="", class_name="", task="auto",
+def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_size=AUTO, model_source=AUTO,
+                 wandb_mode=AUTO, run_dir="", model_config="", class_name="", task="auto",
                  **extra) -> Settings:
     """Check the settings cell's values, make the run folder, set ``WANDB_MODE``, and remember them.
 
     Args:
+        max_steps, batch_size, model_source and the ``bench_*`` extras: ``"auto"`` sizes them for
+            this runtime (:func:`runtime_sizes`: small on a CPU, full on a GPU); ``bench_precisions="auto"`` is
+            ``32-true`` and every mixed precision this runtime runs (:func:`mixed_precisions_here`).
+        wandb_mode: ``"auto"`` (default: online when logged in, else offline; see ``init_wandb``),
+            ``"offline"``, ``"online"`` or ``"disabled"``.
         run_dir: where this run writes; empty means a new ``runs/<timestamp>/``.
         model_config: a JSON object (text, as a Colab form field gives it) of the model's arguments,
             or of its config object's fields (``{"n_layer": 2}`` for ``GPT(GPTConfig)``); empty: none.
@@ -133,6 +192,10 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_ST
         ValueError: a value that is not allowed, named with what is.
     """
     canonical_precision(precision)  # raises the resolver's listing error for a typo
+    sized = _sized({"max_steps": max_steps, "batch_size": batch_size, "model_source": model_source, **extra},
+                   runtime_sizes())
+    max_steps, batch_size, model_source = sized.pop("max_steps"), sized.pop("batch_size"), sized.pop("model_source")
+    extra = sized
     if wandb_mode not in WANDB_MODES:
         raise ValueError(f"wandb_mode={wandb_mode!r} is not allowed. Use one of {', '.join(map(repr, WANDB_MODES))}.")
     if not isinstance(model_source, str) or not model_source.strip():
@@ -142,7 +205,8 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=NOTEBOOK_MAX_ST
         raise ValueError(f"task={task!r} is not allowed: use 'auto' (detected) or one of {', '.join(map(repr, TASKS))}.")
     folder = new_run_dir() if not run_dir else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    os.environ["WANDB_MODE"] = wandb_mode  # in the environment: wandb reads it at exit too
+    if wandb_mode != AUTO:  # auto leaves the choice to init_wandb (and to a WANDB_MODE already set)
+        os.environ["WANDB_MODE"] = wandb_mode  # in the environment: wandb reads it at exit too
     return remember("settings", Settings(precision, _positive_int("max_steps", max_steps),
                                          _positive_int("batch_size", batch_size), model_source.strip(),
                                          wandb_mode, folder, dict(extra), config,

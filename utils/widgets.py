@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 from utils.training.precision import PrecisionPlan, canonical_precision, resolve_precision
 
-# Button label → the request the resolver receives.
-CHOICES = {"auto": "auto", "fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+# Button label → the request the resolver receives. The labels are the resolver's own names, the
+# ones the notebooks' Settings form offers: one vocabulary (the legacy fp32/bf16/fp16 are accepted too).
+CHOICES = {"auto": "auto", "32-true": "32-true", "bf16-mixed": "bf16-mixed", "16-mixed": "16-mixed"}
 
 
 def label_for(precision) -> str:
-    """The button that stands for ``precision`` (any accepted spelling); ``16-true`` shows as fp16."""
+    """The button that stands for ``precision`` (any accepted spelling); ``16-true`` shows as 16-mixed."""
     name = canonical_precision(precision)
     for label, request in CHOICES.items():
         if request == name or (label != "auto" and name.startswith(request.split("-")[0] + "-")):
@@ -43,7 +44,7 @@ def explain(precision, device=None, *, caps=None) -> tuple[PrecisionPlan | None,
     Example::
 
         >>> explain("fp16")[1]           # on a CPU-only runtime with native bf16   # doctest: +SKIP
-        'fp16 on a CPU runtime → bf16-mixed, because fp16 was requested on a CPU-only runtime, ...'
+        '16-mixed on a CPU runtime → bf16-mixed, because fp16 was requested on a CPU-only runtime, ...'
     """
     label = label_for(precision)
     with warnings.catch_warnings():
@@ -71,7 +72,8 @@ class AmpToggle:
     widget: object = field(default=None, repr=False)
 
     def set(self, label_or_precision) -> None:
-        """Select a button (``"auto"``, ``"fp32"``, ``"bf16"``, ``"fp16"``) or any precision spelling."""
+        """Select a button (``"auto"``, ``"32-true"``, ``"bf16-mixed"``, ``"16-mixed"``) or any precision
+        spelling the resolver accepts (``"fp16"`` too)."""
         request = CHOICES.get(label_or_precision, label_or_precision)
         plan, self.line = explain(request, self.device)
         if plan is not None:  # an impossible choice keeps the last good plan; the line says why

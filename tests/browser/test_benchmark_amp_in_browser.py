@@ -9,10 +9,15 @@ NOTEBOOK = "04_benchmark_amp.ipynb"
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 
-def test_run_all_cells_leaves_no_error_output(notebook):
+def test_run_all_cells_leaves_no_error_output_and_reaches_the_last_cell(notebook):
     saved = notebook.saved()
     assert error_outputs(saved) == []
     assert unexecuted_cells(saved) == []
+    # Run All reached the last cell, each cell once, top to bottom (one save: each save is a server round trip)
+    code = [c for c in saved["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert counts == sorted(counts) and len(set(counts)) == len(code)  # each ran once, top to bottom
+    assert code[-1]["source"].startswith('#@title 13. Benchmark with and without keep_fp32')
 
 
 def test_benchmark_table_renders_a_row_per_precision(notebook):

@@ -17,21 +17,27 @@ pytestmark = [pytest.mark.browser, pytest.mark.slow]
 TOGGLE = "#@title 5. AMP toggle"
 
 
-def test_run_all_cells_leaves_no_error_output(notebook):
+def test_run_all_cells_leaves_no_error_output_and_reaches_the_last_cell(notebook):
     saved = notebook.saved()
     assert error_outputs(saved) == []
     assert unexecuted_cells(saved) == []
+    # Run All reached the last cell, each cell once, top to bottom (one save: each save is a server round trip)
+    code = [c for c in saved["cells"] if c["cell_type"] == "code"]
+    counts = [c["execution_count"] for c in code]
+    assert counts == sorted(counts) and len(set(counts)) == len(code)  # each ran once, top to bottom
+    assert code[-1]["source"].startswith('#@title 11. Finish')
 
 
 def test_toggle_shows_four_choices_and_the_settings_plan(notebook):
     cell = notebook.code_cell(TOGGLE)
-    expect(cell.locator(".widget-toggle-button")).to_have_text(["auto", "fp32", "bf16", "fp16"])
+    # the form's own names: one vocabulary
+    expect(cell.locator(".widget-toggle-button")).to_have_text(["auto", "32-true", "bf16-mixed", "16-mixed"])
     expect(cell.locator(".widget-toggle-button.mod-active")).to_have_text("auto")  # precision="auto"
     expect(cell.locator(".widget-html-content")).to_have_text(explain("auto")[1])
     notebook.screenshot("toggle-auto", cell)
 
 
-@pytest.mark.parametrize("label, request_", [("bf16", "bf16-mixed"), ("fp16", "16-mixed")])
+@pytest.mark.parametrize("label, request_", [("bf16-mixed", "bf16-mixed"), ("16-mixed", "16-mixed")])
 def test_clicking_a_choice_shows_the_resolvers_plan_for_this_runtime(notebook, label, request_):
     cell = notebook.code_cell(TOGGLE)
     plan, line = explain(request_)
@@ -47,3 +53,9 @@ def test_loss_curves_are_an_image_in_the_page(notebook):
     output, decoded = notebook.image_in_cell("#@title 8. Curves")
     assert decoded == png_size(notebook.run_dir / "training_curves.png")  # the saved PNG, decoded
     notebook.screenshot("loss-curves", output)
+
+
+def test_the_resumed_curves_are_an_image_in_the_page(notebook):
+    output, decoded = notebook.image_in_cell("#@title 9. Resume")
+    assert decoded == png_size(notebook.run_dir / "training_curves_resumed.png")
+    notebook.screenshot("loss-curves-resumed", output)

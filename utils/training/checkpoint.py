@@ -284,6 +284,36 @@ def check_args(path, state: dict, args) -> None:
             )
 
 
+def check_steps(path, state: dict, max_steps: int | None) -> None:
+    """A resume must have steps left: ``max_steps`` above the checkpoint's step (equal only while the
+    run still owes its final validation).
+
+    Raises:
+        ValueError: ``max_steps`` at or below the step already done.
+    """
+    done = state["global_step"]
+    finished = any(e.get("step") == done for e in state.get("epochs", []))
+    if max_steps is not None and (max_steps < done or (max_steps == done and finished)):
+        raise ValueError(
+            f"max_steps={max_steps!r} is not allowed: checkpoint {str(path)!r} is already at step {done}, "
+            f"so there is nothing to train. Pass max_steps > {done} (the steps of the whole run, those "
+            f"already done included)."
+        )
+
+
+def check_resume(path, state: dict, args, world_size: int, tensor_data: bool) -> None:
+    """Every check of the run's settings against a checkpoint, before anything is loaded or written:
+    the global batch (:func:`check_world`), the data position (:func:`check_args`) and the steps left
+    (:func:`check_steps`).
+
+    Raises:
+        ValueError: naming the setting, its value and the one the checkpoint needs.
+    """
+    check_world(path, state, args.batch_size, world_size, tensor_data)
+    check_args(path, state, args)
+    check_steps(path, state, args.max_steps)
+
+
 def check_precision(path, state: dict, plan) -> bool:
     """Resuming in another precision is sound while the weights keep their dtype (32-true and the
     ``-mixed`` precisions all hold fp32 weights): it warns, and says what happens to the scaler state.
@@ -435,8 +465,7 @@ class Checkpointer:
             ValueError: the file is damaged, or does not fit this model, data position or precision.
         """
         path, state = load_checkpoint(resume_from)
-        check_world(path, state, trainer.args.batch_size, trainer.world.world_size, trainer.tensor_data)
-        check_args(path, state, trainer.args)
+        check_resume(path, state, trainer.args, trainer.world.world_size, trainer.tensor_data)
         load_scaler = check_precision(path, state, trainer.precision)
         try:
             trainer.model.load_state_dict(state["model"])

@@ -18,10 +18,12 @@ import argparse
 import contextlib
 import functools
 import json
+import os
 import signal
 import sys
 import threading
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -234,8 +236,23 @@ def build_model(spec: str, config: dict, class_name: str | None):
     except (ValueError, OSError):
         raise
     except Exception as e:  # the user's file failed to import or build: no traceback, its error named
-        raise CliError(f"--model {spec}: building the model failed with {type(e).__name__}: {e}. "
-                       f"Check the file, --class-name and --model-config.") from e
+        raise CliError(f"--model {spec}: building the model failed{_where_in_user_code(e)} with "
+                       f"{type(e).__name__}: {_error_text(e)}. Check the file, --class-name and --model-config.") from e
+
+
+def _error_text(e: BaseException) -> str:
+    return e.msg if isinstance(e, SyntaxError) else str(e)
+
+
+def _where_in_user_code(e: BaseException) -> str:
+    """`` at FILE, line N``: the line of the user's code that raised (a syntax error's own line), or ''."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f" at {e.filename}, line {e.lineno}"
+    here = Path(__file__).resolve().parents[1]  # utils/: our own frames are not the user's line
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if not Path(f.filename).resolve().is_relative_to(here) and "importlib" not in f.filename
+              and Path(f.filename).exists()]
+    return f" at {frames[-1].filename}, line {frames[-1].lineno}" if frames else ""
 
 
 def load_data(spec: str, model, context: int | None, val_fraction: float, task: str | None = None):
@@ -285,10 +302,19 @@ def _start_wandb(opts: dict, config: dict, run_dir):
 
 
 # ---- train ---------------------------------------------------------------------------------------
-def _command_file(resume: str) -> Path:
-    path = Path(resume)
-    folder = path if path.is_dir() else path.parent.parent  # <run>/checkpoints/latest.pt
-    return folder / COMMAND_FILE
+def _command_file(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent / COMMAND_FILE  # <run>/checkpoints/latest.pt
+
+
+def _checkpoint_of(resume: str) -> Path:
+    """The checkpoint ``--resume`` names; a missing one is an error before anything else."""
+    if not Path(resume).exists():
+        raise CliError(f"--resume {resume}: {resume} does not exist. Give a run folder (or the checkpoint "
+                       f"file in its checkpoints/ folder).")
+    try:
+        return resolve_checkpoint_path(resume)
+    except FileNotFoundError as e:
+        raise CliError(f"--resume {resume}: {resume} is a folder with no checkpoints/latest.pt in it.") from e
 
 
 def train_options(args: argparse.Namespace) -> dict:
@@ -296,16 +322,41 @@ def train_options(args: argparse.Namespace) -> dict:
     given = {k: v for k, v in vars(args).items() if v is not None and k in TRAIN_DEFAULTS}
     saved = {}
     if args.resume is not None:
-        path = _command_file(args.resume)
+        path = _command_file(_checkpoint_of(args.resume))
         if path.is_file():
             saved = {k: v for k, v in json.loads(path.read_text()).items() if k in RESUMED}
     opts = {**TRAIN_DEFAULTS, **saved, **given}
-    opts["run_dir"] = opts["run_dir"] or (str(_command_file(args.resume).parent) if args.resume else None)
+    if args.resume is not None and opts["run_dir"] is None:
+        opts["run_dir"] = str(_command_file(_checkpoint_of(args.resume)).parent)
     if opts["model"] is None:
         raise CliError("--model is required (unless --resume names a run folder with a command.json).")
     if opts["run_dir"] is None:
         raise CliError("--run-dir is required: the folder for metrics.jsonl and checkpoints.")
     return opts
+
+
+def check_resume(opts: dict, model, world: World) -> int:
+    """Every check ``train()`` makes on a resume, made before anything is written; the step it resumes from.
+
+    Raises:
+        ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
+    """
+    from utils.training.checkpoint import check_precision, check_resume, load_checkpoint
+    from utils.training.precision import resolve_precision
+
+    path, state = load_checkpoint(opts["resume"])
+    settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],
+                             grad_accum_steps=opts["grad_accum"], seed=opts["seed"])
+    check_resume(path, state, settings, world.world_size, tensor_data=True)  # the CLI's data are tensors
+    plan = resolve_precision(opts["precision"], world.default_device(opts["device"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # train() warns once, when it resumes
+        check_precision(path, state, plan)
+    try:
+        model.load_state_dict(state["model"])  # train() loads it again; this only proves it fits
+    except RuntimeError as e:
+        raise ValueError(f"Checkpoint {str(path)!r} does not fit this model: {e}") from e
+    return state["global_step"]
 
 
 def _claim(opts: dict) -> None:
@@ -316,6 +367,21 @@ def _claim(opts: dict) -> None:
     archived = claim_run_dir(run_dir, opts["overwrite"])  # its error names --resume and --overwrite
     if archived is not None:
         _say(f"--overwrite: the previous run in {run_dir} was moved to {archived}")
+
+
+class CommandFile:
+    """Writes the run's options to ``command.json`` (atomically) when training starts, not before:
+    a call that fails its checks leaves the folder as it was."""
+
+    def __init__(self, opts: dict):
+        self.path = Path(opts["run_dir"]) / COMMAND_FILE
+        self.options = {k: v for k, v in opts.items() if k not in ("resume", "overwrite")}
+
+    def on_train_start(self, trainer) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(f".{COMMAND_FILE}.tmp")
+        temp.write_text(json.dumps(self.options, indent=2) + "\n")
+        os.replace(temp, self.path)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -330,15 +396,15 @@ def run_train(args: argparse.Namespace) -> int:
     train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
                                                   opts["task"])
     opts["context"] = context
+    step = check_resume(opts, model, world) if opts["resume"] is not None else None
     run_dir = Path(opts["run_dir"])
+    callbacks = [CommandFile(opts)]
     if world.is_rank_zero:
         _claim(opts)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / COMMAND_FILE).write_text(json.dumps({k: v for k, v in opts.items() if k not in ("resume", "overwrite")},
-                                                       indent=2) + "\n")
+        if step is not None:
+            _say(f"resuming {resolve_checkpoint_path(opts['resume'])} from step {step}")
         _say(_where_checkpoints_go(opts))
     session = _start_wandb(opts, opts, run_dir) if world.is_rank_zero else None
-    callbacks = []
     if session is not None:
         from utils.training import AmpWandbCallback
 
@@ -389,7 +455,7 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"({world.world_size} process(es), global batch {opts['batch_size'] * world.world_size}, "
         f"{result.tokens_per_second:,.0f} tokens/s)",
         f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
-        f"  skipped steps  {result.skipped_steps}   final loss scale {result.final_loss_scale}",
+        f"  skipped steps  {result.skipped_steps}   final loss scale {_loss_scale(result)}",
         f"  precision      {result.precision.describe()}",
         f"  objective      {result.objective}",
         f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
@@ -397,6 +463,12 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
     ]
     return "\n".join(lines)
+
+
+def _loss_scale(result) -> str:
+    if result.final_loss_scale is None:
+        return f"n/a (no GradScaler in {result.precision.name})"
+    return f"{result.final_loss_scale:g}"
 
 
 # ---- bench ---------------------------------------------------------------------------------------
@@ -418,7 +490,7 @@ def run_bench(args: argparse.Namespace) -> int:
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                               max_seconds=args.max_seconds,
                               device=opts["device"], lr=opts["lr"], eval_data=val_ids,
-                              log_to_wandb=session is not None)
+                              log_to_wandb=session is not None, progress=True)
     finally:
         if session is not None:
             session.finish()
@@ -427,6 +499,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(bench.to_dict(), indent=2) + "\n")
         _say(f"\nFull results: {args.json}")
+    _say(f"\n{bench.recommendation()}")
     return 1 if all(r.error for r in bench.rows) else 0
 
 

@@ -61,6 +61,33 @@ class WandbSession:
             self.run.finish()
 
 
+def colab_secret_key() -> bool:
+    """On Colab, put the ``WANDB_API_KEY`` secret (Colab's key icon) into the environment, where
+    wandb finds it; never prints it. True when a key was taken from there.
+
+    Elsewhere, with a key already in the environment, or with no such secret (or no access to
+    it granted), nothing happens.
+    """
+    import sys
+
+    if "google.colab" not in sys.modules or os.environ.get("WANDB_API_KEY"):
+        return False
+    try:
+        from google.colab import userdata
+    except ImportError:
+        return False
+    refused = tuple(getattr(userdata, n) for n in ("SecretNotFoundError", "NotebookAccessError", "TimeoutException")
+                    if isinstance(getattr(userdata, n, None), type))
+    try:
+        key = userdata.get("WANDB_API_KEY")
+    except refused:  # no such secret, or this notebook was not granted access: stay as we were
+        return False
+    if not key:
+        return False
+    os.environ["WANDB_API_KEY"] = key
+    return True
+
+
 def _logged_in(wandb) -> bool:
     """True when wandb has credentials, without prompting for them."""
     try:
@@ -85,9 +112,10 @@ def choose_mode(mode: str | None, installed: bool, logged_in) -> tuple[str, str,
     """
     if not installed:
         return "disabled", "wandb is not installed; `pip install wandb` to log runs to W&B", True
-    if mode is not None:
+    if mode is not None and mode != "auto":
         if mode not in MODES:
-            raise ValueError(f"init_wandb(mode={mode!r}): mode must be None (choose), {', '.join(map(repr, MODES))}.")
+            raise ValueError(f"init_wandb(mode={mode!r}): mode must be None or 'auto' (choose), "
+                             f"{', '.join(map(repr, MODES))}.")
         return mode, f"mode={mode!r} was passed", False
     env = os.environ.get("WANDB_MODE", "").strip().lower()
     if env:
@@ -143,7 +171,7 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
     Args:
         project: the W&B project name.
         config: the run's config (hyperparameters); :class:`AmpWandbCallback` adds the precision plan.
-        mode: None (default: ``WANDB_MODE`` if set, else online when logged in, else offline),
+        mode: None or ``"auto"`` (default: ``WANDB_MODE`` if set, else online when logged in, else offline),
             ``"online"``, ``"offline"`` or ``"disabled"``.
         run_dir: folder for W&B's files (``<run_dir>/wandb/``); default ``WANDB_DIR`` or the
             working directory. Pass the loop's ``run_dir`` to keep a run's files together.
@@ -163,6 +191,7 @@ def init_wandb(project: str, config: dict | None = None, mode: str | None = None
         ``init_wandb`` sets it there itself when it starts an offline or disabled run.
     """
     wandb = import_wandb()
+    colab_secret_key()  # a Colab user's stored key counts as logged in
     chosen, why, degraded = choose_mode(mode, wandb is not None, lambda: _logged_in(wandb))
     run = None
     if wandb is not None:

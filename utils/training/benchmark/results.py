@@ -251,6 +251,9 @@ class AmpBenchmark:
         noisy = [r for r in self.rows if r.noisy and r.error is None]
         if noisy:
             return _busy_verdict(noisy, self.rows)
+        if all(r is base for r in self.rows):  # one row: nothing to compare
+            return (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
+                    f"to precisions.")
         for r in self.rows:
             if r is base:
                 continue
@@ -273,6 +276,8 @@ class AmpBenchmark:
             verdict = (f"{best.precision} is about as fast as {BASELINE} ({best.speedup:.2f}x) but saves "
                        f"{best.memory_reduction_pct:.0f}% of the memory saved for backward: use it when memory "
                        f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
+        elif not fine:
+            verdict = f"Stay with {BASELINE}: no mixed precision ran to the end here."
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
         slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine if r.speedup < 0.95]
@@ -289,8 +294,11 @@ class AmpBenchmark:
         low = [m - (r.step_time_min_s or 0.0) * 1e3 if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
         high = [(r.step_time_max_s or 0.0) * 1e3 - m if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
         bars = ax_time.bar(names, med, yerr=[low, high], capsize=6, color="tab:blue")
-        ax_time.bar_label(bars, labels=[("error" if r.error else _fmt(r.speedup, ".2f", suffix="x"))
-                                        for r in self.rows], padding=3)
+        pad = 0.02 * max([m + h for m, h in zip(med, high)] + [1e-9])
+        for bar, m, h, r in zip(bars, med, high, self.rows):  # above the upper whisker, not on it
+            ax_time.text(bar.get_x() + bar.get_width() / 2, m + h + pad,
+                         "error" if r.error else _fmt(r.speedup, ".2f", suffix="x"), ha="center", va="bottom")
+        ax_time.margins(y=0.15)  # room for the labels above the tallest whisker
         ax_time.set(title="Step time (median, min–max); label: speedup", ylabel="ms per step")
         kinds = [("activations", "activation_bytes"), ("autocast weight copies", "weight_copy_bytes"),
                  ("params + optimizer", None), ("peak (CUDA)", "peak_memory_bytes")]

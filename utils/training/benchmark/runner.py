@@ -338,7 +338,7 @@ class BenchmarkSession:
 def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5, repeats=3,
                   batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, log_to_wandb=False,
                   loss_tolerance=0.05, keep_fp32=None, max_seconds=60.0, compile=False, compile_options=None,
-                  tf32=False) -> AmpBenchmark:
+                  tf32=False, progress=False) -> AmpBenchmark:
     """Train the same model from the same weights on the same batches in each precision; compare.
 
     Example::
@@ -377,6 +377,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
         eval_data: held-out data for ``evaluate()`` after the first run of each precision.
         log_to_wandb: also log a W&B Table and summary metrics (:meth:`AmpBenchmark.log_to_wandb`).
         loss_tolerance: the largest |loss difference| from fp32 not flagged (default 0.05).
+        progress: a ``tqdm.auto`` bar over the runs (default False), naming the precision each
+            finished run measured.
         keep_fp32: when ``16-mixed`` is measured, also a row ``16-mixed+fp32[names]`` that keeps those
             modules in fp32 (as ``train(keep_fp32=...)``; ``"auto"``: what the fp16 scan flags).
 
@@ -403,13 +405,22 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
                                batch_size=batch_size, device=device, lr=lr, loss_fn=loss_fn,
                                eval_data=eval_data, loss_tolerance=loss_tolerance, compile=compile,
                                compile_options=compile_options, tf32=tf32, keep_fp32=keep_fp32)
-    for _ in range(repeats):
-        for precision in session.precisions:  # A B A B: drift hits every precision alike
+    from tqdm.auto import tqdm
+
+    with tqdm(total=repeats * len(session.precisions), desc="bench", unit="run", disable=not progress) as bar:
+        def run(precision):
             session.run(precision)
-    start = time.perf_counter()
-    while time.perf_counter() - start < max_seconds and session.noisy_rows():
-        for precision in session.precisions:  # extra rounds stay interleaved
-            session.run(precision)
+            bar.set_postfix_str(f"{precision} done", refresh=False)
+            bar.update()
+
+        for _ in range(repeats):
+            for precision in session.precisions:  # A B A B: drift hits every precision alike
+                run(precision)
+        start = time.perf_counter()
+        while time.perf_counter() - start < max_seconds and session.noisy_rows():
+            bar.total += len(session.precisions)  # an extra round while a row is noisy
+            for precision in session.precisions:  # extra rounds stay interleaved
+                run(precision)
     if isinstance(model_factory, nn.Module):  # the user's module leaves with the weights it came with
         model_factory.load_state_dict(session.initial)
     bench = session.result()
