@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -249,7 +250,12 @@ class NotebookPage:
         self.menu("File", "Save Notebook")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
-            model = self.lab.api("GET", f"contents/{self.path}?content=1")
+            try:
+                model = self.lab.api("GET", f"contents/{self.path}?content=1")
+            except urllib.error.HTTPError as e:  # read while the save was writing it: 400/500, ask again
+                if e.code not in (400, 500):
+                    raise
+                model = {"last_modified": before}
             if model["last_modified"] != before:
                 return model["content"]
             time.sleep(0.3)
