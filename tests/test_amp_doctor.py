@@ -7,14 +7,13 @@ CPU with fp16 autocast (slow, so the sizes are tiny).
 import json
 import math
 import re
-import sys
-import types
 import warnings
 
 import matplotlib
 import pytest
 import torch
 import wandb_records
+import wandb_stand_in
 from torch import nn
 
 from utils.models import example_model
@@ -344,28 +343,6 @@ def test_precision_report_plot_draws_a_bar_per_module():
 
 
 # ---- W&B ------------------------------------------------------------------------------------------
-class FakeRun:
-    def __init__(self):
-        self.rows, self.summary, self.alerts = [], {}, []
-        self.config = types.SimpleNamespace(values={})
-        self.config.update = lambda values, allow_val_change=False: self.config.values.update(values)
-
-    def log(self, row, step=None):
-        self.rows.append((row, step))
-
-    def alert(self, title, text, level=None):
-        self.alerts.append((title, text, level))
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch):
-    module = types.ModuleType("wandb")
-    module.run = FakeRun()
-    module.log = lambda row, step=None: module.run.log(row, step=step)  # as wandb.log logs to wandb.run
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    return module
-
-
 def test_callback_alerts_once_and_records_kept_modules(fake_wandb):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
@@ -376,7 +353,7 @@ def test_callback_alerts_once_and_records_kept_modules(fake_wandb):
     assert (run.summary["amp/scale_health"], run.summary["amp/scale_health_step"]) == ("warning", 3)
     assert [row["amp/skip_rate"] for row, _ in run.rows if "amp/skip_rate" in row] == [1.0] * 5
 
-    fake_wandb.run = FakeRun()
+    fake_wandb.run = wandb_stand_in.FakeRun()
     fp16_train(Hot(), max_steps=1, keep_fp32="auto", callbacks=[AmpWandbCallback()])
     amp = fake_wandb.run.config.values["amp"]
     assert amp["keep_fp32"] == ["hot"] and amp["reason"].endswith("flagged them): hot.")

@@ -46,37 +46,6 @@ def lightning_shaped_trainer(loss_scale=None, precision=None):
     return trainer
 
 
-class FakeConfig:
-    def __init__(self):
-        self.values = {}
-
-    def update(self, values, allow_val_change=False):
-        self.values.update(values)
-
-
-class FakeRun:
-    """Records what a W&B run is asked to do."""
-
-    def __init__(self):
-        self.rows, self.config, self.summary, self.metrics = [], FakeConfig(), {}, []
-
-    def log(self, row, step=None):
-        self.rows.append((row, step))
-
-    def define_metric(self, name, step_metric=None):
-        self.metrics.append((name, step_metric))
-
-
-@pytest.fixture
-def fake_wandb(monkeypatch):
-    """A wandb module with an active run that records every call."""
-    module = types.ModuleType("wandb")
-    module.run = FakeRun()
-    module.log = lambda row, step=None: module.run.log(row, step=step)  # as wandb.log logs to wandb.run
-    monkeypatch.setitem(sys.modules, "wandb", module)
-    return module
-
-
 class Overflowing(nn.Module):
     """Bytes -> 16 -> 256 logits, the head's weights scaled by ``gain``. At gain 300 the fp16 backward
     overflows at loss scales 65536, 32768 and 16384 (three skipped steps), then fits at 8192."""
