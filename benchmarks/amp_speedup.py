@@ -8,11 +8,13 @@ plain B, ... repeated, so drift hits both alike. Prints the benchmark's table, t
 ours/plain step time per precision, bf16's speed over fp32 as each loop measures it, the
 activation-bytes ratio and the loss difference.
 
-    python -m benchmarks.amp_speedup                  # a few minutes on a 2-core CPU without native bf16
-    python -m benchmarks.amp_speedup --batch-size 16 --steps 20 --warmup 5 --repeats 3   # a GPU / bf16 CPU
+    python -m benchmarks.amp_speedup                        # ~1 min on a 2-core CPU with AVX512-BF16
+    python -m benchmarks.amp_speedup --steps 20 --repeats 8 # tighter; a GPU: add --batch-size 32
 
-The small defaults are for CPUs without AVX512-BF16/AMX, where bf16 matmuls are emulated and a
-bf16 step takes many times an fp32 one.
+Both loops are judged by one statistic (``utils.training.benchmark.results.run_timing``): each run
+is one measurement, its mean step time; a loop's figure is the median of its runs, its noise their
+IQR / median. On a CPU without AVX512-BF16/AMX, bf16 matmuls are emulated and a bf16 step takes
+many times an fp32 one: the defaults then take 5-10 minutes; ``--steps 4`` shortens them.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ import torch
 
 from benchmarks.loop_overhead import run_plain  # the independent hand-written loop
 from utils.models import example_model
-from utils.training import PrecisionWarning
-from utils.training.benchmark.results import NOISE_BOUND, iqr
+from utils.training import PrecisionWarning, steady_cpu_allocator
+from utils.training.benchmark.results import MIN_RUNS, NOISE_BOUND, run_timing
 from utils.training.benchmark.runner import BenchmarkSession
 from utils.training.precision import cpu_has_native_bf16
 
@@ -36,12 +38,16 @@ def parse(argv):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="gpt-tiny", help="example model (default: gpt-tiny, the reference)")
     p.add_argument("--batch-size", type=int, default=8, help="default 8")
-    p.add_argument("--steps", type=int, default=3, help="timed steps per run (default 3)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per run (default 1)")
-    p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (default 2)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run: one measurement (default 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per run (default 2)")
+    p.add_argument("--repeats", type=int, default=5, help=f"interleaved runs per loop and precision (default 5; "
+                                                          f"noise is judged from {MIN_RUNS})")
     p.add_argument("--fp16", action="store_true", help="also run 16-mixed (very slow on a CPU)")
     p.add_argument("--device", default=None, help="default: the best available")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--allocator", choices=("steady", "default"), default="steady",
+                   help="CPU memory allocator: 'steady' calls utils.training.steady_cpu_allocator() first, so "
+                        "glibc stops mapping and unmapping every large tensor (default); 'default' leaves it")
     return p.parse_args(argv)
 
 
@@ -52,6 +58,7 @@ def _ratio_line(label: str, value: float | None, target: str = "") -> str:
 
 def main(argv=None):
     args = parse(argv)
+    allocator = steady_cpu_allocator()[1] if args.allocator == "steady" else "allocator: the C library's default."
     if args.threads:
         torch.set_num_threads(args.threads)
     factory = lambda: example_model(args.model)  # noqa: E731
@@ -72,6 +79,8 @@ def main(argv=None):
     print(f"model={args.model} batch={args.batch_size}x{config.block_size} steps={args.steps} "
           f"warmup={args.warmup} repeats={args.repeats} device={session.device} "
           f"threads={torch.get_num_threads()} native_cpu_bf16={native} load_avg={load}")
+    if session.device.type == "cpu":
+        print(allocator)
     if session.device.type == "cpu" and not native:
         print("note: this CPU has no native bf16 (no AVX512-BF16/AMX): bf16 and fp16 matmuls are emulated and "
               "run far slower than fp32, so bf16-mixed cannot be faster here; its memory saving still shows.")
@@ -79,9 +88,9 @@ def main(argv=None):
     plain = {name: [] for name in session.precisions}
 
     def run_plain_loop(name):
-        if session.rows[name].error is None:
-            plain[name] += run_plain(factory, session.initial, data, session.plans[name], args,
-                                     args.warmup + args.steps)
+        if session.rows[name].error is None:  # one run = one measurement, as in the benchmark
+            plain[name].append(run_plain(factory, session.initial, data, session.plans[name], args,
+                                         args.warmup + args.steps))
 
     for r in range(args.repeats):
         for name in session.precisions:  # ours A, plain A, ours B, plain B: drift hits both alike
@@ -97,14 +106,18 @@ def main(argv=None):
 
 
 def report(bench, plain: dict) -> None:
-    med = {name: statistics.median(t) if t else None for name, t in plain.items()}
-    print("\nplain hand-written loop (benchmarks/loop_overhead.py), same process, interleaved:")
+    """Both loops judged by one statistic: the median and IQR of their runs' mean step times."""
+    timing = {name: run_timing([statistics.fmean(r) for r in runs]) if runs else None for name, runs in plain.items()}
+    med = {name: t.median if t else None for name, t in timing.items()}
+    print("\nplain hand-written loop (benchmarks/loop_overhead.py), same process, interleaved; "
+          "median of the runs' mean step times (IQR / median):")
     for row in bench.rows:
-        p, times = med[row.precision], plain[row.precision]
-        noise = iqr(times) / p if p else float("nan")
+        t = timing[row.precision]
+        noise = f"{t.iqr / t.median:.0%}" if t else "n/a"
         ours = f"{row.noise:.0%}" if row.noise is not None else "n/a"
-        print(f"  {row.precision:<11} plain median {p * 1e3 if p else float('nan'):9.1f} ms (IQR/median {noise:.0%})"
-              f"   ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms (IQR/median {ours})")
+        print(f"  {row.precision:<11} plain {med[row.precision] * 1e3 if t else float('nan'):9.1f} ms ({noise})"
+              f"   ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms ({ours})"
+              f"   runs {row.runs}")
     fp32, bf16 = bench.row("32-true"), bench.row("bf16-mixed")
     ours_speedup = bf16.speedup
     plain_speedup = med["32-true"] / med["bf16-mixed"] if med["32-true"] and med["bf16-mixed"] else None
@@ -127,9 +140,12 @@ def report(bench, plain: dict) -> None:
         if row.error:
             print(f"  {row.precision} failed: {row.error}")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    print(f"\nload average at the end: {load} on {os.cpu_count()} CPUs; noise bound {NOISE_BOUND:.0%}: "
-          + ("some rows are noisy, so the agreement above is not a quiet-machine figure."
-             if any(r.noisy for r in bench.rows) else "no row is noisy."))
+    plain_noisy = any(t is not None and not t.meets_confidence(NOISE_BOUND) for t in timing.values())
+    quiet = all(r.noise is not None for r in bench.rows) and not plain_noisy and not any(r.noisy for r in bench.rows)
+    print(f"\nload average at the end: {load} on {os.cpu_count()} CPUs; noise bound {NOISE_BOUND:.0%} over "
+          f">= {MIN_RUNS} runs: " + ("no row of either loop is noisy." if quiet else
+                                    "a row is noisy or has too few runs, so the agreement above is not a "
+                                    "quiet-machine figure."))
     print(f"verdict: {bench.recommendation()}")
 
 

@@ -72,7 +72,7 @@ def check_benchmark(name: str, steps: int) -> list[tuple[str, str, str]]:
     model = _model(name)
     data = _ids(model, 64)
     bench = benchmark_amp(lambda: _model(name), data, precisions=PRECISIONS, compile=(False, True), steps=steps,
-                          warmup=3, repeats=2, batch_size=8, max_seconds=20, tf32=False)
+                          warmup=3, repeats=3, batch_size=8, max_seconds=20, tf32=False)
     rows = []
     for r in bench.rows:
         if r.error:

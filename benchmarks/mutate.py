@@ -119,8 +119,13 @@ MUTANTS = [
            "row.loss_delta = _delta(base.final_loss, row.final_loss)", "benchmark"),
     Mutant("throughput-from-fastest-step", RESULTS, "_ratio(items_per_step, self.step_time_s)",
            "_ratio(items_per_step, self.step_time_min_s)", "benchmark"),
-    Mutant("warmup-steps-timed", RUNNER, "self.times[precision] += times[self.warmup:]",
-           "self.times[precision] += times", "benchmark"),
+    Mutant("warmup-steps-timed", RUNNER, "self.times[precision].append(times[self.warmup:])",
+           "self.times[precision].append(times)", "benchmark"),
+    Mutant("noise-never-flagged", RESULTS, "self.noisy = judged and not timing.meets_confidence(NOISE_BOUND)",
+           "self.noisy = False", "benchmark"),
+    Mutant("spread-judged-from-one-run", RESULTS, "judged = len(runs) >= MIN_RUNS", "judged = True", "benchmark"),
+    Mutant("noise-from-single-steps", RESULTS, "self.run_step_times_s = [statistics.fmean(r) for r in runs]",
+           "self.run_step_times_s = [t for r in runs for t in r]", "benchmark"),
 ]
 
 

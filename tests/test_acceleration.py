@@ -1,12 +1,20 @@
 """torch.compile and TF32 switches: one home (utils.training.acceleration), used by train() and the benchmark."""
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from utils.models import example_model
-from utils.training import PrecisionWarning, train
-from utils.training.acceleration import compile_model, tf32_decision, tf32_matmuls
+from utils.training import PrecisionWarning, acceleration, train
+from utils.training.acceleration import (
+    compile_model,
+    cpu_allocator_state,
+    steady_cpu_allocator,
+    tf32_decision,
+    tf32_matmuls,
+)
 
 
 def ids(rows=16, seq=17):
@@ -79,3 +87,46 @@ def test_the_benchmarks_fp32_row_says_whether_tf32_was_on():
                               device="cpu", max_seconds=0, tf32=True)
     assert bench.row("32-true").reason.endswith(tf32_decision("cpu", True)[1])
     assert bench.settings["tf32"] is True
+
+
+# ---- steady CPU allocator ----------------------------------------------------------------------
+
+_MAPPED_BYTES = """
+import ctypes, sys, torch
+from utils.training.acceleration import _glibc, steady_cpu_allocator
+
+class Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = _glibc()
+libc.mallinfo2.restype = Mallinfo2
+if sys.argv[1] == "steady":
+    assert steady_cpu_allocator()[0]
+before = libc.mallinfo2().hblkhd
+held = torch.empty(16 * 2**20, dtype=torch.uint8)  # 16 MiB: above glibc's default mmap threshold
+print(libc.mallinfo2().hblkhd - before)
+"""
+
+
+@pytest.mark.skipif(acceleration._glibc() is None or not hasattr(acceleration._glibc(), "mallinfo2"),
+                    reason="glibc >= 2.33 only (mallopt, mallinfo2)")
+def test_the_steady_allocator_serves_large_tensors_from_the_heap_not_fresh_mappings():
+    def mapped(mode):  # a fresh process each: the setting is process-wide
+        out = subprocess.run([sys.executable, "-c", _MAPPED_BYTES, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout.strip())
+
+    assert mapped("default") >= 16 * 2**20  # glibc's own choice: a fresh mmap, unmapped again on free
+    assert mapped("steady") == 0
+
+
+def test_the_steady_allocator_changes_nothing_where_it_cannot_and_says_why(monkeypatch):
+    class Refusing:
+        def mallopt(self, param, value):
+            return 0
+
+    assert steady_cpu_allocator(libc=Refusing()) == (False, "allocator unchanged: glibc's mallopt refused the settings.")
+    monkeypatch.setattr(acceleration, "_glibc", lambda: None)
+    applied, reason = steady_cpu_allocator()
+    assert not applied and reason.startswith("allocator unchanged: mallopt is a glibc (Linux) feature")
+    assert cpu_allocator_state() == "default"

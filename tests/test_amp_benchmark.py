@@ -56,6 +56,7 @@ def quiet_benchmark(*args, **kwargs):
 
 @pytest.fixture(scope="module")
 def bench():
+    torch.manual_seed(0)  # the initial weights, whatever ran before: fp32 then learns ~0.3 in its 4 steps
     return quiet_benchmark(micro, counting_ids(32), precisions=("32-true", "auto", "bf16-mixed", "16-mixed"),
                            steps=3, warmup=1, repeats=2, batch_size=4, device="cpu", eval_data=ids(8, seed=1), lr=1e-2)
 
@@ -424,38 +425,59 @@ def test_a_resolver_warning_goes_into_the_notes_not_onto_stderr():
 # ---- noise, MFU, compile ---------------------------------------------------------------------
 
 
-class Jittery(nn.Module):
-    """gpt-micro whose forward sleeps 100 ms on every other call: step times no busy machine would beat."""
+class BusySpells(nn.Module):
+    """gpt-micro whose every other instance sleeps 50 ms a forward: runs that disagree, as under a busy spell.
+
+    The benchmark builds one instance for the initial weights (no. 0), then one per run: runs 2, 4, ... are slow."""
+
+    built = 0
 
     def __init__(self):
         super().__init__()
         self.inner = micro()
-        self.calls = 0
+        self.slow = BusySpells.built % 2 == 0
+        BusySpells.built += 1
 
     def forward(self, x):
-        self.calls += 1
-        if self.calls % 2:
-            time.sleep(0.1)
+        if self.slow:
+            time.sleep(0.05)
         return self.inner(x)
 
 
-def test_a_row_whose_step_time_varies_is_noisy_and_no_speed_is_recommended():
-    b = quiet_benchmark(Jittery, ids(16), precisions=("32-true",), steps=4, warmup=0, repeats=1, batch_size=4,
+@pytest.fixture
+def busy_spells():
+    BusySpells.built = 0
+    return BusySpells
+
+
+def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_spells):
+    b = quiet_benchmark(busy_spells, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=3, batch_size=4,
                         device="cpu")
     row = b.row("32-true")
+    fast, slow, fast_again = row.run_step_times_s
+    assert slow > 0.05 > max(fast, fast_again)
     assert row.noise == pytest.approx(row.step_time_iqr_s / row.step_time_s)
     assert row.noise > NOISE_BOUND and row.noisy
-    assert b.recommendation().startswith("The machine was busy: step times varied too much to compare speeds "
-                                         f"(IQR / median: 32-true {row.noise:.0%}; the bound is 10%), so nothing "
-                                         "is recommended on speed.")
+    assert b.recommendation().startswith("The machine was busy: step times varied too much from run to run to "
+                                         f"compare speeds (IQR / median: 32-true {row.noise:.0%}; the bound is "
+                                         "10%), so nothing is recommended on speed.")
     assert f"noisy (IQR {row.noise:.0%} of the median)" in b.to_markdown()
 
 
-def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one():
-    b = quiet_benchmark(Jittery, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=1, batch_size=4,
-                        device="cpu", max_seconds=0.05)  # an extra round sleeps 0.1 s: it outlasts this budget
-    assert b.settings["repeats"] == 2 and b.row("32-true").noisy
-    assert len(b.row("32-true").step_times_s) == 2 * 2
+def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells):
+    b = quiet_benchmark(busy_spells, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=3, batch_size=4,
+                        device="cpu", max_seconds=0.05)  # the extra (slow) round outlasts this budget: one only
+    assert b.settings["repeats"] == 4 and b.row("32-true").runs == 4
+    assert len(b.row("32-true").step_times_s) == 4 * 2
+
+
+def test_rows_with_fewer_than_three_runs_get_rounds_until_the_spread_can_be_judged():
+    b = quiet_benchmark(micro, ids(16), precisions=("32-true",), steps=1, warmup=0, repeats=1, batch_size=4,
+                        device="cpu", max_seconds=5)
+    assert b.row("32-true").runs >= 3 and b.row("32-true").noise is not None
+    exact = quiet_benchmark(micro, ids(16), precisions=("32-true",), steps=1, warmup=0, repeats=1, batch_size=4,
+                            device="cpu")  # max_seconds=0: exactly `repeats`, spread unknown
+    assert exact.row("32-true").runs == 1 and exact.row("32-true").noise is None
 
 
 def test_a_bad_time_budget_repeats_the_call():

@@ -1,4 +1,6 @@
 """AmpBenchmark.recommendation(): the verdict in words must match the measured table."""
+import pytest
+
 from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 
 
@@ -8,8 +10,12 @@ def bench(*rows, tolerance=0.05):
     return AmpBenchmark(rows, "cpu", settings={"loss_tolerance": tolerance})
 
 
-def row(precision, ms, loss=2.0, act=1000, error=None, reason="why"):
-    return AmpRow(precision, step_time_s=None if ms is None else ms / 1e3, final_loss=loss, activation_bytes=act, error=error, reason=reason)
+def row(precision, ms, loss=2.0, act=1000, error=None, reason="why", runs=3):
+    """A row timed over `runs` quiet runs of `ms` each (a failed row, ms=None, has none)."""
+    r = AmpRow(precision, final_loss=loss, activation_bytes=act, error=error, reason=reason)
+    if ms is not None:
+        r.set_step_times([[ms / 1e3, ms / 1e3]] * runs, 1)
+    return r
 
 
 def test_faster_amp_within_tolerance_is_recommended_with_its_figures():
@@ -46,11 +52,31 @@ def test_without_fp32_there_is_nothing_to_compare():
 
 def test_a_noisy_row_means_no_speed_verdict_even_when_another_row_looks_faster():
     fp32 = row("32-true", 60.0)
-    fp32.set_step_times([0.040, 0.060, 0.080, 0.100], 1)  # IQR 0.03 over a median of 0.07: 43%
+    # runs averaging 40, 60, 80, 100 ms: IQR 0.03 over a median of 0.07: 43%
+    fp32.set_step_times([[0.030, 0.050], [0.060], [0.080, 0.080], [0.120, 0.080]], 1)
+    assert fp32.run_step_times_s == pytest.approx([0.040, 0.060, 0.080, 0.100])
     text = bench(fp32, row("bf16-mixed", 30.0), row("16-mixed", None, error="no fp16")).recommendation()
-    assert text == ("The machine was busy: step times varied too much to compare speeds (IQR / median: "
-                    "32-true 43%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
+    assert text == ("The machine was busy: step times varied too much from run to run to compare speeds (IQR / "
+                    "median: 32-true 43%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
                     "machine or with a larger max_seconds. 16-mixed failed here: no fp16.")
+
+
+def test_step_jitter_inside_runs_is_not_noise_but_runs_that_disagree_are():
+    quiet, busy = AmpRow("32-true"), AmpRow("32-true")
+    quiet.set_step_times([[0.05, 0.15]] * 3, 1)  # every step 50% off the mean, every run alike
+    busy.set_step_times([[0.10], [0.10], [0.13], [0.13]], 1)  # runs 30% apart: a busy spell
+    assert quiet.step_time_s == pytest.approx(0.10) and quiet.noise == pytest.approx(0.0) and not quiet.noisy
+    assert (quiet.step_time_min_s, quiet.step_time_max_s) == (0.05, 0.15)
+    assert busy.noise == pytest.approx(0.03 / 0.115) and busy.noisy
+
+
+def test_fewer_than_three_runs_give_no_speed_verdict_however_large_the_speedup():
+    text = bench(row("32-true", 300.0, runs=2), row("bf16-mixed", 100.0, runs=2)).recommendation()
+    assert text == ("Too few runs to tell speed from noise (runs: 32-true 2, bf16-mixed 2; at least 3 are "
+                    "needed), so nothing is recommended on speed. Rerun with repeats >= 3 or a max_seconds > 0.")
+    one = row("bf16-mixed", 100.0, runs=1)
+    assert one.noise is None and not one.noisy
+    assert "1 of 3 runs: spread unknown" in bench(row("32-true", 300.0), one).to_markdown()
 
 
 def test_a_single_fp32_row_never_claims_mixed_precision_was_slower():

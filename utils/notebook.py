@@ -27,7 +27,7 @@ AUTO = "auto"  # a setting's "size it for this runtime"
 # two minutes; on a GPU, the full sizes.
 RUNTIME_SIZES = {
     "cpu": {"model_source": "example:gpt-micro", "max_steps": 40, "batch_size": 8, "bench_steps": 4,
-            "bench_warmup": 1, "bench_repeats": 2, "bench_max_seconds": 0},
+            "bench_warmup": 1, "bench_repeats": 3, "bench_max_seconds": 0},
     "gpu": {"model_source": "example:gpt-tiny", "max_steps": NOTEBOOK_MAX_STEPS,
             "batch_size": TrainSettings.batch_size, "bench_steps": 20, "bench_warmup": 5, "bench_repeats": 3,
             "bench_max_seconds": 60},

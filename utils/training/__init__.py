@@ -43,6 +43,7 @@ _EXPORTS = {
     "plan_memory": "utils.training.memory_plan",
     "resolve_precision": "utils.training.precision",
     "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
+    "steady_cpu_allocator": "utils.training.acceleration",
     "train": "utils.training.loop",
 }
 __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers and linters
@@ -68,11 +69,13 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "plan_memory",
     "resolve_precision",
     "scan_fp16_overflow",
+    "steady_cpu_allocator",
     "train",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
+    from utils.training.acceleration import steady_cpu_allocator
     from utils.training.benchmark.overflow_scan import scan_fp16_overflow
     from utils.training.benchmark.results import AmpBenchmark
     from utils.training.benchmark.runner import benchmark_amp

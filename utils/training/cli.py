@@ -220,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=_int_at_least(1), default=d["batch_size"], metavar="B",
                    help=f"sequences per step (default: {d['batch_size']})")
     b.add_argument("--max-seconds", type=_non_negative_float, default=60.0, metavar="S",
-                   help="extra interleaved rounds, up to this long, while a row's timing is noisy "
+                   help="extra interleaved rounds, up to this long, while a row has under 3 runs or noisy ones "
                         "(default: 60; 0: none)")
     b.add_argument("--json", metavar="PATH", help="also write the full results as JSON here")
     return parser

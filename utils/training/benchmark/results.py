@@ -15,11 +15,14 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
+from torch.utils.benchmark import Measurement, TaskSpec
+
 from utils.strict_json import json_safe as _json_safe
 from utils.training.benchmark.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
-NOISE_BOUND = 0.10  # a row whose step times' IQR / median stays above this is ``noisy``: no speed verdict
+NOISE_BOUND = 0.10  # a row whose runs' IQR / median stays above this is ``noisy``: no speed verdict
+MIN_RUNS = 3  # runs a row needs before its spread, and so its speed, is judged
 _MIB = 2**20
 
 
@@ -34,12 +37,13 @@ class AmpRow:
     precision: str  # canonical name actually run
     requested: list[str] = field(default_factory=list)  # the spellings that resolved to it
     reason: str = ""  # why resolve_precision chose it
-    step_time_s: float | None = None  # median over the timed steps of all repeats
-    step_time_min_s: float | None = None
-    step_time_max_s: float | None = None
+    step_time_s: float | None = None  # median of the runs' mean step times
+    step_time_min_s: float | None = None  # the fastest timed step of any run
+    step_time_max_s: float | None = None  # the slowest
     step_times_s: list[float] = field(default_factory=list)  # every timed step, in run order
-    step_time_iqr_s: float | None = None  # interquartile range of the timed steps
-    noise: float | None = None  # step_time_iqr_s / step_time_s
+    run_step_times_s: list[float] = field(default_factory=list)  # each run's mean step time, in run order
+    step_time_iqr_s: float | None = None  # interquartile range of the runs' mean step times
+    noise: float | None = None  # step_time_iqr_s / step_time_s; None with fewer than MIN_RUNS runs
     noisy: bool = False  # noise stayed above NOISE_BOUND: the machine was busy, the speed is not trusted
     compile: bool = False  # the model ran under torch.compile (the row's name ends in "+compile")
     compile_time_s: float | None = None  # first compiled step minus the median step: compiling, not stepping
@@ -68,30 +72,44 @@ class AmpRow:
     init_checksum: str | None = None  # of the weights every repeat started from
     error: str | None = None
 
-    def set_step_times(self, times: list[float], items_per_step: int | None) -> None:
-        """Record the timed steps and derive the median, spread and throughput."""
-        self.step_times_s = list(times)
-        if times:
-            self.step_time_s = statistics.median(times)
-            self.step_time_min_s, self.step_time_max_s = min(times), max(times)
-            self.step_time_iqr_s = iqr(times)
-            self.noise = _ratio(self.step_time_iqr_s, self.step_time_s)
-            self.noisy = self.noise is not None and self.noise > NOISE_BOUND
+    def set_step_times(self, runs: list[list[float]], items_per_step: int | None) -> None:
+        """Record the timed steps of each run and derive the median, spread and throughput.
+
+        As in ``torch.utils.benchmark``, a measurement is a block of steps, here one run's timed
+        steps: the row's step time is the median of the runs' mean step times and its noise their
+        IQR / median. Step-to-step jitter (15-30% on an idle cloud VM) averages out within a run;
+        a busy spell that slows whole runs does not, and shows.
+        """
+        runs = [list(r) for r in runs if r]
+        self.step_times_s = [t for r in runs for t in r]
+        self.run_step_times_s = [statistics.fmean(r) for r in runs]
+        if runs:
+            timing = run_timing(self.run_step_times_s)
+            self.step_time_s, self.step_time_iqr_s = timing.median, timing.iqr
+            self.step_time_min_s, self.step_time_max_s = min(self.step_times_s), max(self.step_times_s)
+            judged = len(runs) >= MIN_RUNS
+            self.noise = _ratio(self.step_time_iqr_s, self.step_time_s) if judged else None
+            self.noisy = judged and not timing.meets_confidence(NOISE_BOUND)
             self.throughput = _ratio(items_per_step, self.step_time_s)
 
+    @property
+    def runs(self) -> int:
+        """How many runs were timed."""
+        return len(self.run_step_times_s)
 
-def iqr(times: list[float]) -> float:
-    """The interquartile range (75th minus 25th percentile, linear interpolation) of ``times``.
+
+def run_timing(run_means: list[float]) -> Measurement:
+    """Runs' mean step times as a ``torch.utils.benchmark.Measurement`` (``.median``, ``.iqr``,
+    ``.meets_confidence(bound)``): one measurement per run. ``benchmarks/amp_speedup.py`` judges
+    its plain loop with it too, so both sides use one statistic.
 
     Example::
 
-        >>> iqr([1.0, 2.0, 3.0, 4.0, 5.0])
-        2.0
+        >>> t = run_timing([0.10, 0.11, 0.30])
+        >>> round(t.median, 3), round(t.iqr, 3), t.meets_confidence(0.10)
+        (0.11, 0.1, False)
     """
-    if len(times) < 2:
-        return 0.0
-    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return q3 - q1
+    return Measurement(number_per_run=1, raw_times=list(run_means), task_spec=TaskSpec("train step", ""))
 
 
 def _ratio(a, b):
@@ -130,6 +148,8 @@ def _status(r: AmpRow) -> str:
     if r.error:
         return f"error: {r.error}"
     parts = [f"noisy (IQR {r.noise:.0%} of the median)"] if r.noisy else []
+    if r.step_time_s is not None and r.noise is None:
+        parts.append(f"{r.runs} of {MIN_RUNS} runs: spread unknown")
     if r.exceeds_tolerance:
         parts.append("Δ over tolerance")
     if r.compile_time_s is not None:
@@ -147,15 +167,11 @@ _TABLE_COLUMNS = ("precision", "requested", "step_time_s", "step_time_min_s", "s
                   "speedup", "activation_bytes", "activation_ratio", "weight_copy_bytes", "peak_memory_bytes",
                   "memory_reduction_pct",
                   "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu", "mfu_note", "skipped_steps",
-                  "step_time_iqr_s", "noise", "noisy", "compile_time_s", "error")
+                  "step_time_iqr_s", "noise", "noisy", "run_step_times_s", "compile_time_s", "error")
 
 
-def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow]) -> str:
-    """No speed verdict from step times that varied more than NOISE_BOUND: say so, and why."""
-    spread = ", ".join(f"{r.precision} {r.noise:.0%}" for r in noisy)
-    text = (f"The machine was busy: step times varied too much to compare speeds (IQR / median: {spread}; "
-            f"the bound is {NOISE_BOUND:.0%}), so nothing is recommended on speed. Rerun on a quiet machine "
-            f"or with a larger max_seconds.")
+def _no_speed_verdict(text: str, rows: list[AmpRow]) -> str:
+    """A verdict that says why speed is not compared, then any drift or failure."""
     drift = [r.precision for r in rows if r.exceeds_tolerance and r.error is None]
     failed = [f"{r.precision} failed here: {r.error}" for r in rows if r.error]
     if drift:
@@ -163,13 +179,30 @@ def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow]) -> str:
     return " ".join([text] + [f if f.endswith(".") else f + "." for f in failed])
 
 
+def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow], hint: str = "") -> str:
+    """No speed verdict from runs that varied more than NOISE_BOUND: say so, and why."""
+    spread = ", ".join(f"{r.precision} {r.noise:.0%}" for r in noisy)
+    return _no_speed_verdict(
+        f"The machine was busy: step times varied too much from run to run to compare speeds (IQR / median: "
+        f"{spread}; the bound is {NOISE_BOUND:.0%}), so nothing is recommended on speed. Rerun on a quiet "
+        f"machine or with a larger max_seconds.{hint}", rows)
+
+
+def _few_runs_verdict(unjudged: list[AmpRow], rows: list[AmpRow]) -> str:
+    """No speed verdict from fewer than MIN_RUNS runs: their spread, and so the noise, is unknown."""
+    counts = ", ".join(f"{r.precision} {r.runs}" for r in unjudged)
+    return _no_speed_verdict(
+        f"Too few runs to tell speed from noise (runs: {counts}; at least {MIN_RUNS} are needed), so nothing "
+        f"is recommended on speed. Rerun with repeats >= {MIN_RUNS} or a max_seconds > 0.", rows)
+
+
 @dataclass
 class AmpBenchmark:
     """Rows per precision, the settings they were measured with, and notes on what was decided.
 
     ``settings`` holds ``steps``, ``warmup``, ``repeats`` (those run, extra ones included),
-    ``noise_bound``, ``compile``, ``tf32``, ``batch_size``, ``lr``, ``loss_tolerance``,
-    ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
+    ``noise_bound``, ``min_runs``, ``compile``, ``tf32``, ``cpu_allocator`` (on a CPU: ``"steady"`` or
+    ``"default"``), ``batch_size``, ``lr``, ``loss_tolerance``, ``items_per_step`` and ``flops_per_step``; ``notes`` says, for instance,
     that two requests resolved to the same precision and were measured once.
     """
 
@@ -213,7 +246,7 @@ class AmpBenchmark:
         """A Markdown table, one line per precision, then the notes and any fp16 scan advice."""
         unit = self.rows[0].throughput_unit if self.rows else "tokens/s"
         lines = [
-            f"| precision | step ms (IQR; min–max) | {unit} | speedup | activations MiB (×fp32) | weight copies MiB "
+            f"| precision | step ms (IQR of runs; step min–max) | {unit} | speedup | activations MiB (×fp32) | weight copies MiB "
             f"| peak MiB | params+optim MiB | final loss | eval loss | Δ loss | MFU | status |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
@@ -248,9 +281,17 @@ class AmpBenchmark:
         if base is None or base.step_time_s is None:
             return f"No usable {BASELINE} row, so nothing to compare against: include {BASELINE!r} in precisions."
         lines, fine = [], []
-        noisy = [r for r in self.rows if r.noisy and r.error is None]
+        timed = [r for r in self.rows if r.error is None and r.step_time_s is not None]
+        noisy = [r for r in timed if r.noisy]
         if noisy:
-            return _busy_verdict(noisy, self.rows)
+            hint = ""
+            if self.settings.get("cpu_allocator") == "default":
+                hint = (" On a CPU, a common cause is glibc mapping and unmapping every large tensor: "
+                        "utils.training.steady_cpu_allocator() before the benchmark steadies it.")
+            return _busy_verdict(noisy, self.rows, hint)
+        unjudged = [r for r in timed if r.noise is None]
+        if unjudged and len(timed) > 1:
+            return _few_runs_verdict(unjudged, self.rows)
         if all(r is base for r in self.rows):  # one row: nothing to compare
             return (f"Only {BASELINE} was measured: no mixed precision to compare. Add bf16-mixed or 16-mixed "
                     f"to precisions.")

@@ -21,7 +21,7 @@ import warnings
 import torch
 from torch import nn
 
-from utils.training.acceleration import tf32_decision, uncompile
+from utils.training.acceleration import cpu_allocator_state, tf32_decision, uncompile
 from utils.training.batches import TensorBatches, as_batches, prepare_batch
 from utils.training.benchmark.measure import (
     StepClock,
@@ -35,7 +35,14 @@ from utils.training.benchmark.measure import (
     state_checksum,
 )
 from utils.training.benchmark.overflow_scan import Fp16Scan, scan_fp16_overflow
-from utils.training.benchmark.results import BASELINE, NOISE_BOUND, AmpBenchmark, AmpRow, compare_to_baseline
+from utils.training.benchmark.results import (
+    BASELINE,
+    MIN_RUNS,
+    NOISE_BOUND,
+    AmpBenchmark,
+    AmpRow,
+    compare_to_baseline,
+)
 from utils.training.keep_fp32 import KeptModules, select_modules, units_to_keep
 from utils.training.loop import evaluate, train
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
@@ -143,7 +150,7 @@ class BenchmarkSession:
         # A ceiling only where the dtype runs natively: an emulated one has no MFU to report.
         self.peaks = {dtype: matmul_peak_flops(self.device, dtype) for dtype in dtypes if self.native[dtype]}
         self.shape_peaks: dict[torch.dtype, float] = {}
-        self.times: dict[str, list[float]] = {name: [] for name in self.rows}
+        self.times: dict[str, list[list[float]]] = {name: [] for name in self.rows}  # per run, timed steps
         self.first_step: dict[str, float] = {}
         self.runs: dict[str, int] = {name: 0 for name in self.rows}
 
@@ -248,7 +255,7 @@ class BenchmarkSession:
             uncompile(model)  # the same module may serve the next row, which may not compile
             times = clock.step_times()
             self.first_step.setdefault(precision, times[0])
-            self.times[precision] += times[self.warmup:]
+            self.times[precision].append(times[self.warmup:])
             if plan.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(plan.device)
                 row.peak_memory_bytes = max(row.peak_memory_bytes or 0, peak)
@@ -276,14 +283,14 @@ class BenchmarkSession:
                          f"gradients) and the final loss is {result.final_loss:.4g}: this model overflows "
                          f"{row.precision}.{scan}")
 
-    def noisy_rows(self) -> list[str]:
-        """Rows still running whose step times' IQR / median is above ``NOISE_BOUND``."""
-        noisy = []
+    def rows_to_repeat(self) -> list[str]:
+        """Rows still running whose noise is unknown (fewer than ``MIN_RUNS`` runs) or above ``NOISE_BOUND``."""
+        again = []
         for name, row in self.rows.items():
             if row.error is None and self.times[name]:
                 row.set_step_times(self.times[name], self.items_per_step)
-                noisy += [name] if row.noisy else []
-        return noisy
+                again += [name] if row.noisy or row.noise is None else []
+        return again
 
     def _set_mfu(self, row: AmpRow, plan: PrecisionPlan) -> None:
         """MFU against a measured ceiling, only for a dtype this device runs natively; never above 1."""
@@ -321,6 +328,9 @@ class BenchmarkSession:
             notes.append("MFU is model FLOP/s over a matmul ceiling measured here for the row's compute dtype "
                          "(a square matmul, or the model's own matmul shapes where the step beat it); an "
                          "emulated dtype has no meaningful ceiling. Per row: " + "; ".join(ceilings) + ".")
+        notes.append(f"Each run is one measurement: its mean step time over {self.steps} timed steps. A row's "
+                     f"step time is the median of its runs, its noise their IQR / median (bound "
+                     f"{NOISE_BOUND:.0%}, judged from {MIN_RUNS} runs on).")
         if any(r.noisy for r in rows):
             notes.append(f"Noisy rows (IQR / median above {NOISE_BOUND:.0%}) even after "
                          f"{max(self.runs.values())} repeats: the machine was busy; their speed is not compared.")
@@ -328,10 +338,12 @@ class BenchmarkSession:
             notes.append(f"No {BASELINE!r} row: speedups, memory ratios and loss deltas compare with it, so "
                          f"they are left empty. Add {BASELINE!r} to precisions to get them.")
         settings = {"steps": self.steps, "warmup": self.warmup, "repeats": max(self.runs.values()),
-                    "noise_bound": NOISE_BOUND, "compile": list(self.compile_axis), "tf32": self.tf32,
+                    "noise_bound": NOISE_BOUND, "min_runs": MIN_RUNS, "compile": list(self.compile_axis), "tf32": self.tf32,
                     "batch_size": self.batch_size, "lr": self.lr, "loss_tolerance": self.loss_tolerance,
                     "items_per_step": self.items_per_step, "flops_per_step": self.flops_per_step,
                     "initial_checksum": self.checksum}
+        if self.device.type == "cpu":
+            settings["cpu_allocator"] = cpu_allocator_state()
         return AmpBenchmark(rows, str(self.device), settings, notes, self.fp16_scan)
 
 
@@ -360,10 +372,11 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
         steps: timed optimizer steps per run (default 20), after ``warmup`` untimed ones (default 5).
         repeats: runs per precision (default 3), interleaved A B A B so drift hits all alike.
         max_seconds: time budget (default 60) for extra interleaved repeats after the first
-            ``repeats``: another round starts while any row's step times have an IQR / median above
-            ``NOISE_BOUND`` (10%) and the extra rounds have taken less than ``max_seconds``. A row
-            still above it is marked ``noisy`` and :meth:`AmpBenchmark.recommendation` then
-            recommends nothing on speed. ``0`` runs exactly ``repeats``.
+            ``repeats``: another round starts while any row has fewer than ``MIN_RUNS`` (3) runs or
+            its runs' mean step times have an IQR / median above ``NOISE_BOUND`` (10%), and the
+            extra rounds have taken less than ``max_seconds``. A row still above the bound is marked
+            ``noisy``, and one with fewer runs has ``noise=None``: :meth:`AmpBenchmark.recommendation`
+            then recommends nothing on speed. ``0`` runs exactly ``repeats``.
         compile: ``False`` (default), ``True``, or ``(False, True)``: rows with ``torch.compile``
             are named ``"<precision>+compile"`` and report ``compile_time_s`` (the first step's
             extra time) apart from the step time; compiling needs ``warmup >= 1``.
@@ -394,7 +407,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
     .. note::
         Each step's end is observed through a callback with ``log_every=1``, which reads the loss
         (a host sync, as on CUDA timing needs anyway); CUDA steps are timed with CUDA events.
-        Rows report the median and IQR of their timed steps; MFU only for a dtype the device runs
+        Each run is one measurement (its mean step time, as a block in ``torch.utils.benchmark``);
+        rows report the median and IQR of their runs; MFU only for a dtype the device runs
         natively, against a measured matmul ceiling, at most 100%. Throughput assumes equal-sized batches.
         When ``16-mixed`` is requested, :func:`scan_fp16_overflow` runs first on one batch.
     """
@@ -417,8 +431,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
             for precision in session.precisions:  # A B A B: drift hits every precision alike
                 run(precision)
         start = time.perf_counter()
-        while time.perf_counter() - start < max_seconds and session.noisy_rows():
-            bar.total += len(session.precisions)  # an extra round while a row is noisy
+        while time.perf_counter() - start < max_seconds and session.rows_to_repeat():
+            bar.total += len(session.precisions)  # an extra round while a row is noisy or has too few runs
             for precision in session.precisions:  # extra rounds stay interleaved
                 run(precision)
     if isinstance(model_factory, nn.Module):  # the user's module leaves with the weights it came with
