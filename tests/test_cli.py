@@ -194,6 +194,23 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, text_file, capsys):
     assert "no mixed precision was faster" not in verdict
 
 
+def test_bench_compares_fp32_with_every_mixed_precision_of_the_device_by_default(tmp_path, text_file, monkeypatch):
+    seen = {}
+
+    def fake_benchmark(factory, data, *, precisions, **kwargs):
+        seen["precisions"] = precisions
+        raise SystemExit(0)  # what was asked is all this test needs
+
+    monkeypatch.setattr("utils.training.benchmark_amp", fake_benchmark)
+    base = ["bench", "--model", "example:gpt-micro", "--data", str(text_file), "--context", "16"]
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--device", "cpu"])
+    assert seen["precisions"] == ("32-true", "bf16-mixed")  # not "auto", which is fp32 itself on most CPUs
+    with pytest.raises(SystemExit):
+        cli.main([*base, "--device", "cpu", "--precisions", "32-true,16-mixed"])
+    assert seen["precisions"] == ("32-true", "16-mixed")
+
+
 # ---- help and bad options ------------------------------------------------------------------------
 @pytest.mark.parametrize("command", ["train", "bench"])
 def test_help_documents_every_option(command, capsys):

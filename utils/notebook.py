@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.tasks import TASKS
-from utils.training.precision import canonical_precision
+from utils.training.precision import canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
 
 WANDB_MODES = ("auto", "offline", "online", "disabled")  # auto: online when logged in, else offline
@@ -117,23 +117,6 @@ def runtime_sizes(cuda: bool | None = None) -> dict:
 
         cuda = torch.cuda.is_available()
     return dict(RUNTIME_SIZES["gpu" if cuda else "cpu"])
-
-
-def mixed_precisions_here(caps=None) -> tuple[str, ...]:
-    """Every mixed precision this runtime runs: bf16 on a CPU (native or emulated: its row's reason
-    says which); fp16 on a GPU, and bf16 where the GPU has it.
-
-    Example::
-
-        >>> mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True))  # doctest: +SKIP
-        ('16-mixed', 'bf16-mixed')
-    """
-    from utils.training.precision import Capabilities
-
-    caps = caps or Capabilities.detect()
-    if caps.cuda:
-        return ("16-mixed", "bf16-mixed") if caps.cuda_bf16 else ("16-mixed",)
-    return ("bf16-mixed",)
 
 
 def _sized(values: dict, sizes: dict, caps=None) -> dict:

@@ -33,7 +33,7 @@ from utils.model_calls import check_context, find_context_length, find_vocab_siz
 from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
-from utils.training.precision import canonical_precision
+from utils.training.precision import canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
 
 BENCH_MODEL = "example:gpt-tiny"  # the benchmark's reference model
@@ -209,8 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train the same model from the same weights on the same batches in "
                                    "each precision, and print a Markdown table (benchmark_amp).")
     _add_model_and_data(b, d, f"default: {BENCH_MODEL}")
-    b.add_argument("--precisions", type=_precisions, default=("32-true", "auto"), metavar="LIST",
-                   help="comma-separated precisions to compare (default: 32-true,auto)")
+    b.add_argument("--precisions", type=_precisions, default=None, metavar="LIST",
+                   help="comma-separated precisions to compare (default: 32-true and every mixed precision "
+                        "this machine runs: bf16-mixed on a CPU, native or emulated; 16-mixed, and "
+                        "bf16-mixed where supported, on a GPU)")
     b.add_argument("--steps", type=_int_at_least(1), default=20, metavar="N",
                    help="timed optimizer steps per run (default: 20)")
     b.add_argument("--warmup", type=_int_at_least(0), default=5, metavar="N",
@@ -486,7 +488,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         # A factory, never the instance: every run builds the model from the file again.
         factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
-        bench = benchmark_amp(factory, train_ids, precisions=args.precisions, steps=args.steps,
+        precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]))
+        bench = benchmark_amp(factory, train_ids, precisions=precisions, steps=args.steps,
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                               max_seconds=args.max_seconds,
                               device=opts["device"], lr=opts["lr"], eval_data=val_ids,

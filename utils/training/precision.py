@@ -136,6 +136,27 @@ def cpu_has_native_bf16() -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+def mixed_precisions_here(caps=None, device=None) -> tuple[str, ...]:
+    """Every mixed precision this runtime runs: bf16 on a CPU (native or emulated: a benchmark row's
+    reason says which); fp16 on a GPU, and bf16 where the GPU has it. What the notebooks' and
+    ``python -m utils.training bench``'s default benchmark compares with ``32-true``.
+
+    Args:
+        caps: default :meth:`Capabilities.detect`.
+        device: None (the best available) or the device asked for; ``"cpu"`` on a GPU machine
+            gives the CPU's answer.
+
+    Example::
+
+        >>> mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True))  # doctest: +SKIP
+        ('16-mixed', 'bf16-mixed')
+    """
+    caps = caps or Capabilities.detect()
+    if caps.cuda and (device is None or torch.device(device).type == "cuda"):
+        return ("16-mixed", "bf16-mixed") if caps.cuda_bf16 else ("16-mixed",)
+    return ("bf16-mixed",)
+
+
 @dataclass(frozen=True)
 class PrecisionPlan:
     """How a run uses precision: what to autocast to, what dtype the weights hold, and why.
