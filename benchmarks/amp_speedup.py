@@ -113,8 +113,8 @@ def report(bench, plain: dict) -> None:
           "median of the runs' mean step times (IQR / median):")
     for row in bench.rows:
         t = timing[row.precision]
-        noise = f"{t.iqr / t.median:.0%}" if t else "n/a"
-        ours = f"{row.noise:.0%}" if row.noise is not None else "n/a"
+        noise = f"{t.iqr / t.median:.1%}" if t else "n/a"
+        ours = f"{row.noise:.1%}" if row.noise is not None else "n/a"
         print(f"  {row.precision:<11} plain {med[row.precision] * 1e3 if t else float('nan'):9.1f} ms ({noise})"
               f"   ours {row.step_time_s * 1e3 if row.step_time_s else float('nan'):9.1f} ms ({ours})"
               f"   runs {row.runs}")

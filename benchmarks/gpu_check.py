@@ -68,6 +68,10 @@ def check_tests() -> tuple[str, str]:
     return ("ok" if out.returncode == 0 else f"FAILED (rc {out.returncode})"), last
 
 
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
 def check_benchmark(name: str, steps: int) -> list[tuple[str, str, str]]:
     model = _model(name)
     data = _ids(model, 64)
@@ -81,7 +85,7 @@ def check_benchmark(name: str, steps: int) -> list[tuple[str, str, str]]:
         mfu = f"{r.mfu:.0%}" if r.mfu is not None else r.mfu_note
         compiled = f", compile {r.compile_time_s:.1f} s" if r.compile_time_s is not None else ""
         rows.append((f"benchmark {name} {r.precision}", "noisy" if r.noisy else "ok",
-                     f"{r.step_time_s * 1e3:.1f} ms (IQR {r.noise:.0%}), {r.speedup:.2f}x, peak "
+                     f"{r.step_time_s * 1e3:.1f} ms (IQR {_pct(r.noise)}), {r.speedup:.2f}x, peak "
                      f"{r.peak_memory_bytes / 2**20:.0f} MiB, MFU {mfu}{compiled}"))
     rows.append((f"verdict {name}", "", bench.recommendation()[:160]))
     return rows

@@ -459,9 +459,9 @@ def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_sp
     assert row.noise == pytest.approx(row.step_time_iqr_s / row.step_time_s)
     assert row.noise > NOISE_BOUND and row.noisy
     assert b.recommendation().startswith("The machine was busy: step times varied too much from run to run to "
-                                         f"compare speeds (IQR / median: 32-true {row.noise:.0%}; the bound is "
+                                         f"compare speeds (IQR / median: 32-true {row.noise:.1%}; the bound is "
                                          "10%), so nothing is recommended on speed.")
-    assert f"noisy (IQR {row.noise:.0%} of the median)" in b.to_markdown()
+    assert f"noisy (IQR {row.noise:.1%} of the median)" in b.to_markdown()
 
 
 def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells):

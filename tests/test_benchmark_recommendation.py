@@ -57,7 +57,7 @@ def test_a_noisy_row_means_no_speed_verdict_even_when_another_row_looks_faster()
     assert fp32.run_step_times_s == pytest.approx([0.040, 0.060, 0.080, 0.100])
     text = bench(fp32, row("bf16-mixed", 30.0), row("16-mixed", None, error="no fp16")).recommendation()
     assert text == ("The machine was busy: step times varied too much from run to run to compare speeds (IQR / "
-                    "median: 32-true 43%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
+                    "median: 32-true 42.9%; the bound is 10%), so nothing is recommended on speed. Rerun on a quiet "
                     "machine or with a larger max_seconds. 16-mixed failed here: no fp16.")
 
 
@@ -88,3 +88,15 @@ def test_a_single_fp32_row_never_claims_mixed_precision_was_slower():
 def test_when_every_mixed_precision_failed_the_verdict_says_none_ran():
     text = bench(row("32-true", 60.0), row("16-mixed", None, error="no fp16")).recommendation()
     assert text == "Stay with 32-true: no mixed precision ran to the end here. 16-mixed failed here: no fp16."
+
+
+def test_a_busy_verdict_says_what_would_steady_short_runs_and_a_default_cpu_allocator():
+    fp32 = AmpRow("32-true")
+    fp32.set_step_times([[0.010] * 4, [0.005] * 4, [0.010] * 4], 1)  # runs of 4 steps: 0.04 s at the median
+    base = {"loss_tolerance": 0.05, "steps": 4}
+    short = AmpBenchmark([fp32], "cpu", settings={**base, "cpu_allocator": "default"}).recommendation()
+    assert short.endswith("Each run lasted about 0.04 s: more steps per run (steps=100) average out step-to-step "
+                          "jitter. On a CPU, a common cause is glibc mapping and unmapping every large tensor: "
+                          "utils.training.steady_cpu_allocator() before the benchmark steadies it.")
+    long = AmpBenchmark([fp32], "cpu", settings={**base, "steps": 400, "cpu_allocator": "steady"}).recommendation()
+    assert long.endswith("or with a larger max_seconds.")

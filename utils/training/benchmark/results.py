@@ -23,6 +23,7 @@ from utils.training.benchmark.overflow_scan import Fp16Scan
 BASELINE = "32-true"
 NOISE_BOUND = 0.10  # a row whose runs' IQR / median stays above this is ``noisy``: no speed verdict
 MIN_RUNS = 3  # runs a row needs before its spread, and so its speed, is judged
+SHORT_RUN_S = 1.0  # a noisy row whose runs last less than this is told to run more steps
 _MIB = 2**20
 
 
@@ -147,7 +148,7 @@ def compare_to_baseline(rows: list[AmpRow], tolerance: float) -> None:
 def _status(r: AmpRow) -> str:
     if r.error:
         return f"error: {r.error}"
-    parts = [f"noisy (IQR {r.noise:.0%} of the median)"] if r.noisy else []
+    parts = [f"noisy (IQR {r.noise:.1%} of the median)"] if r.noisy else []
     if r.step_time_s is not None and r.noise is None:
         parts.append(f"{r.runs} of {MIN_RUNS} runs: spread unknown")
     if r.exceeds_tolerance:
@@ -181,7 +182,7 @@ def _no_speed_verdict(text: str, rows: list[AmpRow]) -> str:
 
 def _busy_verdict(noisy: list[AmpRow], rows: list[AmpRow], hint: str = "") -> str:
     """No speed verdict from runs that varied more than NOISE_BOUND: say so, and why."""
-    spread = ", ".join(f"{r.precision} {r.noise:.0%}" for r in noisy)
+    spread = ", ".join(f"{r.precision} {r.noise:.1%}" for r in noisy)
     return _no_speed_verdict(
         f"The machine was busy: step times varied too much from run to run to compare speeds (IQR / median: "
         f"{spread}; the bound is {NOISE_BOUND:.0%}), so nothing is recommended on speed. Rerun on a quiet "
@@ -269,6 +270,19 @@ class AmpBenchmark:
             lines.append(f"\nfp16 scan: {self.fp16_scan.recommendation}")
         return "\n".join(lines)
 
+    def _steadier(self, noisy: list[AmpRow]) -> str:
+        """What would steady noisy rows: longer runs, and on a CPU the steady allocator."""
+        hints = []
+        steps = self.settings.get("steps")
+        run_s = min(r.step_time_s * steps for r in noisy) if steps else None
+        if run_s is not None and run_s < SHORT_RUN_S:
+            hints.append(f"Each run lasted about {run_s:.2g} s: more steps per run (steps={math.ceil(steps * SHORT_RUN_S / run_s)}) "
+                         f"average out step-to-step jitter.")
+        if self.settings.get("cpu_allocator") == "default":
+            hints.append("On a CPU, a common cause is glibc mapping and unmapping every large tensor: "
+                         "utils.training.steady_cpu_allocator() before the benchmark steadies it.")
+        return "".join(" " + h for h in hints)
+
     def recommendation(self) -> str:
         """The table's verdict in words: the fastest precision whose loss stays within tolerance of fp32.
 
@@ -284,11 +298,7 @@ class AmpBenchmark:
         timed = [r for r in self.rows if r.error is None and r.step_time_s is not None]
         noisy = [r for r in timed if r.noisy]
         if noisy:
-            hint = ""
-            if self.settings.get("cpu_allocator") == "default":
-                hint = (" On a CPU, a common cause is glibc mapping and unmapping every large tensor: "
-                        "utils.training.steady_cpu_allocator() before the benchmark steadies it.")
-            return _busy_verdict(noisy, self.rows, hint)
+            return _busy_verdict(noisy, self.rows, self._steadier(noisy))
         unjudged = [r for r in timed if r.noise is None]
         if unjudged and len(timed) > 1:
             return _few_runs_verdict(unjudged, self.rows)
