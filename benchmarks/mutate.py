@@ -123,6 +123,8 @@ MUTANTS = [
            "self.times[precision].append(times)", "benchmark"),
     Mutant("noise-never-flagged", RESULTS, "self.noisy = judged and not timing.meets_confidence(NOISE_BOUND)",
            "self.noisy = False", "benchmark"),
+    Mutant("speed-called-within-the-spread", RESULTS, "return _quartiles(fast)[1] < _quartiles(slow)[0]",
+           "return True", "benchmark"),
     Mutant("spread-judged-from-one-run", RESULTS, "judged = len(runs) >= MIN_RUNS", "judged = True", "benchmark"),
     Mutant("noise-from-single-steps", RESULTS, "self.run_step_times_s = [statistics.fmean(r) for r in runs]",
            "self.run_step_times_s = [t for r in runs for t in r]", "benchmark"),

@@ -100,3 +100,17 @@ def test_a_busy_verdict_says_what_would_steady_short_runs_and_a_default_cpu_allo
                           "utils.training.steady_cpu_allocator() before the benchmark steadies it.")
     long = AmpBenchmark([fp32], "cpu", settings={**base, "steps": 400, "cpu_allocator": "steady"}).recommendation()
     assert long.endswith("or with a larger max_seconds.")
+
+
+def test_a_speedup_within_the_spread_of_the_runs_is_not_called_faster_or_slower():
+    fp32, bf16 = AmpRow("32-true", final_loss=2.0, activation_bytes=1000), AmpRow("bf16-mixed", final_loss=2.0, activation_bytes=1000)
+    fp32.set_step_times([[0.100], [0.108], [0.116]], 1)  # IQR 0.008: 7% of the median, under the bound
+    bf16.set_step_times([[0.097], [0.100], [0.110]], 1)  # 1.08x by the medians; quartiles 0.0985-0.105, fp32's 0.104-0.112
+    assert not fp32.noisy and not bf16.noisy
+    text = bench(fp32, bf16).recommendation()
+    assert text == ("Stay with 32-true: bf16-mixed's 1.08x is within the spread of the runs (their interquartile "
+                    "ranges overlap), so it is not clearly faster here.")
+    slow = AmpRow("bf16-mixed", final_loss=2.0, activation_bytes=1000, reason="why")
+    slow.set_step_times([[0.106], [0.116], [0.118]], 1)  # 0.93x by the medians; quartiles 0.111-0.117 overlap fp32's
+    assert slow.speedup is None and bench(fp32, slow).rows[1].speedup < 0.95
+    assert bench(fp32, slow).recommendation() == "Stay with 32-true: no mixed precision was faster here."

@@ -171,6 +171,20 @@ _TABLE_COLUMNS = ("precision", "requested", "step_time_s", "step_time_min_s", "s
                   "step_time_iqr_s", "noise", "noisy", "run_step_times_s", "compile_time_s", "error")
 
 
+def _quartiles(row: AmpRow) -> tuple[float, float]:
+    """The 25th and 75th percentiles of a row's runs (its median twice when it has one run)."""
+    times = row.run_step_times_s or [row.step_time_s]
+    if len(times) < 2:
+        return times[0], times[0]
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, q3
+
+
+def _apart(fast: AmpRow, slow: AmpRow) -> bool:
+    """``fast`` is faster than ``slow`` beyond the runs' spread: their interquartile ranges do not overlap."""
+    return _quartiles(fast)[1] < _quartiles(slow)[0]
+
+
 def _no_speed_verdict(text: str, rows: list[AmpRow]) -> str:
     """A verdict that says why speed is not compared, then any drift or failure."""
     drift = [r.precision for r in rows if r.exceeds_tolerance and r.error is None]
@@ -286,6 +300,10 @@ class AmpBenchmark:
     def recommendation(self) -> str:
         """The table's verdict in words: the fastest precision whose loss stays within tolerance of fp32.
 
+        A precision is called faster (or slower) only when its runs and fp32's are apart: their
+        interquartile ranges do not overlap. No speed is compared while a row is noisy or has
+        fewer than ``MIN_RUNS`` runs.
+
         Example::
 
             >>> bench.recommendation()                                     # doctest: +SKIP
@@ -316,7 +334,7 @@ class AmpBenchmark:
             elif r.speedup is not None:
                 fine.append(r)
         best = max(fine, key=lambda r: r.speedup, default=None)
-        if best is not None and best.speedup >= 1.05:
+        if best is not None and best.speedup >= 1.05 and _apart(best, base):
             verdict = (f"Use {best.precision}: {best.speedup:.2f}x faster than {BASELINE} "
                        f"({best.step_time_s * 1e3:.1f} ms against {base.step_time_s * 1e3:.1f} ms a step), loss "
                        f"within tolerance (Δ {_fmt(best.loss_delta, '+.4f')})")
@@ -327,11 +345,15 @@ class AmpBenchmark:
             verdict = (f"{best.precision} is about as fast as {BASELINE} ({best.speedup:.2f}x) but saves "
                        f"{best.memory_reduction_pct:.0f}% of the memory saved for backward: use it when memory "
                        f"is what limits you (a larger batch or model), else stay with {BASELINE}.")
+        elif best is not None and best.speedup >= 1.05:
+            verdict = (f"Stay with {BASELINE}: {best.precision}'s {best.speedup:.2f}x is within the spread of the "
+                       f"runs (their interquartile ranges overlap), so it is not clearly faster here.")
         elif not fine:
             verdict = f"Stay with {BASELINE}: no mixed precision ran to the end here."
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
-        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine if r.speedup < 0.95]
+        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine
+                  if r.speedup < 0.95 and _apart(base, r)]
         return " ".join([verdict] + [s if s.endswith(".") else s + "." for s in slower + lines])
 
     def plot(self):
