@@ -25,7 +25,7 @@ from utils.training.settings import TrainSettings
 CPU_PARAMETERS = {
     "precision": TrainSettings.precision, "model_source": "example:gpt-micro", "max_steps": 150,
     "batch_size": TrainSettings.batch_size,
-    "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 8,
+    "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 20,
     "bench_warmup": 2, "bench_repeats": 3,
 }
 QUICK_PARAMETERS = {**CPU_PARAMETERS, "max_steps": 20, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1,

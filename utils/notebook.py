@@ -24,9 +24,10 @@ NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train()
 AUTO = "auto"  # a setting's "size it for this runtime"
 
 # What "auto" means on each runtime: on a CPU, Run All of any notebook fits in about
-# two minutes; on a GPU, the full sizes.
+# two minutes; on a GPU, the full sizes. A benchmark run is 20 timed steps on either: gpt-micro's
+# runs then last ~0.2 s on a CPU, long enough for step-to-step jitter to average out.
 RUNTIME_SIZES = {
-    "cpu": {"model_source": "example:gpt-micro", "max_steps": 40, "batch_size": 8, "bench_steps": 4,
+    "cpu": {"model_source": "example:gpt-micro", "max_steps": 40, "batch_size": 8, "bench_steps": 20,
             "bench_warmup": 1, "bench_repeats": 3, "bench_max_seconds": 0},
     "gpu": {"model_source": "example:gpt-tiny", "max_steps": NOTEBOOK_MAX_STEPS,
             "batch_size": TrainSettings.batch_size, "bench_steps": 20, "bench_warmup": 5, "bench_repeats": 3,
