@@ -357,22 +357,24 @@ class AmpBenchmark:
         return " ".join([verdict] + [s if s.endswith(".") else s + "." for s in slower + lines])
 
     def plot(self):
-        """A matplotlib ``Figure``: median step time with its min–max spread, and memory, side by side."""
+        """A matplotlib ``Figure``: step time (median of the runs, whiskers from the fastest to the slowest
+        run) and memory, side by side."""
         from utils.report import new_figure
 
         names = [r.precision for r in self.rows]
         fig = new_figure(11, 4)
         ax_time, ax_mem = fig.subplots(1, 2)
         med = [(r.step_time_s or 0.0) * 1e3 for r in self.rows]
-        low = [m - (r.step_time_min_s or 0.0) * 1e3 if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
-        high = [(r.step_time_max_s or 0.0) * 1e3 - m if r.step_time_s else 0.0 for m, r in zip(med, self.rows)]
+        runs = [r.run_step_times_s or [r.step_time_s or 0.0] for r in self.rows]  # the measurements
+        low = [m - min(t) * 1e3 if r.step_time_s else 0.0 for m, t, r in zip(med, runs, self.rows)]
+        high = [max(t) * 1e3 - m if r.step_time_s else 0.0 for m, t, r in zip(med, runs, self.rows)]
         bars = ax_time.bar(names, med, yerr=[low, high], capsize=6, color="tab:blue")
         pad = 0.02 * max([m + h for m, h in zip(med, high)] + [1e-9])
         for bar, m, h, r in zip(bars, med, high, self.rows):  # above the upper whisker, not on it
             ax_time.text(bar.get_x() + bar.get_width() / 2, m + h + pad,
                          "error" if r.error else _fmt(r.speedup, ".2f", suffix="x"), ha="center", va="bottom")
         ax_time.margins(y=0.15)  # room for the labels above the tallest whisker
-        ax_time.set(title="Step time (median, min–max); label: speedup", ylabel="ms per step")
+        ax_time.set(title="Step time: median of runs, fastest–slowest run; label: speedup", ylabel="ms per step")
         kinds = [("activations", "activation_bytes"), ("autocast weight copies", "weight_copy_bytes"),
                  ("params + optimizer", None), ("peak (CUDA)", "peak_memory_bytes")]
         width = 0.8 / len(kinds)
