@@ -127,6 +127,7 @@ def test_the_steady_allocator_changes_nothing_where_it_cannot_and_says_why(monke
 
     assert steady_cpu_allocator(libc=Refusing()) == (False, "allocator unchanged: glibc's mallopt refused the settings.")
     monkeypatch.setattr(acceleration, "_glibc", lambda: None)
+    monkeypatch.setattr(acceleration, "_allocator", {"state": "default"})  # whatever ran before in this process
     applied, reason = steady_cpu_allocator()
     assert not applied and reason.startswith("allocator unchanged: mallopt is a glibc (Linux) feature")
     assert cpu_allocator_state() == "default"

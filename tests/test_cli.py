@@ -192,6 +192,7 @@ def test_bench_prints_the_table_and_writes_json(tmp_path, text_file, capsys):
     verdict = AmpBenchmark.from_dict(json.loads(out_json.read_text())).recommendation()
     assert out.rstrip().endswith(f"\n\n{verdict}")  # the table's verdict, last (a busy machine's, or "Only 32-true ...")
     assert "no mixed precision was faster" not in verdict
+    assert out.startswith("allocator ")  # a CPU benchmark process steadies glibc's allocator, or says why not
 
 
 def test_bench_compares_fp32_with_every_mixed_precision_of_the_device_by_default(tmp_path, text_file, monkeypatch):

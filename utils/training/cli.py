@@ -475,7 +475,7 @@ def _loss_scale(result) -> str:
 
 # ---- bench ---------------------------------------------------------------------------------------
 def run_bench(args: argparse.Namespace) -> int:
-    from utils.training import benchmark_amp
+    from utils.training import benchmark_amp, resolve_precision, steady_cpu_allocator
 
     if World.detect().is_distributed:
         raise CliError("bench runs in one process; launch it with python, not torchrun.")
@@ -489,6 +489,8 @@ def run_bench(args: argparse.Namespace) -> int:
         # A factory, never the instance: every run builds the model from the file again.
         factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
         precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]))
+        if resolve_precision("32-true", opts["device"]).device.type == "cpu":  # a process that only benchmarks
+            _say(steady_cpu_allocator()[1])
         bench = benchmark_amp(factory, train_ids, precisions=precisions, steps=args.steps,
                               warmup=args.warmup, repeats=args.repeats, batch_size=args.batch_size,
                               max_seconds=args.max_seconds,
