@@ -99,7 +99,8 @@ class JupyterLab:
                f"--ServerApp.port={self.port}", "--ServerApp.port_retries=0",
                f"--IdentityProvider.token={self.token}", f"--ServerApp.root_dir={self.root_dir}",
                f"--LabApp.user_settings_dir={self.home / 'settings'}",
-               f"--LabApp.workspaces_dir={self.home / 'workspaces'}", "--ServerApp.terminals_enabled=False"]
+               f"--LabApp.workspaces_dir={self.home / 'workspaces'}", "--ServerApp.terminals_enabled=False",
+               "--ServerApp.log_level=DEBUG"]  # every request in the log, read only when a test fails
         if os.geteuid() == 0:  # CI runs as root; the server refuses that unless told
             cmd.append("--allow-root")
         atexit.register(self.stop)  # should the fixture's teardown never run
@@ -145,6 +146,13 @@ class JupyterLab:
 
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
+
+    def folder_report(self) -> str:
+        """What ``root_dir`` holds now, and the server's log lines about contents (its log is at DEBUG)."""
+        held = sorted(p.name for p in self.root_dir.iterdir()) if self.root_dir.is_dir() else "the folder is gone"
+        lines = self.log_path.read_text(errors="replace").splitlines() if self.log_path.exists() else []
+        contents = [line for line in lines if "/api/contents" in line or "rror" in line][-40:]
+        return f"root_dir {self.root_dir} holds: {held}\nserver log, contents requests and errors:\n" + "\n".join(contents)
 
     def url(self, notebook: str) -> str:
         """The page that opens ``notebook`` (relative to ``root_dir``) in a fresh workspace."""
@@ -253,6 +261,8 @@ class NotebookPage:
             try:
                 model = self.lab.api("GET", f"contents/{self.path}?content=1")
             except urllib.error.HTTPError as e:  # read while the save was writing it: 400/500, ask again
+                if e.code == 404:  # the file is gone: say what the folder and the server's log hold
+                    self.fail(f"{self.path}: gone after File > Save Notebook (404). {self.lab.folder_report()}")
                 if e.code not in (400, 500):
                     raise
                 model = {"last_modified": before}
