@@ -20,7 +20,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -253,23 +252,29 @@ class NotebookPage:
         self.fail(f"{self.path}: Run All Cells had not finished after {timeout_s:.0f} s; prompts {self.prompts()}")
 
     def saved(self) -> dict:
-        """File > Save Notebook, then the notebook as the server stored it (outputs included)."""
-        before = self.lab.api("GET", f"contents/{self.path}?content=0")["last_modified"]
+        """File > Save Notebook, then the notebook as written to disk (outputs included).
+
+        Read from disk once the save is over (the file's mtime moved and jupyter_server's intermediate
+        ``.~<name>`` is gone), never through the contents API while it writes: a GET that meets a
+        half-written notebook makes the server move it to ``<name>.invalid`` and put the intermediate
+        back, racing the writer, and the notebook vanished ("File Save Error ... No such file") in
+        about 1 of 3 runs on a busy machine.
+        """
+        import nbformat
+
+        file = self.lab.root_dir / self.path
+        intermediate = file.with_name(".~" + file.name)
+        before = file.stat().st_mtime_ns
         self.menu("File", "Save Notebook")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             try:
-                model = self.lab.api("GET", f"contents/{self.path}?content=1")
-            except urllib.error.HTTPError as e:  # read while the save was writing it: 400/500, ask again
-                if e.code == 404:  # the file is gone: say what the folder and the server's log hold
-                    self.fail(f"{self.path}: gone after File > Save Notebook (404). {self.lab.folder_report()}")
-                if e.code not in (400, 500):
-                    raise
-                model = {"last_modified": before}
-            if model["last_modified"] != before:
-                return model["content"]
+                if file.stat().st_mtime_ns != before and not intermediate.exists():
+                    return nbformat.reads(file.read_text(encoding="utf-8"), as_version=4)
+            except FileNotFoundError:
+                self.fail(f"{self.path}: gone after File > Save Notebook. {self.lab.folder_report()}")
             time.sleep(0.3)
-        self.fail(f"{self.path}: File > Save Notebook did not write the file within 15 s")
+        self.fail(f"{self.path}: File > Save Notebook did not write the file within 15 s. {self.lab.folder_report()}")
 
 
 def error_outputs(book: dict) -> list[str]:
