@@ -14,9 +14,10 @@ import torch
 
 from utils import demo
 from utils import notebook as nb
+from utils.data import load_corpus
 from utils.models import example_model
 from utils.report import Check, Report
-from utils.training import Capabilities, init_wandb, resolve_precision, train
+from utils.training import Capabilities, cli, init_wandb, resolve_precision, train
 from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.precision import plan_for
 from utils.widgets import amp_toggle, explain, toggle_bundle
@@ -166,3 +167,142 @@ def test_the_training_cells_summary_has_validation_loss_and_perplexity():
     assert nb.training_summary(result).startswith(
         f"32-true: final loss {result.final_loss:.4f}, val loss {val['val_loss']:.4f} (perplexity "
         f"{val['val_perplexity']:.2f}, accuracy {val['val_accuracy']:.1%}), 0 skipped steps, ")
+
+
+# ---- the command line speaks its own words ---------------------------------------------------------
+USER_GPT = '''
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass
+class GPTConfig:
+    n_layer: int = 1
+    n_embd: int = 16
+    block_size: int = 16
+    vocab_size: int = 256
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(c.n_embd, 3 * c.n_embd), nn.Linear(c.n_embd, c.n_embd)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.proj(nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True))
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.ln, self.attn = nn.LayerNorm(c.n_embd), CausalSelfAttention(c)
+
+    def forward(self, x):
+        return x + self.attn(self.ln(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte, self.wpe = nn.Embedding(config.vocab_size, config.n_embd), nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.head = nn.Linear(config.n_embd, config.vocab_size)
+
+    def forward(self, idx):
+        x = self.wte(idx) + self.wpe(torch.arange(idx.shape[1]))
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+'''
+
+
+@pytest.fixture
+def user_gpt(tmp_path):
+    path = tmp_path / "mygpt.py"
+    path.write_text(USER_GPT)
+    text = tmp_path / "text.txt"
+    text.write_text(load_corpus()[:4000], encoding="utf-8")
+    return path, text
+
+
+def test_a_near_miss_precision_gets_did_you_mean_and_the_canonical_names_in_two_lines(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["train", "--model", "example:gpt-micro", "--precision", "bf61"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m utils.training train: error: argument --precision: 'bf61' is not a known precision; did you mean "
+        "'bf16'? Use one of: auto, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true (--help lists other spellings)",
+        "(`python -m utils.training train --help` lists the options)"]
+
+
+def test_the_precision_help_lists_the_other_spellings(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "auto, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true; also accepted: 32, fp32, float32, no," in text
+    assert ("--class-name NAME the class, builder function or module-level instance of PATH.py or a gist to use "
+            "(default: a build_model(), get_model() or create_model() function, else the file's one nn.Module "
+            "instance, else the one nn.Module class no other class uses; train's summary says which was used)") in text
+
+
+def test_a_mistyped_model_file_is_named_as_the_option_with_the_near_miss(user_gpt, capsys):
+    path, _ = user_gpt
+    typo = path.with_name("mygtp.py")
+    assert cli.main(["train", "--model", str(typo), "--run-dir", str(path.parent / "run")]) == 1
+    assert capsys.readouterr().err == (f"python -m utils.training train: error: --model {typo}: no such file; did you "
+                                       f"mean {path}?\n")
+
+
+def test_a_warning_names_the_option_on_one_line_without_a_source_line(user_gpt, capsys):
+    path, text = user_gpt
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("ignore")
+        fallback = resolve_precision("16-mixed").name
+    assert cli.main(["train", "--model", str(path), "--data", str(text), "--precision", "16-mixed", "--max-steps", "1",
+                     "--batch-size", "2", "--no-progress", "--run-dir", str(path.parent / "run")]) == 0
+    assert capsys.readouterr().err.splitlines() == [
+        "warning: --precision 16-mixed was requested, but this is a CPU-only runtime where fp16 is far slower than "
+        f"fp32; using {fallback!r} instead. Pass --device cpu to force fp16."]
+
+
+def test_the_summary_says_which_class_was_used_and_continues_with_the_venvs_python(user_gpt, capsys):
+    path, text = user_gpt
+    run_dir = path.parent / "run"
+    assert cli.main(["train", "--model", str(path), "--data", str(text), "--precision", "32-true", "--max-steps", "1",
+                     "--batch-size", "2", "--no-progress", "--run-dir", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert ("  model          built GPT, the one nn.Module class no other class uses (Block, CausalSelfAttention: "
+            "parts of others)\n") in out
+    assert f"  continue with  {cli.python_command()} -m utils.training train --resume {run_dir} --max-steps N" in out
+    objective = next(line for line in out.splitlines() if line.startswith("  objective"))
+    assert objective.startswith("  objective      causal-lm: predict the next token [") and "stated" not in objective
+    assert json.loads((run_dir / "command.json").read_text())["task"] is None
+
+
+def test_the_summary_names_the_class_the_option_chose(user_gpt, capsys):
+    path, text = user_gpt
+    assert cli.main(["train", "--model", str(path), "--class-name", "GPT", "--data", str(text), "--precision",
+                     "32-true", "--max-steps", "1", "--batch-size", "2", "--no-progress", "--task", "causal-lm",
+                     "--run-dir", str(path.parent / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "  model          built GPT, the class --class-name GPT names\n" in out
+    assert "stated with task=, and the probe agrees]" in out
+
+
+def test_the_python_to_call_again_is_the_venvs_relative_to_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / ".venv" / "bin" / "python"))
+    assert cli.python_command() == ".venv/bin/python"
+    monkeypatch.setattr(sys, "executable", "/opt/py/bin/python3")
+    assert cli.python_command() == "/opt/py/bin/python3"
+
+
+def test_library_words_become_the_options():
+    assert cli.cli_words("load_model_from_file('m.py', class_name='GPT'): no such\nclass. Pass class_name= one.") \
+        == "--model m.py --class-name GPT: no such class. Pass --class-name one."
+    assert cli.cli_words("device='cuda' is not available; task='seq2seq' or max_seq_len=") == \
+        "--device cuda is not available; --task seq2seq or --context"
