@@ -1,10 +1,15 @@
 """What a newcomer reads in the first hour: report headlines, plan reasons, the command line's own
 words, and the README's order. Each message is pinned by its text."""
 
+import ast
+import dataclasses
+import inspect
 import json
 import os
+import re
 import sys
 import types
+import typing
 import warnings
 from pathlib import Path
 
@@ -306,3 +311,48 @@ def test_library_words_become_the_options():
         == "--model m.py --class-name GPT: no such class. Pass --class-name one."
     assert cli.cli_words("device='cuda' is not available; task='seq2seq' or max_seq_len=") == \
         "--device cuda is not available; --task seq2seq or --context"
+
+
+# ---- the README answers the newcomer first -----------------------------------------------------------
+README = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+CONTRIBUTING = (Path(__file__).resolve().parents[1] / "CONTRIBUTING.md").read_text(encoding="utf-8")
+
+
+def test_the_readme_puts_your_own_model_right_after_quick_start_then_the_notebooks_then_reference():
+    titles = re.findall(r"^#{1,2} (.+)$", README, re.M)
+    assert titles[:5] == ["AMP transformer notebooks", "Quick start", "Bring your own model", "The notebooks", "Reference"]
+    reference = titles[titles.index("Reference"):]
+    for later in ("How precision is resolved", "Command line", "What each tier checks"):
+        assert later in reference
+
+
+def readme_python() -> str:
+    (snippet,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    return snippet
+
+
+def test_the_readmes_python_snippet_calls_the_real_functions_with_their_real_signatures():
+    tree = ast.parse(readme_python())
+    namespace = {}
+    exec(compile(ast.Module([n for n in tree.body if isinstance(n, ast.ImportFrom)], []), "README", "exec"), namespace)
+    assert {"load_model_from_file", "run_tier1", "run_tier2", "train", "benchmark_amp"} <= set(namespace)
+    returns = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in namespace:
+            fn = namespace[node.func.id]
+            inspect.signature(fn).bind(*node.args, **{k.arg: k.value for k in node.keywords})  # TypeError if not
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name):
+            fn = namespace[node.value.func.id]
+            returns[node.targets[0].id] = typing.get_type_hints(fn).get("return")
+    for node in ast.walk(tree):  # tier1.verdict, result.final_loss, bench.recommendation() exist
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in returns:
+            cls = returns[node.value.id]
+            names = {f.name for f in (dataclasses.fields(cls) if dataclasses.is_dataclass(cls) else ())} | set(dir(cls))
+            assert node.attr in names, f"{node.value.id}.{node.attr}: {cls.__name__} has no {node.attr}"
+
+
+def test_contributor_material_lives_in_contributing_not_in_the_readme():
+    for word in ("strict_json", "utils/lazy.py", "amp_utils", "model_io", "TrainArgs", "## Layout"):
+        assert word not in README, word
+        assert word in CONTRIBUTING, word
+    assert "[CONTRIBUTING.md](CONTRIBUTING.md)" in README
