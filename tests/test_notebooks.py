@@ -248,6 +248,11 @@ def test_notebook_03_trains_a_users_model_file_from_the_settings(tmp_path):
             for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title")}
     assert text["#@title 3. Model"].startswith("NanoGPT: ")
     assert text["#@title 7. Train"].startswith("Asked for '16-mixed'; running ")
+    assert re.search(r"final loss \d+\.\d{4}, val loss \d+\.\d{4} \(perplexity \d", text["#@title 7. Train"])
+    toggle = next(c for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title 5."))
+    shown = [o["data"]["text/plain"] for o in toggle.outputs if o.output_type == "display_data"]
+    assert len(shown) == 1 and re.match(r"AMP: 16-mixed on a \w+ runtime → ", shown[0])  # the line, not VBox(...)
+    assert text["#@title 6. Weights & Biases"].count("W&B: ") == 1
     assert "now at step 23" in text["#@title 9. Resume"]
     if not torch.cuda.is_available():
         assert text["#@title 10. fp16 on the GPU"].strip() == nb.cuda_missing("10. fp16 on the GPU")
