@@ -331,7 +331,7 @@ def test_auto_bench_precisions_are_fp32_and_every_mixed_precision_the_runtime_ru
     assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1)) == ("16-mixed",)
     assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True)) == ("16-mixed", "bf16-mixed")
     monkeypatch.setattr(nb, "mixed_precisions_here", lambda caps=None: ("bf16-mixed",))
-    assert nb._sized({"bench_precisions": "auto"}, {})["bench_precisions"] == "32-true,bf16-mixed"
+    assert nb._sized({"bench_precisions": "auto"}, {})["bench_precisions"] == "32-true,bf16-mixed,auto"
 
 
 def test_wandb_mode_auto_leaves_the_choice_to_init_wandb(tmp_path, monkeypatch):

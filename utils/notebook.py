@@ -126,7 +126,8 @@ def _sized(values: dict, sizes: dict, caps=None) -> dict:
     """``values`` with each ``"auto"`` replaced by this runtime's size."""
     out = {k: (sizes[k] if k in sizes and v == AUTO else v) for k, v in values.items()}
     if out.get("bench_precisions") == AUTO:
-        out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps)))
+        # auto too: its row says which it picks, and the verdict says when that ran slower than fp32
+        out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps), "auto"))
     return out
 
 
@@ -162,7 +163,7 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
     Args:
         max_steps, batch_size, model_source and the ``bench_*`` extras: ``"auto"`` sizes them for
             this runtime (:func:`runtime_sizes`: small on a CPU, full on a GPU); ``bench_precisions="auto"`` is
-            ``32-true`` and every mixed precision this runtime runs (:func:`mixed_precisions_here`).
+            ``32-true``, every mixed precision this runtime runs (:func:`mixed_precisions_here`) and ``auto``.
         wandb_mode: ``"auto"`` (default: online when logged in, else offline; see ``init_wandb``),
             ``"offline"``, ``"online"`` or ``"disabled"``.
         run_dir: where this run writes; empty means a new ``runs/<timestamp>/``.

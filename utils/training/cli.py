@@ -279,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each precision, and print a Markdown table (benchmark_amp).")
     _add_model_and_data(b, d, f"default: {BENCH_MODEL}")
     b.add_argument("--precisions", type=_precisions, default=None, metavar="LIST",
-                   help="comma-separated precisions to compare (default: 32-true and every mixed precision "
+                   help="comma-separated precisions to compare (default: 32-true, every mixed precision "
                         "this machine runs: bf16-mixed on a CPU, native or emulated; 16-mixed, and "
-                        "bf16-mixed where supported, on a GPU)")
+                        "bf16-mixed where supported, on a GPU; and auto, measured in the row of what it picks)")
     b.add_argument("--steps", type=_int_at_least(1), default=20, metavar="N",
                    help="timed optimizer steps per run (default: 20)")
     b.add_argument("--warmup", type=_int_at_least(0), default=5, metavar="N",
@@ -600,7 +600,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         # A factory, never the instance: every run builds the model from the file again.
         factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
-        precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]))
+        # auto too: its row says which it picks, and the verdict says when that ran slower than fp32
+        precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]), "auto")
         if resolve_precision("32-true", opts["device"]).device.type == "cpu":  # a process that only benchmarks
             _say(steady_cpu_allocator()[1])
         bench = benchmark_amp(factory, train_ids, precisions=precisions, steps=args.steps,
