@@ -280,6 +280,7 @@ def test_the_summary_says_which_class_was_used_and_continues_with_the_venvs_pyth
     assert cli.main(["train", "--model", str(path), "--data", str(text), "--precision", "32-true", "--max-steps", "1",
                      "--batch-size", "2", "--no-progress", "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"  final loss     \d+\.\d{4}   val loss \d+\.\d{4} \(perplexity \d+\.\d{2}\)\n", out)
     assert ("  model          built GPT, the one nn.Module class no other class uses (Block, CausalSelfAttention: "
             "parts of others)\n") in out
     assert f"  continue with  {cli.python_command()} -m utils.training train --resume {run_dir} --max-steps N" in out

@@ -21,6 +21,7 @@ SETTING = r'(?:cfg|nb\.need\("settings"\))\.'
 READ_BY = {**{k: SETTING + k + r"\b" for k in ("precision", "max_steps", "batch_size", "wandb_mode", "run_dir")},
            "model_source": r"load_settings_model", "model_config": r"load_settings_model",
            "class_name": r"load_settings_model", "task": r"load_settings_data|cfg\.task|\(\"settings\"\)\.task",
+           "wandb_mode": SETTING + r"wandb_mode\b|nb\.start_wandb\(",  # start_wandb reads it from the settings
            **{f"bench_{k}": rf'extra\["bench_{k}"\]' for k in ("precisions", "steps", "warmup", "repeats", "max_seconds")}}
 
 

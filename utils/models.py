@@ -380,7 +380,7 @@ def _build(module: types.ModuleType, path: Path, class_name: str | None, config:
     """The model the file defines: a named object, a builder function, an instance, or a class.
     Which one, and why, is logged (INFO, this module's logger): the command line's summary says it."""
     model, how = _build_and_say(module, path, class_name, config, call)
-    log.info("%s: %s", call, how)
+    log.info("%s: %s", call, how, extra={"choice": how})
     return model
 
 

@@ -331,7 +331,7 @@ class _ModelChoice(logging.Handler):
         self.said: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.said.append(record.args[-1] if isinstance(record.args, tuple) and record.args else record.getMessage())
+        self.said.append(getattr(record, "choice", record.getMessage()))
 
     @contextlib.contextmanager
     def listening(self):
@@ -557,7 +557,8 @@ def train_summary(result, opts: dict, world: World, model_choice: str | None = N
     def fmt(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    last_val = next((e for e in reversed(result.epochs) if e.get("val_loss") is not None), {})
+    last_val = result.last_validation
+    perplexity = last_val.get("val_perplexity")
     how = f"interrupted ({result.stopped_by}) at" if result.interrupted else "trained to"
     saved = (f"checkpoint of step {result.checkpoint_step}: {result.checkpoint_path}" if result.checkpoint_path
              else "no checkpoint was saved")
@@ -567,7 +568,8 @@ def train_summary(result, opts: dict, world: World, model_choice: str | None = N
         f"{opts['model']} {how} step {result.global_step} in {result.wall_time_s:.1f} s "
         f"({world.world_size} process(es), global batch {opts['batch_size'] * world.world_size}, "
         f"{result.tokens_per_second:,.0f} tokens/s)",
-        f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
+        f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}"
+        + (f" (perplexity {perplexity:.2f})" if perplexity is not None else ""),
         f"  skipped steps  {result.skipped_steps}   final loss scale {_loss_scale(result)}",
         *([f"  model          {model_choice}"] if model_choice else []),
         f"  precision      {result.precision.describe()}",
