@@ -357,3 +357,13 @@ def test_contributor_material_lives_in_contributing_not_in_the_readme():
         assert word not in README, word
         assert word in CONTRIBUTING, word
     assert "[CONTRIBUTING.md](CONTRIBUTING.md)" in README
+
+
+def test_the_demo_summary_says_when_autos_pick_ran_slower_and_what_to_pick(tmp_path):
+    bench = bench_of(timed_row("32-true", 50.0), timed_row("bf16-mixed", 58.0, ["bf16-mixed", "auto"]))
+    (tmp_path / "benchmark.json").write_text(json.dumps(bench.to_dict()))
+    lines = demo.summary(tmp_path)
+    assert lines[1] == "benchmark bf16-mixed (auto): step 58.0 ms, speedup 0.86x, final loss 2.0000"
+    assert lines[2].endswith("auto picks bf16-mixed on this machine, but on this model it ran at 0.86x the speed of "
+                             "32-true: pass precision='32-true' (--precision 32-true) where speed matters.")
+    assert "auto" in demo.CPU_PARAMETERS["bench_precisions"].split(",")
