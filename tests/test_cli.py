@@ -206,7 +206,7 @@ def test_bench_compares_fp32_with_every_mixed_precision_of_the_device_by_default
     base = ["bench", "--model", "example:gpt-micro", "--data", str(text_file), "--context", "16"]
     with pytest.raises(SystemExit):
         cli.main([*base, "--device", "cpu"])
-    assert seen["precisions"] == ("32-true", "bf16-mixed")  # not "auto", which is fp32 itself on most CPUs
+    assert seen["precisions"] == ("32-true", "bf16-mixed", "auto")  # auto: in the row of what it picks
     with pytest.raises(SystemExit):
         cli.main([*base, "--device", "cpu", "--precisions", "32-true,16-mixed"])
     assert seen["precisions"] == ("32-true", "16-mixed")
@@ -234,7 +234,7 @@ def test_a_bad_flag_exits_with_argparse_status_and_message():
     (["--batch-size", "0"], "argument --batch-size: '0' is not an integer >= 1"),
     (["--val-fraction", "1.5"], "argument --val-fraction: '1.5' is not a number in [0, 1)"),
     (["--model", "gpt"], "argument --model: 'gpt' is not a model source: use 'example', 'example:NAME' (NAME one of gpt-tiny"),
-    (["--precision", "fp8"], "argument --precision: precision='fp8' is not a known precision."),
+    (["--precision", "fp8"], "argument --precision: 'fp8' is not a known precision. Use one of: auto, 32-true,"),
     (["--model-config", "[1]"], "argument --model-config: '[1]' is not a JSON object"),
     (["--wandb", "maybe"], "argument --wandb: invalid choice: 'maybe'"),
 ])

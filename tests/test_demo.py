@@ -32,6 +32,8 @@ def test_summary_reads_training_validation_and_benchmark(tmp_path):
         f"validation: loss {val['val_loss']:.4f}, perplexity {val['val_perplexity']:.2f}",
         "benchmark 32-true: step 12.5 ms, speedup 1.00x, final loss 2.5000",
         "benchmark 16-mixed: fp16 skipped 9 of 10 steps",
+        "benchmark verdict: Stay with 32-true: no mixed precision ran to the end here. 16-mixed failed here: "
+        "fp16 skipped 9 of 10 steps.",
     ]
 
 

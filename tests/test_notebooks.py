@@ -21,6 +21,7 @@ SETTING = r'(?:cfg|nb\.need\("settings"\))\.'
 READ_BY = {**{k: SETTING + k + r"\b" for k in ("precision", "max_steps", "batch_size", "wandb_mode", "run_dir")},
            "model_source": r"load_settings_model", "model_config": r"load_settings_model",
            "class_name": r"load_settings_model", "task": r"load_settings_data|cfg\.task|\(\"settings\"\)\.task",
+           "wandb_mode": SETTING + r"wandb_mode\b|nb\.start_wandb\(",  # start_wandb reads it from the settings
            **{f"bench_{k}": rf'extra\["bench_{k}"\]' for k in ("precisions", "steps", "warmup", "repeats", "max_seconds")}}
 
 
@@ -248,6 +249,11 @@ def test_notebook_03_trains_a_users_model_file_from_the_settings(tmp_path):
             for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title")}
     assert text["#@title 3. Model"].startswith("NanoGPT: ")
     assert text["#@title 7. Train"].startswith("Asked for '16-mixed'; running ")
+    assert re.search(r"final loss \d+\.\d{4}, val loss \d+\.\d{4} \(perplexity \d", text["#@title 7. Train"])
+    toggle = next(c for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title 5."))
+    shown = [o["data"]["text/plain"] for o in toggle.outputs if o.output_type == "display_data"]
+    assert len(shown) == 1 and re.match(r"AMP: 16-mixed on a \w+ runtime → ", shown[0])  # the line, not VBox(...)
+    assert text["#@title 6. Weights & Biases"].count("W&B: ") == 1
     assert "now at step 23" in text["#@title 9. Resume"]
     if not torch.cuda.is_available():
         assert text["#@title 10. fp16 on the GPU"].strip() == nb.cuda_missing("10. fp16 on the GPU")
@@ -326,7 +332,7 @@ def test_auto_bench_precisions_are_fp32_and_every_mixed_precision_the_runtime_ru
     assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1)) == ("16-mixed",)
     assert nb.mixed_precisions_here(Capabilities(cuda=True, cuda_count=1, cuda_bf16=True)) == ("16-mixed", "bf16-mixed")
     monkeypatch.setattr(nb, "mixed_precisions_here", lambda caps=None: ("bf16-mixed",))
-    assert nb._sized({"bench_precisions": "auto"}, {})["bench_precisions"] == "32-true,bf16-mixed"
+    assert nb._sized({"bench_precisions": "auto"}, {})["bench_precisions"] == "32-true,bf16-mixed,auto"
 
 
 def test_wandb_mode_auto_leaves_the_choice_to_init_wandb(tmp_path, monkeypatch):

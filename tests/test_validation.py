@@ -319,7 +319,7 @@ def test_report_of_failures():
                                   Check("c", True, "nothing to do", skipped=True)])
     assert not report.passed and [c.name for c in report.failed] == ["b"]
     text = report.to_markdown()
-    assert text.startswith("## Tier 1: X: FAILED (1 of 3 checks)")
+    assert text.startswith("## Tier 1: X: FAILED (1 of 3 checks: b; 1 skipped: c)")
     assert "| `b` | FAIL | bad / worse |" in text and "| `c` | SKIP |" in text and "**x**: nan" in text
     with pytest.raises(KeyError, match=re.escape("report['d']: no such check. Checks: a, b, c.")):
         report["d"]

@@ -1,7 +1,8 @@
 """`make demo`: run the four notebooks with papermill on this machine and say what they found.
 
-Run as ``python -m utils.demo [--quick]``. Writes ``runs/<timestamp>/``: the executed notebooks,
-``metrics.jsonl``, the plots as PNG, the benchmark as markdown and JSON, and the offline W&B run.
+Run as ``python -m utils.demo [--quick]``. Writes ``runs/<timestamp>/``: the settings it ran with
+(``demo_settings.json``), the executed notebooks, ``metrics.jsonl``, the plots as PNG, the benchmark
+as markdown and JSON, and the offline W&B run.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
 from utils.notebook import find_repo_root, new_run_dir
 from utils.project import NOTEBOOKS
 from utils.training.benchmark.results import AmpBenchmark
@@ -25,19 +28,21 @@ from utils.training.settings import TrainSettings
 CPU_PARAMETERS = {
     "precision": TrainSettings.precision, "model_source": "example:gpt-micro", "max_steps": 150,
     "batch_size": TrainSettings.batch_size,
-    "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed", "bench_steps": 20,
+    # auto too: where it picks bf16-mixed, its row says so, and the verdict says when it measured slower
+    "wandb_mode": "offline", "bench_precisions": "32-true,bf16-mixed,auto", "bench_steps": 20,
     "bench_warmup": 2, "bench_repeats": 3,
 }
 QUICK_PARAMETERS = {**CPU_PARAMETERS, "max_steps": 20, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1,
                     "bench_max_seconds": 0}
+SETTINGS_FILE = "demo_settings.json"  # in the run folder: what the demo ran with
 
 
 def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:
     """Execute every notebook into ``run_dir`` with ``parameters``; CUDA-only cells skipped off a GPU."""
     import papermill
-    import torch
 
     extra = {} if torch.cuda.is_available() else {"skip_cells_with_tag": "requires-cuda"}
+    extra.update(kernel_config())
     done = []
     for name in NOTEBOOKS:
         out = run_dir / name
@@ -49,6 +54,31 @@ def run_notebooks(run_dir: Path, parameters: dict, root: Path) -> list[Path]:
         papermill.execute_notebook(source, out, parameters=values, cwd=str(root), progress_bar=False, **extra)
         done.append(out)
     return done
+
+
+def kernel_config() -> dict:
+    """papermill's kernels on IPC (Unix sockets) where there are some: over TCP, ipykernel warns
+    "Kernel is running over TCP without encryption" on the demo's stderr once per notebook.
+    On Windows (no IPC transport) nothing changes."""
+    from traitlets.config import Config
+
+    if os.name != "posix":
+        return {}
+    config = Config()
+    config.KernelManager.transport = "ipc"
+    return {"config": config}
+
+
+def save_settings(run_dir: Path, parameters: dict, quick: bool, plan) -> Path:
+    """``<run_dir>/demo_settings.json``: the notebooks' parameters, the size, the plan and the
+    cells skipped, so a run folder says how it was made."""
+    path = Path(run_dir) / SETTINGS_FILE
+    path.write_text(json.dumps({
+        "command": "python -m utils.demo" + (" --quick" if quick else ""), "parameters": parameters,
+        "precision_plan": plan.describe(), "torch": torch.__version__,
+        "skipped_cells": [] if torch.cuda.is_available() else ["requires-cuda"],
+    }, indent=2) + "\n")
+    return path
 
 
 def summary(run_dir: Path) -> list[str]:
@@ -85,9 +115,19 @@ def _benchmark_lines(run_dir: Path) -> list[str]:
     if not path.is_file():
         return []
     bench = AmpBenchmark.from_dict(json.loads(path.read_text()))
-    return [f"benchmark {r.precision}: step {r.step_time_s * 1e3:.1f} ms, speedup {r.speedup:.2f}x, "
-            f"final loss {r.final_loss:.4f}" if r.error is None and r.speedup is not None else
-            f"benchmark {r.precision}: {r.error}" for r in bench.rows]
+    lines = [_row_line(r) for r in bench.rows]
+    return lines + [f"benchmark verdict: {bench.recommendation()}"] if bench.rows else lines
+
+
+def _row_line(r) -> str:
+    """One benchmark row: its figures, and ``noisy`` with its spread when its speed is not trusted."""
+    if r.error is not None or r.speedup is None:
+        return f"benchmark {r.precision}: {r.error}"
+    asked = [q for q in r.requested if q != r.precision]
+    name = r.precision + (f" ({', '.join(asked)})" if asked else "")
+    noisy = f", noisy (runs {r.noise:.1%} apart, IQR / median; speeds not compared)" if r.noisy else ""
+    return (f"benchmark {name}: step {r.step_time_s * 1e3:.1f} ms, speedup {r.speedup:.2f}x, "
+            f"final loss {r.final_loss:.4f}{noisy}")
 
 
 def next_steps(run_dir: Path) -> list[str]:
@@ -119,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         plan = resolve_precision("auto")
     sys.stdout.write(f"Precision plan for this machine: {plan.describe()}\n")
     run_dir = new_run_dir(root / args.runs)
+    parameters = QUICK_PARAMETERS if args.quick else CPU_PARAMETERS
+    save_settings(run_dir, parameters, args.quick, plan)
     t0 = time.perf_counter()
-    run_notebooks(run_dir, QUICK_PARAMETERS if args.quick else CPU_PARAMETERS, root)
+    run_notebooks(run_dir, parameters, root)
     for line in summary(run_dir):
         sys.stdout.write(line + "\n")
     sys.stdout.write(f"done in {time.perf_counter() - t0:.0f} s; everything is in {run_dir}/\n")

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import re
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
 # Built-in examples
@@ -374,24 +377,48 @@ def _import_fresh(path: Path) -> types.ModuleType:
 
 
 def _build(module: types.ModuleType, path: Path, class_name: str | None, config: dict | None, call: str) -> nn.Module:
-    """The model the file defines: a named object, a builder function, an instance, or a class."""
+    """The model the file defines: a named object, a builder function, an instance, or a class.
+    Which one, and why, is logged (INFO, this module's logger): the command line's summary says it."""
+    model, how = _build_and_say(module, path, class_name, config, call)
+    log.info("%s: %s", call, how, extra={"choice": how})
+    return model
+
+
+def _build_and_say(module, path: Path, class_name: str | None, config: dict | None, call: str) -> tuple[nn.Module, str]:
     found = vars(module).get(class_name) if class_name else None
     if class_name and not isinstance(found, type):
         if isinstance(found, nn.Module):
-            return _use_instance(class_name, found, config, call)
+            return (_use_instance(class_name, found, config, call),
+                    f"used the instance {class_name} = {type(found).__name__}(...) that class_name={class_name!r} names")
         if inspect.isfunction(found):
-            return _checked_model(_construct(found, config, call, module), found.__name__, call)
+            return (_checked_model(_construct(found, config, call, module), found.__name__, call),
+                    f"built by {class_name}(), the function class_name={class_name!r} names")
     if not class_name:
         builder = next((vars(module)[n] for n in BUILDER_NAMES if inspect.isfunction(vars(module).get(n))), None)
         if builder is not None:
-            return _checked_model(_construct(builder, config, call, module), builder.__name__, call)
+            return (_checked_model(_construct(builder, config, call, module), builder.__name__, call),
+                    f"built by {builder.__name__}() (a {'(), '.join(BUILDER_NAMES)}() function comes first)")
         instances = _module_instances(module)
         if len(instances) > 1:
             raise ValueError(f"{call}: several nn.Module instances could be the model: {', '.join(sorted(instances))}. "
                              f"Pass class_name= one of them.")
         if instances:
-            return _use_instance(*next(iter(instances.items())), config, call)
-    return _construct(_pick_model_class(module, path, class_name, call), config, call, module)
+            name, instance = next(iter(instances.items()))
+            return (_use_instance(name, instance, config, call),
+                    f"used {name} = {type(instance).__name__}(...), the file's one module-level nn.Module instance")
+    cls = _pick_model_class(module, path, class_name, call)
+    return _construct(cls, config, call, module), _why_class(cls, module, class_name)
+
+
+def _why_class(cls: type, module: types.ModuleType, class_name: str | None) -> str:
+    """Why ``cls`` was the class built: named, the only one, or the one no other class uses."""
+    if class_name:
+        return f"built {cls.__name__}, the class class_name={class_name!r} names"
+    parts = sorted(set(_module_classes(module)) - {cls.__name__})
+    if not parts:
+        return f"built {cls.__name__}, the file's one nn.Module class"
+    return (f"built {cls.__name__}, the one nn.Module class no other class uses ({', '.join(parts)}: "
+            f"parts of others)")
 
 
 def _module_instances(module: types.ModuleType) -> dict[str, nn.Module]:

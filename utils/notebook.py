@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from utils.tasks import TASKS
 from utils.training.precision import canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
+from utils.training.wandb_setup import WandbWarning, init_wandb
 
 WANDB_MODES = ("auto", "offline", "online", "disabled")  # auto: online when logged in, else offline
 NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
@@ -124,7 +126,8 @@ def _sized(values: dict, sizes: dict, caps=None) -> dict:
     """``values`` with each ``"auto"`` replaced by this runtime's size."""
     out = {k: (sizes[k] if k in sizes and v == AUTO else v) for k, v in values.items()}
     if out.get("bench_precisions") == AUTO:
-        out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps)))
+        # auto too: its row says which it picks, and the verdict says when that ran slower than fp32
+        out["bench_precisions"] = ",".join(("32-true", *mixed_precisions_here(caps), "auto"))
     return out
 
 
@@ -160,7 +163,7 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
     Args:
         max_steps, batch_size, model_source and the ``bench_*`` extras: ``"auto"`` sizes them for
             this runtime (:func:`runtime_sizes`: small on a CPU, full on a GPU); ``bench_precisions="auto"`` is
-            ``32-true`` and every mixed precision this runtime runs (:func:`mixed_precisions_here`).
+            ``32-true``, every mixed precision this runtime runs (:func:`mixed_precisions_here`) and ``auto``.
         wandb_mode: ``"auto"`` (default: online when logged in, else offline; see ``init_wandb``),
             ``"offline"``, ``"online"`` or ``"disabled"``.
         run_dir: where this run writes; empty means a new ``runs/<timestamp>/``.
@@ -266,6 +269,44 @@ def precision_line(requested, plan) -> str:
     if asked == plan.name:
         return f"Asked for {requested!r}; running {plan.name} on {plan.device} as asked."
     return f"Asked for {requested!r}; running {plan.name} on {plan.device}: {plan.reason}"
+
+
+def start_wandb(project: str, config: dict | None = None):
+    """:func:`~utils.training.init_wandb` with the settings' ``wandb_mode`` and run folder. Its
+    ``message`` is what the cell prints, once: the :class:`WandbWarning` that says the same when W&B
+    is not used as asked (offline because not logged in) is not shown a second time.
+
+    Example::
+
+        >>> print(start_wandb("amp-transformer-notebooks").message)          # doctest: +SKIP
+        W&B: offline (you are not logged in to W&B; ...). The run is saved in ...
+    """
+    cfg = need("settings")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", WandbWarning)
+        return init_wandb(project, config=config, mode=cfg.wandb_mode, run_dir=cfg.run_dir)
+
+
+def training_summary(result) -> str:
+    """The training cell's summary: final and validation loss (perplexity for a language model,
+    accuracy where measured), skipped steps, speed and the checkpoint.
+
+    Example::
+
+        >>> print(training_summary(result))                                  # doctest: +SKIP
+        32-true: final loss 2.4061, val loss 2.3810 (perplexity 10.82), 0 skipped steps, 3,771 tokens/s, ...
+    """
+    val = result.last_validation
+    if val:
+        extra = [f"perplexity {val['val_perplexity']:.2f}" if val.get("val_perplexity") is not None else "",
+                 f"accuracy {val['val_accuracy']:.1%}" if val.get("val_accuracy") is not None else ""]
+        extra = ", ".join(e for e in extra if e)
+        validated = f"val loss {val['val_loss']:.4f}" + (f" ({extra})" if extra else "")
+    else:
+        validated = "no validation (no val_data)"
+    return (f"{result.precision.name}: final loss {result.final_loss:.4f}, {validated}, {result.skipped_steps} "
+            f"skipped steps, {result.tokens_per_second:,.0f} tokens/s, "
+            + (f"checkpoint {result.checkpoint_path}" if result.checkpoint_path else "no checkpoint (no run_dir)"))
 
 
 def save_figure(fig, name: str) -> Path:

@@ -76,6 +76,22 @@ class Report:
         return [check for check in self.checks if not check.passed]
 
     @property
+    def skipped(self) -> list[Check]:
+        """The checks that found nothing to check (no attention, say): they pass, but did not run."""
+        return [check for check in self.checks if check.skipped]
+
+    @property
+    def verdict(self) -> str:
+        """The headline, counting what did not run: ``"PASSED"``, ``"PASSED (1 of 4 checks skipped:
+        attention_patterns)"``, ``"FAILED (1 of 3 checks: gradient_flow)"``; never a bare PASSED over a skipped check."""
+        n, skipped = len(self.checks), self.skipped
+        names = ", ".join(c.name for c in skipped)
+        if self.passed:
+            return f"PASSED ({len(skipped)} of {n} checks skipped: {names})" if skipped else "PASSED"
+        skip = f"; {len(skipped)} skipped: {names}" if skipped else ""
+        return f"FAILED ({len(self.failed)} of {n} checks: {', '.join(c.name for c in self.failed)}{skip})"
+
+    @property
     def figures(self) -> dict[str, Any]:
         """``{check name: Figure}`` for the checks that drew one."""
         return {check.name: check.figure for check in self.checks if check.figure is not None}
@@ -88,8 +104,7 @@ class Report:
 
     def to_markdown(self) -> str:
         """A summary table, then each check's summary and details."""
-        verdict = "PASSED" if self.passed else f"FAILED ({len(self.failed)} of {len(self.checks)} checks)"
-        lines = [f"## {self.title}: {verdict}", ""]
+        lines = [f"## {self.title}: {self.verdict}", ""]
         lines += [f"- {key}: {_format(value)}" for key, value in self.info.items()]
         lines += ["", "| check | status | summary |", "|---|---|---|"]
         lines += [f"| `{c.name}` | {c.status} | {c.summary.replace('|', '/')} |" for c in self.checks]

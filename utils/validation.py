@@ -725,6 +725,9 @@ def check_inference_speed(
     else:
         ratio = results[plan.name]["tokens_per_s"][big] / fp32_tps
         summary += f" {plan.name}: {ratio:.2f}x fp32's throughput at batch {big}."
+        if ratio < 1:  # a measurement on this model, not a property of the device
+            summary += (" Slower than fp32 on this model (inference); benchmark_amp measures training before "
+                        "you pick.")
     return Check("inference_speed", True, summary, details, fig)
 
 

@@ -115,5 +115,12 @@ def amp_toggle(precision="auto", device=None, *, display: bool = True) -> AmpTog
     if display:
         from IPython.display import display as show
 
-        show(toggle.widget)
+        show(toggle_bundle(toggle), raw=True)
     return toggle
+
+
+def toggle_bundle(toggle: AmpToggle) -> dict:
+    """What the toggle displays: the widget for a frontend that renders widgets, and as plain text
+    the line saying what the resolver will do, for one that cannot (papermill, nbclient, a saved
+    notebook on GitHub), instead of ``VBox(children=(ToggleButtons(...``."""
+    return {**toggle.widget._repr_mimebundle_(), "text/plain": f"AMP: {toggle.line}"}

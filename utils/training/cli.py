@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -33,9 +36,10 @@ from utils.model_calls import check_context, find_context_length, find_vocab_siz
 from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
-from utils.training.precision import canonical_precision, mixed_precisions_here
+from utils.training.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
 
+PROG = "python -m utils.training"  # as usage and errors name the program
 BENCH_MODEL = "example:gpt-tiny"  # the benchmark's reference model
 COMMAND_FILE = "command.json"  # a run folder's options, so `--resume DIR` needs nothing else
 _S = TrainSettings()
@@ -90,10 +94,15 @@ _non_negative_float = _float_where(lambda v: v >= 0, "a number >= 0")
 
 
 def _precision(text: str) -> str:
+    """A precision; a near miss gets "did you mean", and the error lists the canonical names only
+    (``--help`` lists the other spellings)."""
     try:
         canonical_precision(text)
     except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
+        near = difflib.get_close_matches(text.strip().lower(), ALIASES, n=1)
+        guess = f"; did you mean {near[0]!r}?" if near else "."
+        raise argparse.ArgumentTypeError(f"{text!r} is not a known precision{guess} Use one of: auto, "
+                                         f"{', '.join(CANONICAL)} (--help lists other spellings)") from e
     return text
 
 
@@ -130,8 +139,10 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
     p.add_argument("--model-config", type=_json_object, metavar="JSON",
                    help="constructor arguments as JSON, e.g. '{\"n_layer\": 2}' (example models: config "
                         "overrides)")
-    p.add_argument("--class-name", metavar="NAME", help="the class to build from PATH.py or a gist "
-                   "(default: the file's one top-level nn.Module)")
+    p.add_argument("--class-name", metavar="NAME", help="the class, builder function or module-level instance "
+                   "of PATH.py or a gist to use (default: a build_model(), get_model() or create_model() "
+                   "function, else the file's one nn.Module instance, else the one nn.Module class no other class "
+                   "uses; train's summary says which was used)")
     p.add_argument("--data", metavar="default|PATH.txt",
                    help=f"'default': Python's bundled English help topics (~460 KB); or a UTF-8 text file. "
                         f"Tokenized as bytes (vocabulary 256) (default: {d['data']})")
@@ -153,6 +164,47 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
     p.add_argument("--wandb-project", metavar="NAME", help=f"W&B project (default: {d['wandb_project']})")
 
 
+# The library's argument names -> the options that set them, so a message names what the user typed.
+_CLI_WORDS = [
+    (re.compile(r"load_model_from_file\('([^']*)'(?:, class_name='([^']*)')?\)"),
+     lambda m: f"--model {m[1]}" + (f" --class-name {m[2]}" if m[2] else "")),
+    (re.compile(r"\b(device|precision|task|class_name|max_seq_len)='([^']*)'"),
+     lambda m: f"{_OPTION[m[1]]} {m[2]}"),
+    (re.compile(r"\b(device|precision|task|class_name|max_seq_len)=(?=[\s,.;)]|$)"), lambda m: _OPTION[m[1]]),
+]
+_OPTION = {"device": "--device", "precision": "--precision", "task": "--task", "class_name": "--class-name",
+           "max_seq_len": "--context"}
+
+
+def cli_words(text: str) -> str:
+    """A library message in the command line's words, on one line: ``device='cpu'`` becomes
+    ``--device cpu``, ``load_model_from_file('m.py')`` becomes ``--model m.py``, ``task=`` ``--task``.
+
+    Example::
+
+        >>> cli_words("Pass device='cpu' to force fp16.")
+        'Pass --device cpu to force fp16.'
+    """
+    for pattern, replace in _CLI_WORDS:
+        text = pattern.sub(replace, text)
+    return " ".join(text.split())
+
+
+@contextlib.contextmanager
+def _warnings_as_cli_lines():
+    """Warnings shown as one ``warning: ...`` line each, in the command line's words, without the
+    line of our source that raised them."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        _say(f"warning: {cli_words(str(message))}", file or sys.stderr)
+
+    previous = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = previous
+
+
 def _say(text: str, stream=None) -> None:
     """The program's output (this module is the command line; the library itself never prints)."""
     stream = stream or sys.stdout
@@ -160,9 +212,25 @@ def _say(text: str, stream=None) -> None:
     stream.flush()
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad option or value answered in two lines (the error, and where the options
+    are listed) instead of the whole usage first."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n(`{self.prog} --help` lists the options)\n")
+
+
+def python_command() -> str:
+    """This Python as the user can call it again: the venv's interpreter relative to the working
+    folder when it is inside it (``.venv/bin/python``), else its full path; never a bare ``python``,
+    which fails without the venv."""
+    exe = Path(sys.executable)
+    return str(exe.relative_to(Path.cwd())) if exe.is_relative_to(Path.cwd()) else str(exe)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m utils.training",
+    parser = _Parser(
+        prog=PROG,
         description="Train or benchmark a PyTorch transformer with automatic mixed precision. Run "
                     "`train` under `torchrun --standalone --nproc_per_node=N -m utils.training train ...` to use N "
                     "processes (DistributedDataParallel).")
@@ -173,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with --resume come from the run folder's command.json.")
     _add_model_and_data(t, d, "required unless --resume names a run folder")
     t.add_argument("--precision", type=_precision,
-                   help=f"auto, 32-true, 16-mixed, bf16-mixed, 16-true, bf16-true (or a legacy spelling) "
+                   help=f"auto, {', '.join(CANONICAL)}; also accepted: "
+                        f"{', '.join(a for a in ALIASES if a not in CANONICAL and a != 'auto')} "
                         f"(default: {d['precision']})")
     t.add_argument("--max-steps", type=_int_at_least(1), metavar="N",
                    help="optimizer steps for the whole run, those before a resume included (default: "
@@ -210,9 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "each precision, and print a Markdown table (benchmark_amp).")
     _add_model_and_data(b, d, f"default: {BENCH_MODEL}")
     b.add_argument("--precisions", type=_precisions, default=None, metavar="LIST",
-                   help="comma-separated precisions to compare (default: 32-true and every mixed precision "
+                   help="comma-separated precisions to compare (default: 32-true, every mixed precision "
                         "this machine runs: bf16-mixed on a CPU, native or emulated; 16-mixed, and "
-                        "bf16-mixed where supported, on a GPU)")
+                        "bf16-mixed where supported, on a GPU; and auto, measured in the row of what it picks)")
     b.add_argument("--steps", type=_int_at_least(1), default=20, metavar="N",
                    help="timed optimizer steps per run (default: 20)")
     b.add_argument("--warmup", type=_int_at_least(0), default=5, metavar="N",
@@ -235,11 +304,50 @@ def build_model(spec: str, config: dict, class_name: str | None):
 
     try:
         return load_model(spec, class_name=class_name, config=config or None)
+    except FileNotFoundError as e:
+        raise CliError(f"--model {spec}: no such file{_did_you_mean_file(spec)}") from e
     except (ValueError, OSError):
         raise
     except Exception as e:  # the user's file failed to import or build: no traceback, its error named
         raise CliError(f"--model {spec}: building the model failed{_where_in_user_code(e)} with "
                        f"{type(e).__name__}: {_error_text(e)}. Check the file, --class-name and --model-config.") from e
+
+
+def _did_you_mean_file(spec: str) -> str:
+    """``; did you mean model.py?`` for a near miss among the .py files in that folder, else ``.``"""
+    path = Path(spec).expanduser()
+    folder = path.parent if path.parent.is_dir() else None
+    names = [p.name for p in folder.glob("*.py")] if folder is not None else []
+    near = difflib.get_close_matches(path.name, names, n=1)
+    return f"; did you mean {path.with_name(near[0])}?" if near else "."
+
+
+class _ModelChoice(logging.Handler):
+    """Collects what :func:`utils.models.load_model_from_file` logs about the class, builder or
+    instance it used, and why, for the summary."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.said: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.said.append(getattr(record, "choice", record.getMessage()))
+
+    @contextlib.contextmanager
+    def listening(self):
+        logger = logging.getLogger("utils.models")
+        level = logger.level
+        logger.addHandler(self)
+        logger.setLevel(logging.INFO)
+        try:
+            yield self
+        finally:
+            logger.removeHandler(self)
+            logger.setLevel(level)
+
+    def line(self) -> str | None:
+        """The last choice in the command line's words (``built GPT, the class --class-name GPT names``), or None."""
+        return cli_words(self.said[-1]) if self.said else None
 
 
 def _error_text(e: BaseException) -> str:
@@ -394,7 +502,8 @@ def run_train(args: argparse.Namespace) -> int:
     if not world.is_rank_zero:  # one copy of each warning, from rank 0
         warnings.simplefilter("ignore")
     torch.manual_seed(opts["seed"])
-    model = build_model(opts["model"], opts["model_config"], opts["class_name"])
+    with _ModelChoice().listening() as choice:
+        model = build_model(opts["model"], opts["model_config"], opts["class_name"])
     train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
                                                   opts["task"])
     opts["context"] = context
@@ -417,12 +526,13 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task)
+                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
+                       task=opts["task"])  # as given: train() says "stated with task=" only when it was
     finally:
         if session is not None:
             session.finish()
     if world.is_rank_zero:
-        _say(train_summary(result, opts, world))
+        _say(train_summary(result, opts, world, model_choice=choice.line()))
     return exit_status(result)
 
 
@@ -441,12 +551,14 @@ def _where_checkpoints_go(opts: dict) -> str:
     return f"checkpoints: {', '.join(when)} -> {Path(opts['run_dir']) / 'checkpoints' / 'latest.pt'}"
 
 
-def train_summary(result, opts: dict, world: World) -> str:
-    """What a person wants to know when a run ends, in a few lines."""
+def train_summary(result, opts: dict, world: World, model_choice: str | None = None) -> str:
+    """What a person wants to know when a run ends, in a few lines; ``model_choice`` says which class,
+    builder or instance of a model file was used, and why."""
     def fmt(x):
         return "n/a" if x is None else f"{x:.4f}"
 
-    last_val = next((e for e in reversed(result.epochs) if e.get("val_loss") is not None), {})
+    last_val = result.last_validation
+    perplexity = last_val.get("val_perplexity")
     how = f"interrupted ({result.stopped_by}) at" if result.interrupted else "trained to"
     saved = (f"checkpoint of step {result.checkpoint_step}: {result.checkpoint_path}" if result.checkpoint_path
              else "no checkpoint was saved")
@@ -456,13 +568,15 @@ def train_summary(result, opts: dict, world: World) -> str:
         f"{opts['model']} {how} step {result.global_step} in {result.wall_time_s:.1f} s "
         f"({world.world_size} process(es), global batch {opts['batch_size'] * world.world_size}, "
         f"{result.tokens_per_second:,.0f} tokens/s)",
-        f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}",
+        f"  final loss     {fmt(result.final_loss)}   val loss {fmt(last_val.get('val_loss'))}"
+        + (f" (perplexity {perplexity:.2f})" if perplexity is not None else ""),
         f"  skipped steps  {result.skipped_steps}   final loss scale {_loss_scale(result)}",
+        *([f"  model          {model_choice}"] if model_choice else []),
         f"  precision      {result.precision.describe()}",
         f"  objective      {result.objective}",
         f"  run folder     {opts['run_dir']}  (metrics.jsonl, checkpoints/latest.pt)",
         f"  saved          {saved}",
-        f"  continue with  python -m utils.training train --resume {opts['run_dir']} --max-steps N",
+        f"  continue with  {python_command()} -m utils.training train --resume {opts['run_dir']} --max-steps N",
     ]
     return "\n".join(lines)
 
@@ -488,7 +602,8 @@ def run_bench(args: argparse.Namespace) -> int:
     try:
         # A factory, never the instance: every run builds the model from the file again.
         factory = functools.partial(build_model, opts["model"] or BENCH_MODEL, opts["model_config"], opts["class_name"])
-        precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]))
+        # auto too: its row says which it picks, and the verdict says when that ran slower than fp32
+        precisions = args.precisions or ("32-true", *mixed_precisions_here(device=opts["device"]), "auto")
         if resolve_precision("32-true", opts["device"]).device.type == "cpu":  # a process that only benchmarks
             _say(steady_cpu_allocator()[1])
         bench = benchmark_amp(factory, train_ids, precisions=precisions, steps=args.steps,
@@ -514,10 +629,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     t0 = time.perf_counter()
     try:
-        with _sigterm_as_interrupt():
+        with _sigterm_as_interrupt(), _warnings_as_cli_lines():
             return run_train(args) if args.command == "train" else run_bench(args)
     except (CliError, ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
-        _say(f"python -m utils.training {args.command}: error: {e}", sys.stderr)
+        text = str(e)  # the library's words become the options' unless the message already names one
+        _say(f"{PROG} {args.command}: error: {text if text.startswith('--') else cli_words(text)}", sys.stderr)
         return 1
     except KeyboardInterrupt:
         _say(f"interrupted after {time.perf_counter() - t0:.1f} s, before or after training: no new checkpoint "

@@ -65,6 +65,12 @@ class TrainResult:
     stopped_by: str | None = None  # "SIGINT", "SIGTERM" or "KeyboardInterrupt" when interrupted
     objective: str | None = None  # what the model was trained to predict; None with a loss_fn
 
+    @property
+    def last_validation(self) -> dict:
+        """The last epoch record with a validation loss (``val_loss``, ``val_perplexity``,
+        ``val_accuracy``), or ``{}`` when nothing was validated."""
+        return next((e for e in reversed(self.epochs) if e.get("val_loss") is not None), {})
+
     @classmethod
     def of(cls, trainer: Trainer, wall: float, interrupted: bool) -> TrainResult:
         return cls(

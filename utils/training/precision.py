@@ -7,7 +7,7 @@ Example::
 
     >>> plan = resolve_precision("auto")
     >>> plan.name, plan.reason                     # doctest: +SKIP
-    ('bf16-mixed', 'This CPU has native bf16 (AVX512-BF16/AMX), so bf16 autocast is faster than fp32.')
+    ('bf16-mixed', 'bf16 runs natively on this CPU (AVX512-BF16); whether it is faster than fp32 depends on ...')
     >>> scaler = plan.make_scaler()
     >>> with plan.autocast():
     ...     y = model(x)                           # doctest: +SKIP
@@ -108,6 +108,7 @@ class Capabilities:
     cuda_name: str = ""
     mps: bool = False
     cpu_bf16: bool = False
+    cpu_bf16_isa: str = ""  # what gives the CPU its bf16, e.g. "AVX512-BF16, AMX" ("" when unknown)
 
     @classmethod
     def detect(cls) -> Capabilities:
@@ -120,20 +121,30 @@ class Capabilities:
             cuda_name=torch.cuda.get_device_name() if cuda else "",
             mps=mps,
             cpu_bf16=cpu_has_native_bf16(),
+            cpu_bf16_isa=", ".join(cpu_bf16_features()),
         )
 
 
+# /proc/cpuinfo flag -> its name in the plan's reason
+_BF16_FLAGS = {"x86": {"avx512_bf16": "AVX512-BF16", "amx_bf16": "AMX"}, "arm": {"bf16": "Arm BF16"}}
+
+
 @functools.lru_cache(maxsize=1)
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU runs bf16 matmuls natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+def cpu_bf16_features() -> tuple[str, ...]:
+    """The CPU features that run bf16 matmuls natively, as the plan names them (``("AVX512-BF16",
+    "AMX")``); empty without any, or where there is no cheap probe (not Linux)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:  # not Linux: no cheap probe, so assume no native bf16
-        return False
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return "bf16" in flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+        return ()
+    arch = "arm" if platform.machine().lower() in ("aarch64", "arm64") else "x86"
+    return tuple(name for flag, name in _BF16_FLAGS[arch].items() if flag in flags)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (x86 AVX512-BF16 or AMX, Arm BF16)."""
+    return bool(cpu_bf16_features())
 
 
 def mixed_precisions_here(caps=None, device=None) -> tuple[str, ...]:
@@ -296,9 +307,13 @@ def _auto(device_type: str, caps: Capabilities) -> tuple[str, str]:
         return "16-mixed", f"{caps.cuda_name or 'This GPU'} has no bf16, so fp16 autocast with a GradScaler."
     if device_type == "mps":
         return "32-true", "On Apple MPS, autocast gains are inconsistent; fp32 is the safe default (ask for 16-mixed to try it)."
+    # Facts only: whether bf16 beats fp32 on a CPU depends on the model (small ones lose to the
+    # casts), so speed is left to what measures it (Tier 1's speed check, benchmark_amp).
     if caps.cpu_bf16:
-        return "bf16-mixed", "This CPU has native bf16 (AVX512-BF16/AMX), so bf16 autocast is faster than fp32."
-    return "32-true", "This CPU has no native bf16, so bf16 autocast would be slower than fp32."
+        return "bf16-mixed", (f"bf16 runs natively on this CPU ({caps.cpu_bf16_isa or 'AVX512-BF16/AMX'}); "
+                              f"whether it is faster than fp32 depends on the model: Tier 1's speed check and "
+                              f"the benchmark measure it.")
+    return "32-true", "This CPU has no native bf16 (no AVX512-BF16/AMX): bf16 would be emulated, so fp32."
 
 
 def _decide(name: str, dev: torch.device, explicit_device: bool, caps: Capabilities) -> tuple[str, str]:

@@ -138,11 +138,18 @@ def _message(mode: str, why: str, run, run_dir) -> tuple[str, Path | None]:
     return f"W&B: disabled ({why}). Metrics are kept locally only{where}.", None
 
 
+def _quiet(wandb) -> dict:
+    """wandb's own terminal lines off (its banner, sync hints, "Changes to your wandb environment
+    variables will be ignored"): the session's ``message`` says what matters, once."""
+    settings = getattr(wandb, "Settings", None)  # a wandb without Settings (very old) keeps its chatter
+    return {"settings": settings(silent=True)} if settings is not None else {}
+
+
 def _start(wandb, chosen: str, why: str, degraded: bool, opts: dict):
     """``wandb.init``: online falls back to offline; any failure of an offline start (an unwritable
     folder, a broken install) disables W&B with the cause named. Returns ``(run, mode, why, degraded)``."""
     run_dir = opts.pop("run_dir")
-    kwargs = {**opts, "dir": None if run_dir is None else str(run_dir)}
+    kwargs = {**opts, "dir": None if run_dir is None else str(run_dir), **_quiet(wandb)}
     if chosen == "online":
         try:
             return wandb.init(mode="online", **kwargs), chosen, why, degraded

@@ -185,6 +185,14 @@ def _apart(fast: AmpRow, slow: AmpRow) -> bool:
     return _quartiles(fast)[1] < _quartiles(slow)[0]
 
 
+def _slower(r: AmpRow) -> str:
+    """A row slower than fp32 beyond the spread; where it is ``auto``'s pick, what to pick instead."""
+    if "auto" in r.requested:
+        return (f"auto picks {r.precision} on this machine, but on this model it ran at {r.speedup:.2f}x the "
+                f"speed of {BASELINE}: pass precision='{BASELINE}' (--precision {BASELINE}) where speed matters")
+    return f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})"
+
+
 def _no_speed_verdict(text: str, rows: list[AmpRow]) -> str:
     """A verdict that says why speed is not compared, then any drift or failure."""
     drift = [r.precision for r in rows if r.exceeds_tolerance and r.error is None]
@@ -352,8 +360,7 @@ class AmpBenchmark:
             verdict = f"Stay with {BASELINE}: no mixed precision ran to the end here."
         else:
             verdict = f"Stay with {BASELINE}: no mixed precision was faster here."
-        slower = [f"{r.precision} is {1 / r.speedup:.1f}x slower ({r.reason.rstrip('.')})" for r in fine
-                  if r.speedup < 0.95 and _apart(base, r)]
+        slower = [_slower(r) for r in fine if r.speedup < 0.95 and _apart(base, r)]
         return " ".join([verdict] + [s if s.endswith(".") else s + "." for s in slower + lines])
 
     def plot(self):
