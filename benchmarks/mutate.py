@@ -41,6 +41,19 @@ TESTS = {
     "tier1": ["tests/test_tier1_checks.py", "tests/test_validation.py"],
     "callback": ["tests/test_amp_wandb.py"],
     "benchmark": ["tests/test_benchmark_recommendation.py", "tests/test_amp_benchmark.py"],
+    # run safety (issue 24): the tests that hold each guarantee, by node id; the whole file runs
+    # subprocesses that take a minute and catch none of these
+    "safety": [f"tests/test_run_safety.py::{t}" for t in (
+        "test_checkpoint_minutes_saves_when_that_much_time_passed_since_the_last_save",
+        "test_checkpoint_minutes_is_read_at_log_steps_only",
+        "test_resuming_with_another_seed_or_accumulation_is_an_error_that_writes_nothing",
+        "test_resuming_into_another_folder_that_holds_a_run_is_an_error_that_writes_nothing",
+        "test_a_token_id_equal_to_the_vocabulary_size_is_out_of_range",
+        "test_fifty_skipped_steps_in_a_row_end_the_run_while_the_scale_is_still_high",
+        "test_repair_cuts_a_torn_last_line_and_nothing_else",
+        "test_repair_keeps_a_whole_last_record_whose_newline_is_missing",
+        "test_repair_on_resume_keeps_the_records_the_checkpoint_knows_then_cuts_a_torn_line",
+    )],
 }
 
 
@@ -58,6 +71,8 @@ LOOP, CHECKPOINT = "utils/training/loop.py", "utils/training/checkpoint.py"
 PRECISION, TIER1 = "utils/training/precision.py", "utils/validation.py"
 CALLBACK = "utils/training/wandb_callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
+GUARDS, METRICS_LOG = "utils/training/guards.py", "utils/training/metrics_log.py"
+BATCHES = "utils/training/batches.py"
 
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------
@@ -128,6 +143,37 @@ MUTANTS = [
     Mutant("spread-judged-from-one-run", RESULTS, "judged = len(runs) >= MIN_RUNS", "judged = True", "benchmark"),
     Mutant("noise-from-single-steps", RESULTS, "self.run_step_times_s = [statistics.fmean(r) for r in runs]",
            "self.run_step_times_s = [t for r in runs for t in r]", "benchmark"),
+    # -- run safety: the guarantees of issue 24 ---------------------------------------------------
+    Mutant("checkpoint-minutes-read-as-hours", CHECKPOINT, "self._last_save >= 60 * minutes",
+           "self._last_save >= 3600 * minutes", "safety"),
+    Mutant("never-checkpoint-on-time", CHECKPOINT,
+           "return bool(log_step and minutes and time.monotonic() - self._last_save >= 60 * minutes)",
+           "return False", "safety"),
+    Mutant("save-does-not-restart-the-clock", CHECKPOINT,
+           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*if self\.world\.is_rank_zero:)", r"\1", "safety",
+           regex=True),
+    Mutant("checkpoint-minutes-checked-off-log-steps", CHECKPOINT, "return bool(log_step and minutes and",
+           "return bool(minutes and", "safety"),
+    Mutant("resume-ignores-another-seed", CHECKPOINT, 'for name in ("grad_accum_steps", "seed"):',
+           'for name in ("grad_accum_steps",):', "safety"),
+    Mutant("resume-ignores-another-accumulation", CHECKPOINT, 'for name in ("grad_accum_steps", "seed"):',
+           'for name in ("seed",):', "safety"),
+    Mutant("resume-into-any-folder", CHECKPOINT,
+           "resumed_here = self.path is not None and Path(self.path).resolve().parent == self.folder.resolve()",
+           "resumed_here = self.path is not None", "safety"),
+    Mutant("train-id-at-vocab-size-allowed", GUARDS, "if low < 0 or high >= self.vocab:",
+           "if low < 0 or high > self.vocab:", "safety"),
+    Mutant("val-id-at-vocab-size-allowed", BATCHES, "if low < 0 or high >= emb.num_embeddings:",
+           "if low < 0 or high > emb.num_embeddings:", "safety"),
+    Mutant("no-progress-only-below-the-floor", GUARDS,
+           "(scale < SCALE_FLOOR or self.consecutive_skipped >= NO_PROGRESS_STEPS)", "(scale < SCALE_FLOOR)",
+           "safety"),
+    Mutant("skip-streak-never-reset", GUARDS,
+           "self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0",
+           "self.consecutive_skipped += int(skipped)", "safety"),
+    Mutant("torn-line-kept", METRICS_LOG, r'end = data.rfind(b"\n") + 1', "end = len(data)", "safety"),
+    Mutant("unterminated-record-dropped", METRICS_LOG, "if end < len(data) and _is_record(data[end:]):",
+           "if False:", "safety"),
 ]
 
 
@@ -170,7 +216,7 @@ def copy_tree(dest: Path) -> None:
 
 
 def test_files(group: str) -> list[str]:
-    return [f for f in TESTS[group] if (ROOT / f).is_file()]
+    return [f for f in TESTS[group] if (ROOT / f.split("::")[0]).is_file()]  # a file, or a test's node id
 
 
 def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float, str]:
