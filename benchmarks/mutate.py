@@ -92,6 +92,10 @@ MUTANTS = [
            "self.scheduler.step()", "loop", regex=True),
     Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self.scale", "self._skipped = False", "loop"),
     Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
+    Mutant("accuracy-of-the-last-batch", LOOP, "correct += ((logits.argmax(-1) == targets) & mask).sum()",
+           "correct = ((logits.argmax(-1) == targets) & mask).sum()", "loop"),
+    Mutant("throughput-counts-validation", LOOP, "trainer.tokens_done / max(wall - trainer.eval_s, 1e-9)",
+           "trainer.tokens_done / max(wall, 1e-9)", "loop"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
     Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
            "if False:", "tier1", regex=True),
@@ -118,12 +122,16 @@ MUTANTS = [
     Mutant("true-precisions-keep-fp32-weights", PRECISION,  # both "-true" rows of FACTS, one match
            r'("16-true", torch\.float16), torch\.float16(,.*\n\s*PrecisionFacts\("bf16-true", torch\.bfloat16), torch\.bfloat16',
            r"\1, torch.float32\2, torch.float32", "resolver", regex=True),
+    Mutant("cpu-bf16-from-avx512f", PRECISION, 'return bool(flags & {"avx512_bf16", "amx_bf16"})',
+           'return bool(flags & {"avx512f", "amx_bf16"})', "resolver"),
     # -- the W&B callback -----------------------------------------------------------------------
     Mutant("overflow-flag-never-set", CALLBACK, '"amp/overflow": int(skipped > self._logged_skipped)',
            '"amp/overflow": 0', "callback"),
     Mutant("loop-skips-not-logged", CALLBACK, 'metrics.get("skipped_steps", 0)', "0", "callback"),
     Mutant("disabled-scaler-reported", CALLBACK,
            r"if is_enabled is not None and not is_enabled\(\):\n\s*return None", "pass", "callback", regex=True),
+    Mutant("wandb-called-without-a-run", CALLBACK, r"run = self\._run\(\)\n\s*if run is None:\n\s*return\n",
+           "run = self._run()\n", "callback", regex=True),
     Mutant("lightning-skips-counted-on-growth", CALLBACK, "scale < self._scale", "scale > self._scale", "callback"),
     # -- the benchmark --------------------------------------------------------------------------
     Mutant("speedup-inverted", RESULTS, "row.speedup = _ratio(base.step_time_s, row.step_time_s)",
