@@ -53,6 +53,8 @@ TESTS = {
         "test_repair_cuts_a_torn_last_line_and_nothing_else",
         "test_repair_keeps_a_whole_last_record_whose_newline_is_missing",
         "test_repair_on_resume_keeps_the_records_the_checkpoint_knows_then_cuts_a_torn_line",
+        "test_a_second_interrupt_mid_step_stops_at_once_and_saves_no_half_step",
+        "test_a_second_interrupt_during_a_save_lets_the_save_finish",
     )],
 }
 
@@ -72,7 +74,7 @@ PRECISION, TIER1 = "utils/training/precision.py", "utils/validation.py"
 CALLBACK = "utils/training/wandb_callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
 GUARDS, METRICS_LOG = "utils/training/guards.py", "utils/training/metrics_log.py"
-BATCHES = "utils/training/batches.py"
+BATCHES, INTERRUPTS = "utils/training/batches.py", "utils/training/interrupts.py"
 
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------
@@ -180,6 +182,10 @@ MUTANTS = [
            "self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0",
            "self.consecutive_skipped += int(skipped)", "safety"),
     Mutant("torn-line-kept", METRICS_LOG, r'end = data.rfind(b"\n") + 1', "end = len(data)", "safety"),
+    Mutant("second-signal-ignored", INTERRUPTS, 'raise KeyboardInterrupt(f"a second {name}: stopping now")',
+           "return", "safety"),
+    Mutant("second-signal-cuts-a-save", INTERRUPTS, r"\n\s*if self\.saving\(\):.*\n\s*return", "", "safety",
+           regex=True),
     Mutant("unterminated-record-dropped", METRICS_LOG, "if end < len(data) and _is_record(data[end:]):",
            "if False:", "safety"),
 ]
