@@ -2,6 +2,7 @@ import json
 import math
 import re
 import time
+import types
 import warnings
 
 import matplotlib
@@ -18,6 +19,7 @@ from utils.training import (
     resolve_precision,
     scan_fp16_overflow,
 )
+from utils.training.benchmark import runner as runner_module
 from utils.training.benchmark.measure import (
     StepClock,
     matmul_params,
@@ -471,7 +473,10 @@ def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_sp
     assert f"noisy (IQR {row.noise:.1%} of the median)" in b.to_markdown()
 
 
-def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells):
+def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells, monkeypatch):
+    busy_spells.clock = [0.0]  # the step times and the budget both on the model's clock
+    monkeypatch.setattr(StepClock, "_stamp", lambda self: busy_spells.clock[0])
+    monkeypatch.setattr(runner_module, "time", types.SimpleNamespace(perf_counter=lambda: busy_spells.clock[0]))
     b = quiet_benchmark(busy_spells, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=3, batch_size=4,
                         device="cpu", max_seconds=0.05)  # the extra (slow) round outlasts this budget: one only
     assert b.settings["repeats"] == 4 and b.row("32-true").runs == 4
