@@ -10,6 +10,7 @@ moved to another file of ``utils/`` (found there exactly once) is followed there
     python benchmarks/mutate.py                 # every mutant; prints a table and killed/total
     python benchmarks/mutate.py --list          # the mutants and whether each still applies
     python benchmarks/mutate.py --only no-unscale --only ignore-max-grad-norm --jobs 2
+    python benchmarks/mutate.py --jobs 2        # what `make mutate` runs: two at a time, one thread each
 
 Slow (minutes: the tests run once per mutant), so not part of CI; ``make mutate`` runs it. The
 exit status is 0 when every applicable mutant was killed, 1 when one survived, 2 when the
@@ -233,11 +234,16 @@ def test_files(group: str) -> list[str]:
     return [f for f in TESTS[group] if (ROOT / f.split("::")[0]).is_file()]  # a file, or a test's node id
 
 
-def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float, str]:
-    """``(outcome, seconds, last line)``: outcome is passed, failed, error (collection or usage) or timeout."""
+def run_tests(root: Path, files: list[str], timeout: float, workers: int = 0,
+              threads: int | None = None) -> tuple[str, float, str]:
+    """``(outcome, seconds, last line)``: outcome is passed, failed, error (collection or usage) or timeout.
+    ``workers`` > 1: pytest-xdist workers, as ``make test`` runs; ``threads``: torch threads of the run."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0",
            "WANDB_DIR": str(root / "wandb"), "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *files]
+    if threads:  # mutants run side by side: one thread each, as the xdist workers of `make test`
+        env["OMP_NUM_THREADS"] = str(threads)
+    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else []
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *parallel, *files]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -249,23 +255,25 @@ def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float,
     return outcome, time.perf_counter() - t0, last
 
 
-def run_mutant(mutant: Mutant, timeout: float) -> dict:
+def run_mutant(mutant: Mutant, timeout: float, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         root = Path(tmp)
         copy_tree(root)
         where, stale = apply(mutant, root)
         if where is None:
             return {"mutant": mutant, "file": mutant.path, "status": "stale", "seconds": 0.0, "detail": stale}
-        outcome, seconds, last = run_tests(root, test_files(mutant.tests), timeout)
+        outcome, seconds, last = run_tests(root, test_files(mutant.tests), timeout, threads=threads)
     status = {"passed": "SURVIVED", "failed": "killed", "error": "killed (error)", "timeout": "killed (timeout)"}
     return {"mutant": mutant, "file": where, "status": status[outcome], "seconds": seconds, "detail": last}
 
 
-def baseline(groups: set[str], timeout: float) -> tuple[str, str]:
+def baseline(groups: set[str], timeout: float, workers: int = 0) -> tuple[str, str]:
     files = list(dict.fromkeys(f for g in sorted(groups) for f in test_files(g)))
+    whole = {f for f in files if "::" not in f}
+    files = [f for f in files if "::" not in f or f.split("::")[0] not in whole]  # a file run whole holds its tests
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
         copy_tree(Path(tmp))
-        outcome, _, last = run_tests(Path(tmp), files, timeout * len(groups))
+        outcome, _, last = run_tests(Path(tmp), files, timeout * len(groups), workers=workers)
     return outcome, last
 
 
@@ -299,13 +307,14 @@ def main(argv=None) -> int:
                 print(f"{m.name:<36} {str(path.relative_to(tmp)) if path else m.path:<36} {why or 'applies'}")
         return 0
     if not args.no_baseline:
-        outcome, last = baseline({m.tests for m in mutants}, args.timeout)
+        outcome, last = baseline({m.tests for m in mutants}, args.timeout, workers=args.jobs)
         if outcome != "passed":
             print(f"The unmutated tests do not pass ({outcome}: {last}); fix them first.")
             return 2
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        futures = {pool.submit(run_mutant, m, args.timeout): m for m in mutants}
+        threads = 1 if args.jobs > 1 else None
+        futures = {pool.submit(run_mutant, m, args.timeout, threads): m for m in mutants}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             r = future.result()
             print(f"[{done}/{len(mutants)}] {r['mutant'].name}: {r['status']} ({r['seconds']:.0f}s)", flush=True)
