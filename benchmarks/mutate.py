@@ -38,6 +38,9 @@ COPIED = ("utils", "tests", "pyproject.toml")  # what a test run needs; tests/br
 # first failure, so a killed mutant rarely runs them all). A file that no longer exists is dropped.
 TESTS = {
     "loop": ["tests/test_loop_invariants.py", "tests/test_loop.py", "tests/test_amp_integration.py"],
+    # what validation reports (accuracy, throughput): the tests that hold it, not the whole loop's files
+    "evaluation": ["tests/test_loop.py::test_classifier_pairs_report_the_accuracy_of_the_models_predictions",
+                   "tests/test_loop.py::test_throughput_excludes_validation_time"],
     "resolver": ["tests/test_precision.py", "tests/test_amp_integration.py"],
     "tier1": ["tests/test_tier1_checks.py", "tests/test_validation.py"],
     "callback": ["tests/test_amp_wandb.py"],
@@ -96,9 +99,9 @@ MUTANTS = [
     Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self.scale", "self._skipped = False", "loop"),
     Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
     Mutant("accuracy-of-the-last-batch", LOOP, "correct += ((logits.argmax(-1) == targets) & mask).sum()",
-           "correct = ((logits.argmax(-1) == targets) & mask).sum()", "loop"),
+           "correct = ((logits.argmax(-1) == targets) & mask).sum()", "evaluation"),
     Mutant("throughput-counts-validation", LOOP, "trainer.tokens_done / max(wall - trainer.eval_s, 1e-9)",
-           "trainer.tokens_done / max(wall, 1e-9)", "loop"),
+           "trainer.tokens_done / max(wall, 1e-9)", "evaluation"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
     Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
            "if False:", "tier1", regex=True),
@@ -242,8 +245,10 @@ def run_tests(root: Path, files: list[str], timeout: float, workers: int = 0,
            "WANDB_DIR": str(root / "wandb"), "PYTHONDONTWRITEBYTECODE": "1"}
     if threads:  # mutants run side by side: one thread each, as the xdist workers of `make test`
         env["OMP_NUM_THREADS"] = str(threads)
-    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else []
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *parallel, *files]
+    # nbval (notebooks) and xdist (when unused) cost a second or two of imports per run: off
+    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else ["-p", "no:xdist"]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:nbval", "-W", "ignore",
+           *parallel, *files]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)

@@ -23,6 +23,8 @@ def pytest_collection_modifyitems(config, items):
     order: its module fixtures are built once, a notebook's cells share one kernel. A test or module
     marked ``xdist_group`` keeps its group: ``"torchrun"`` (launches torchrun: one launch at a time)
     and ``"browser"`` (JupyterLab and Chromium: one at a time)."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     for item in items:
         if item.get_closest_marker("xdist_group"):
             continue
