@@ -21,10 +21,10 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	touch $(STAMP)
 
 # Two workers (pytest-xdist), one torch thread each; a file's tests stay together on one worker and
-# torchrun/browser tests run one at a time (tests/conftest.py). TEST_WORKERS=0 runs in one process.
+# torchrun/browser tests run one at a time (tests/conftest.py: SHARED_SCOPES). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup tests notebooks --nbval-lax
+	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
 
 demo: $(STAMP)
 	$(BIN)/python -m utils.demo

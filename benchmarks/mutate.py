@@ -246,7 +246,7 @@ def run_tests(root: Path, files: list[str], timeout: float, workers: int = 0,
     if threads:  # mutants run side by side: one thread each, as the xdist workers of `make test`
         env["OMP_NUM_THREADS"] = str(threads)
     # nbval (notebooks) and xdist (when unused) cost a second or two of imports per run: off
-    parallel = ["-n", str(workers), "--dist", "loadgroup"] if workers > 1 else ["-p", "no:xdist"]
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else ["-p", "no:xdist"]
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:nbval", "-W", "ignore",
            *parallel, *files]
     t0 = time.perf_counter()

@@ -166,7 +166,6 @@ def test_wandb_offline_records_the_run_in_the_run_folder(tmp_path, text_file, ca
     assert wandb_records.config(records)["model"] == "example:gpt-micro"
 
 
-@pytest.mark.xdist_group("torchrun")  # under xdist: one torchrun launch at a time (tests/conftest.py)
 def test_torchrun_two_processes_train_and_rank_zero_reports(tmp_path, text_file):
     run_dir = tmp_path / "ddp"
     status, out, err = run_module(["train", *TINY, "--batch-size", "4", "--data", str(text_file),

@@ -25,8 +25,6 @@ from utils.training import checkpoint as ckpt_io
 from utils.training.batches import TensorBatches
 from utils.training.distributed import ShardedTensorBatches, World, torchrun_command
 
-pytestmark = pytest.mark.xdist_group("torchrun")  # under xdist: one torchrun launch at a time (tests/conftest.py)
-
 ROOT = Path(__file__).resolve().parents[1]
 B, T, WORLD = 4, 16, 2  # per-rank batch, sequence length, processes
 CASES = {
