@@ -20,15 +20,18 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps -e .
 	touch $(STAMP)
 
+# Two workers (pytest-xdist), one torch thread each; a file's tests stay together on one worker and
+# torchrun/browser tests run one at a time (tests/conftest.py: SHARED_SCOPES). TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest tests notebooks --nbval-lax
+	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
 
 demo: $(STAMP)
 	$(BIN)/python -m utils.demo
 
-# Plants known bugs one at a time and reports which the tests catch (slow: not part of `make test`).
+# Plants known bugs and reports which the tests catch, two mutants at a time (minutes: not part of `make test`).
 mutate: $(STAMP)
-	$(BIN)/python benchmarks/mutate.py
+	$(BIN)/python benchmarks/mutate.py --jobs 2
 
 lint: $(STAMP)
 	$(BIN)/ruff check utils tests benchmarks

@@ -10,6 +10,7 @@ moved to another file of ``utils/`` (found there exactly once) is followed there
     python benchmarks/mutate.py                 # every mutant; prints a table and killed/total
     python benchmarks/mutate.py --list          # the mutants and whether each still applies
     python benchmarks/mutate.py --only no-unscale --only ignore-max-grad-norm --jobs 2
+    python benchmarks/mutate.py --jobs 2        # what `make mutate` runs: two at a time, one thread each
 
 Slow (minutes: the tests run once per mutant), so not part of CI; ``make mutate`` runs it. The
 exit status is 0 when every applicable mutant was killed, 1 when one survived, 2 when the
@@ -37,10 +38,28 @@ COPIED = ("utils", "tests", "pyproject.toml")  # what a test run needs; tests/br
 # first failure, so a killed mutant rarely runs them all). A file that no longer exists is dropped.
 TESTS = {
     "loop": ["tests/test_loop_invariants.py", "tests/test_loop.py", "tests/test_amp_integration.py"],
+    # what validation reports (accuracy, throughput): the tests that hold it, not the whole loop's files
+    "evaluation": ["tests/test_loop.py::test_classifier_pairs_report_the_accuracy_of_the_models_predictions",
+                   "tests/test_loop.py::test_throughput_excludes_validation_time"],
     "resolver": ["tests/test_precision.py", "tests/test_amp_integration.py"],
     "tier1": ["tests/test_tier1_checks.py", "tests/test_validation.py"],
     "callback": ["tests/test_amp_wandb.py"],
     "benchmark": ["tests/test_benchmark_recommendation.py", "tests/test_amp_benchmark.py"],
+    # run safety (issue 24): the tests that hold each guarantee, by node id; the whole file runs
+    # subprocesses that take a minute and catch none of these
+    "safety": [f"tests/test_run_safety.py::{t}" for t in (
+        "test_checkpoint_minutes_saves_when_that_much_time_passed_since_the_last_save",
+        "test_checkpoint_minutes_is_read_at_log_steps_only",
+        "test_resuming_with_another_seed_or_accumulation_is_an_error_that_writes_nothing",
+        "test_resuming_into_another_folder_that_holds_a_run_is_an_error_that_writes_nothing",
+        "test_a_token_id_equal_to_the_vocabulary_size_is_out_of_range",
+        "test_fifty_skipped_steps_in_a_row_end_the_run_while_the_scale_is_still_high",
+        "test_repair_cuts_a_torn_last_line_and_nothing_else",
+        "test_repair_keeps_a_whole_last_record_whose_newline_is_missing",
+        "test_repair_on_resume_keeps_the_records_the_checkpoint_knows_then_cuts_a_torn_line",
+        "test_a_second_interrupt_mid_step_stops_at_once_and_saves_no_half_step",
+        "test_a_second_interrupt_during_a_save_lets_the_save_finish",
+    )],
 }
 
 
@@ -58,6 +77,8 @@ LOOP, CHECKPOINT = "utils/training/loop.py", "utils/training/checkpoint.py"
 PRECISION, TIER1 = "utils/training/precision.py", "utils/validation.py"
 CALLBACK = "utils/training/wandb_callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
+GUARDS, METRICS_LOG = "utils/training/guards.py", "utils/training/metrics_log.py"
+BATCHES, INTERRUPTS = "utils/training/batches.py", "utils/training/interrupts.py"
 
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------
@@ -77,6 +98,10 @@ MUTANTS = [
            "self.scheduler.step()", "loop", regex=True),
     Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self.scale", "self._skipped = False", "loop"),
     Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
+    Mutant("accuracy-of-the-last-batch", LOOP, "correct += ((logits.argmax(-1) == targets) & mask).sum()",
+           "correct = ((logits.argmax(-1) == targets) & mask).sum()", "evaluation"),
+    Mutant("throughput-counts-validation", LOOP, "trainer.tokens_done / max(wall - trainer.eval_s, 1e-9)",
+           "trainer.tokens_done / max(wall, 1e-9)", "evaluation"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
     Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
            "if False:", "tier1", regex=True),
@@ -103,12 +128,16 @@ MUTANTS = [
     Mutant("true-precisions-keep-fp32-weights", PRECISION,  # both "-true" rows of FACTS, one match
            r'("16-true", torch\.float16), torch\.float16(,.*\n\s*PrecisionFacts\("bf16-true", torch\.bfloat16), torch\.bfloat16',
            r"\1, torch.float32\2, torch.float32", "resolver", regex=True),
+    Mutant("cpu-bf16-from-avx512f", PRECISION, 'return bool(flags & {"avx512_bf16", "amx_bf16"})',
+           'return bool(flags & {"avx512f", "amx_bf16"})', "resolver"),
     # -- the W&B callback -----------------------------------------------------------------------
     Mutant("overflow-flag-never-set", CALLBACK, '"amp/overflow": int(skipped > self._logged_skipped)',
            '"amp/overflow": 0', "callback"),
     Mutant("loop-skips-not-logged", CALLBACK, 'metrics.get("skipped_steps", 0)', "0", "callback"),
     Mutant("disabled-scaler-reported", CALLBACK,
            r"if is_enabled is not None and not is_enabled\(\):\n\s*return None", "pass", "callback", regex=True),
+    Mutant("wandb-called-without-a-run", CALLBACK, r"run = self\._run\(\)\n\s*if run is None:\n\s*return\n",
+           "run = self._run()\n", "callback", regex=True),
     Mutant("lightning-skips-counted-on-growth", CALLBACK, "scale < self._scale", "scale > self._scale", "callback"),
     # -- the benchmark --------------------------------------------------------------------------
     Mutant("speedup-inverted", RESULTS, "row.speedup = _ratio(base.step_time_s, row.step_time_s)",
@@ -128,6 +157,41 @@ MUTANTS = [
     Mutant("spread-judged-from-one-run", RESULTS, "judged = len(runs) >= MIN_RUNS", "judged = True", "benchmark"),
     Mutant("noise-from-single-steps", RESULTS, "self.run_step_times_s = [statistics.fmean(r) for r in runs]",
            "self.run_step_times_s = [t for r in runs for t in r]", "benchmark"),
+    # -- run safety: the guarantees of issue 24 ---------------------------------------------------
+    Mutant("checkpoint-minutes-read-as-hours", CHECKPOINT, "self._last_save >= 60 * minutes",
+           "self._last_save >= 3600 * minutes", "safety"),
+    Mutant("never-checkpoint-on-time", CHECKPOINT,
+           "return bool(log_step and minutes and time.monotonic() - self._last_save >= 60 * minutes)",
+           "return False", "safety"),
+    Mutant("save-does-not-restart-the-clock", CHECKPOINT,
+           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*if self\.world\.is_rank_zero:)", r"\1", "safety",
+           regex=True),
+    Mutant("checkpoint-minutes-checked-off-log-steps", CHECKPOINT, "return bool(log_step and minutes and",
+           "return bool(minutes and", "safety"),
+    Mutant("resume-ignores-another-seed", CHECKPOINT, 'for name in ("grad_accum_steps", "seed"):',
+           'for name in ("grad_accum_steps",):', "safety"),
+    Mutant("resume-ignores-another-accumulation", CHECKPOINT, 'for name in ("grad_accum_steps", "seed"):',
+           'for name in ("seed",):', "safety"),
+    Mutant("resume-into-any-folder", CHECKPOINT,
+           "resumed_here = self.path is not None and Path(self.path).resolve().parent == self.folder.resolve()",
+           "resumed_here = self.path is not None", "safety"),
+    Mutant("train-id-at-vocab-size-allowed", GUARDS, "if low < 0 or high >= self.vocab:",
+           "if low < 0 or high > self.vocab:", "safety"),
+    Mutant("val-id-at-vocab-size-allowed", BATCHES, "if low < 0 or high >= emb.num_embeddings:",
+           "if low < 0 or high > emb.num_embeddings:", "safety"),
+    Mutant("no-progress-only-below-the-floor", GUARDS,
+           "(scale < SCALE_FLOOR or self.consecutive_skipped >= NO_PROGRESS_STEPS)", "(scale < SCALE_FLOOR)",
+           "safety"),
+    Mutant("skip-streak-never-reset", GUARDS,
+           "self.consecutive_skipped = self.consecutive_skipped + 1 if skipped else 0",
+           "self.consecutive_skipped += int(skipped)", "safety"),
+    Mutant("torn-line-kept", METRICS_LOG, r'end = data.rfind(b"\n") + 1', "end = len(data)", "safety"),
+    Mutant("second-signal-ignored", INTERRUPTS, 'raise KeyboardInterrupt(f"a second {name}: stopping now")',
+           "return", "safety"),
+    Mutant("second-signal-cuts-a-save", INTERRUPTS, r"\n\s*if self\.saving\(\):.*\n\s*return", "", "safety",
+           regex=True),
+    Mutant("unterminated-record-dropped", METRICS_LOG, "if end < len(data) and _is_record(data[end:]):",
+           "if False:", "safety"),
 ]
 
 
@@ -170,14 +234,21 @@ def copy_tree(dest: Path) -> None:
 
 
 def test_files(group: str) -> list[str]:
-    return [f for f in TESTS[group] if (ROOT / f).is_file()]
+    return [f for f in TESTS[group] if (ROOT / f.split("::")[0]).is_file()]  # a file, or a test's node id
 
 
-def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float, str]:
-    """``(outcome, seconds, last line)``: outcome is passed, failed, error (collection or usage) or timeout."""
+def run_tests(root: Path, files: list[str], timeout: float, workers: int = 0,
+              threads: int | None = None) -> tuple[str, float, str]:
+    """``(outcome, seconds, last line)``: outcome is passed, failed, error (collection or usage) or timeout.
+    ``workers`` > 1: pytest-xdist workers, as ``make test`` runs; ``threads``: torch threads of the run."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "PYTHONHASHSEED": "0",
            "WANDB_DIR": str(root / "wandb"), "PYTHONDONTWRITEBYTECODE": "1"}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-W", "ignore", *files]
+    if threads:  # mutants run side by side: one thread each, as the xdist workers of `make test`
+        env["OMP_NUM_THREADS"] = str(threads)
+    # nbval (notebooks) and xdist (when unused) cost a second or two of imports per run: off
+    parallel = ["-n", str(workers), "--dist", "loadfile"] if workers > 1 else ["-p", "no:xdist"]
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:nbval", "-W", "ignore",
+           *parallel, *files]
     t0 = time.perf_counter()
     try:
         out = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=timeout)
@@ -189,23 +260,25 @@ def run_tests(root: Path, files: list[str], timeout: float) -> tuple[str, float,
     return outcome, time.perf_counter() - t0, last
 
 
-def run_mutant(mutant: Mutant, timeout: float) -> dict:
+def run_mutant(mutant: Mutant, timeout: float, threads: int | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix=f"mutant-{mutant.name}-") as tmp:
         root = Path(tmp)
         copy_tree(root)
         where, stale = apply(mutant, root)
         if where is None:
             return {"mutant": mutant, "file": mutant.path, "status": "stale", "seconds": 0.0, "detail": stale}
-        outcome, seconds, last = run_tests(root, test_files(mutant.tests), timeout)
+        outcome, seconds, last = run_tests(root, test_files(mutant.tests), timeout, threads=threads)
     status = {"passed": "SURVIVED", "failed": "killed", "error": "killed (error)", "timeout": "killed (timeout)"}
     return {"mutant": mutant, "file": where, "status": status[outcome], "seconds": seconds, "detail": last}
 
 
-def baseline(groups: set[str], timeout: float) -> tuple[str, str]:
+def baseline(groups: set[str], timeout: float, workers: int = 0) -> tuple[str, str]:
     files = list(dict.fromkeys(f for g in sorted(groups) for f in test_files(g)))
+    whole = {f for f in files if "::" not in f}
+    files = [f for f in files if "::" not in f or f.split("::")[0] not in whole]  # a file run whole holds its tests
     with tempfile.TemporaryDirectory(prefix="mutant-baseline-") as tmp:
         copy_tree(Path(tmp))
-        outcome, _, last = run_tests(Path(tmp), files, timeout * len(groups))
+        outcome, _, last = run_tests(Path(tmp), files, timeout * len(groups), workers=workers)
     return outcome, last
 
 
@@ -239,13 +312,14 @@ def main(argv=None) -> int:
                 print(f"{m.name:<36} {str(path.relative_to(tmp)) if path else m.path:<36} {why or 'applies'}")
         return 0
     if not args.no_baseline:
-        outcome, last = baseline({m.tests for m in mutants}, args.timeout)
+        outcome, last = baseline({m.tests for m in mutants}, args.timeout, workers=args.jobs)
         if outcome != "passed":
             print(f"The unmutated tests do not pass ({outcome}: {last}); fix them first.")
             return 2
     t0 = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(args.jobs, 1)) as pool:
-        futures = {pool.submit(run_mutant, m, args.timeout): m for m in mutants}
+        threads = 1 if args.jobs > 1 else None
+        futures = {pool.submit(run_mutant, m, args.timeout, threads): m for m in mutants}
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
             r = future.result()
             print(f"[{done}/{len(mutants)}] {r['mutant'].name}: {r['status']} ({r['seconds']:.0f}s)", flush=True)

@@ -3,12 +3,41 @@ import sys
 import tempfile
 
 import pytest
+import torch
 import wandb_stand_in
+from xdist.scheduler import LoadFileScheduling
 
 # W&B never reaches the network from tests, even when a test forgets mode="offline".
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("WANDB_DIR", tempfile.mkdtemp(prefix="wandb-tests-"))
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cores, one thread each
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the subprocesses, notebook kernels, it starts
+
+
+# Tests that must not run beside each other share one scope under xdist: one worker runs them in turn.
+# A new test file that launches torchrun goes in "torchrun".
+SHARED_SCOPES = {
+    "torchrun": ("tests/test_ddp.py::", "tests/test_cli.py::test_torchrun_"),  # one torchrun launch at a time
+    "browser": ("tests/browser/",),  # one JupyterLab and Chromium at a time
+}
+
+
+class ByFile(LoadFileScheduling):
+    """``pytest -n 2 --dist loadfile`` (``make test``): a file's tests run on one worker, in order (its
+    module fixtures are built once; a notebook's cells share one kernel), and so do the SHARED_SCOPES."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        shared = (scope for scope, prefixes in SHARED_SCOPES.items() if nodeid.startswith(prefixes))
+        return next(shared, super()._split_scope(nodeid))
+
+
+@pytest.hookimpl(tryfirst=True, optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # xdist_group marks would say this, but xdist 3.8's loadgroup cannot rename nodes under pytest 9
+    return ByFile(config, log) if config.getvalue("dist") == "loadfile" else None
 
 
 @pytest.fixture

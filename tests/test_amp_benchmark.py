@@ -2,6 +2,7 @@ import json
 import math
 import re
 import time
+import types
 import warnings
 
 import matplotlib
@@ -18,6 +19,7 @@ from utils.training import (
     resolve_precision,
     scan_fp16_overflow,
 )
+from utils.training.benchmark import runner as runner_module
 from utils.training.benchmark.measure import (
     StepClock,
     matmul_params,
@@ -428,9 +430,12 @@ def test_a_resolver_warning_goes_into_the_notes_not_onto_stderr():
 class BusySpells(nn.Module):
     """gpt-micro whose every other instance sleeps 50 ms a forward: runs that disagree, as under a busy spell.
 
-    The benchmark builds one instance for the initial weights (no. 0), then one per run: runs 2, 4, ... are slow."""
+    The benchmark builds one instance for the initial weights (no. 0), then one per run: runs 2, 4, ... are slow.
+    With ``clock`` set (a one-item list the step clock reads) a forward moves it instead of sleeping: 1 ms, or
+    51 ms for a slow instance, whatever else runs on the machine."""
 
     built = 0
+    clock = None
 
     def __init__(self):
         super().__init__()
@@ -439,23 +444,27 @@ class BusySpells(nn.Module):
         BusySpells.built += 1
 
     def forward(self, x):
-        if self.slow:
+        if BusySpells.clock is not None:
+            BusySpells.clock[0] += 0.051 if self.slow else 0.001
+        elif self.slow:
             time.sleep(0.05)
         return self.inner(x)
 
 
 @pytest.fixture
 def busy_spells():
-    BusySpells.built = 0
-    return BusySpells
+    BusySpells.built, BusySpells.clock = 0, None
+    yield BusySpells
+    BusySpells.clock = None
 
 
-def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_spells):
+def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_spells, monkeypatch):
+    busy_spells.clock = [0.0]
+    monkeypatch.setattr(StepClock, "_stamp", lambda self: busy_spells.clock[0])  # step times on the model's clock
     b = quiet_benchmark(busy_spells, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=3, batch_size=4,
                         device="cpu")
     row = b.row("32-true")
-    fast, slow, fast_again = row.run_step_times_s
-    assert slow > 0.05 > max(fast, fast_again)
+    assert row.run_step_times_s == pytest.approx([0.001, 0.051, 0.001])  # one forward a step
     assert row.noise == pytest.approx(row.step_time_iqr_s / row.step_time_s)
     assert row.noise > NOISE_BOUND and row.noisy
     assert b.recommendation().startswith("The machine was busy: step times varied too much from run to run to "
@@ -464,7 +473,10 @@ def test_runs_that_disagree_make_a_noisy_row_and_no_speed_is_recommended(busy_sp
     assert f"noisy (IQR {row.noise:.1%} of the median)" in b.to_markdown()
 
 
-def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells):
+def test_a_noisy_row_gets_one_more_round_when_the_budget_allows_one(busy_spells, monkeypatch):
+    busy_spells.clock = [0.0]  # the step times and the budget both on the model's clock
+    monkeypatch.setattr(StepClock, "_stamp", lambda self: busy_spells.clock[0])
+    monkeypatch.setattr(runner_module, "time", types.SimpleNamespace(perf_counter=lambda: busy_spells.clock[0]))
     b = quiet_benchmark(busy_spells, ids(16), precisions=("32-true",), steps=2, warmup=0, repeats=3, batch_size=4,
                         device="cpu", max_seconds=0.05)  # the extra (slow) round outlasts this budget: one only
     assert b.settings["repeats"] == 4 and b.row("32-true").runs == 4

@@ -168,11 +168,16 @@ def test_seed_epoch_record_from_our_loop_is_at_the_loop_step(fake_wandb):
     assert epoch_rows == [({"amp/enabled": 1, "amp/precision": "32"}, 3)]
 
 
-def test_on_train_epoch_end_without_wandb_installed(monkeypatch):
+def test_without_wandb_installed_every_hook_is_a_quiet_no_op(monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     callback = AmpWandbCallback(enabled=True, precision="16")
-    callback.on_train_epoch_end(lightning_shaped_trainer(65536.0), None)
-    assert callback._run() is None
+    assert callback._wandb is None  # the not-installed path, not a stand-in with no run
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WandbWarning)  # a hook that tried to call W&B would warn
+        callback.on_train_epoch_end(lightning_shaped_trainer(65536.0), None)
+        result = train(Overflowing(), token_ids(), precision="16-mixed", device="cpu", max_steps=6, batch_size=4,
+                       log_every=1, progress=False, callbacks=[callback])
+    assert result.global_step == 6 and result.skipped_steps == 3  # the run goes on as without the callback
 
 
 def test_unknown_precision_lists_the_accepted_ones():

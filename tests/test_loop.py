@@ -1,5 +1,6 @@
 import json
 import re
+import types
 import warnings
 
 import pytest
@@ -10,6 +11,7 @@ from user_models import TransformerLM
 
 from utils.models import example_model
 from utils.training import PrecisionWarning, train
+from utils.training import loop as loop_module
 from utils.training.checkpoint import load_checkpoint
 
 V, T = 64, 16
@@ -137,20 +139,30 @@ def test_gradient_accumulation_matches_the_big_batch():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_tuple_output_and_pair_batches():
-    pairs = [(x[:, :-1], x[:, 1:]) for x in data(32).split(8)]
-    result = run(tiny(returns="tuple"), pairs, precision="32-true", epochs=2, log_every=1)
-    assert result.global_step == 8 and len(result.epochs) == 2
+def test_tuple_output_and_pair_batches_train_as_a_tensor_output_on_whole_sequences():
+    """(logits, extra) is read as its logits, and (inputs, targets) pairs as the shifted sequence."""
+    sequences = list(data(32).split(8))
+    pairs = [(x[:, :-1], x[:, 1:]) for x in sequences]
+    tuple_model, plain_model = tiny(returns="tuple", dropout=0.0), tiny(dropout=0.0)
+    got = run(tuple_model, pairs, precision="32-true", epochs=2, log_every=1)
+    want = run(plain_model, sequences, precision="32-true", epochs=2, log_every=1)
+    assert got.global_step == 8 and [h["loss"] for h in got.history] == [h["loss"] for h in want.history]
+    assert all(torch.equal(a, b) for a, b in zip(tuple_model.parameters(), plain_model.parameters()))
 
 
-def test_classifier_pairs_report_accuracy():
+def test_classifier_pairs_report_the_accuracy_of_the_models_predictions():
+    torch.manual_seed(0)
     model = example_model("encoder-classifier")
-    ids = torch.randint(0, 100, (32, 12))
-    labels = (ids[:, 0] % 2)
+    ids = torch.randint(0, 100, (32, 12), generator=torch.Generator().manual_seed(0))
+    labels = ids[:, 0] % 2  # learnable: the parity of the first token (memorised in a few epochs)
     pairs = [(ids[i:i + 8], labels[i:i + 8]) for i in range(0, 32, 8)]
-    result = run(model, pairs, val_data=pairs, precision="32-true", epochs=1)
-    acc = result.epochs[-1]["val_accuracy"]
-    assert 0.0 <= acc <= 1.0 and result.epochs[-1]["val_perplexity"] is None
+    result = run(model, pairs, val_data=pairs, precision="32-true", epochs=4, lr=3e-3)
+    model.eval()
+    with torch.no_grad():
+        by_hand = (model(ids).argmax(-1) == labels).float().mean().item()
+    assert result.epochs[-1]["val_accuracy"] == pytest.approx(by_hand)
+    assert by_hand >= 0.9  # far above chance (0.5): learned
+    assert result.epochs[-1]["val_perplexity"] is None
 
 
 def test_hugging_face_gpt2_with_dict_batches_uses_its_own_loss():
@@ -309,8 +321,16 @@ def test_callbacks_see_hooks_in_order_with_the_trainer_state():
                       ("epoch", 0, True), ("end", 4)]
 
 
-def test_progress_bar_runs():
-    assert run(tiny(), data(16), precision="32-true", max_steps=2, batch_size=8, progress=True).global_step == 2
+def test_progress_bar_shows_the_precision_the_steps_and_the_loss(capsys):
+    result = run(tiny(), data(16), precision="32-true", max_steps=2, batch_size=8, log_every=1, progress=True)
+    bar = capsys.readouterr().err.split("\r")[-1]  # tqdm redraws its line on stderr; the last is final
+    assert bar.startswith("train [32-true]: 100%") and "| 2/2 [" in bar
+    assert f"loss={result.history[-1]['loss']:.4f}" in bar
+
+
+def test_no_progress_bar_when_progress_is_off(capsys):
+    run(tiny(), data(16), precision="32-true", max_steps=2, batch_size=8, progress=False)
+    assert "train [" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -352,16 +372,18 @@ def test_model_without_trainable_parameters_is_an_error():
         run(model, data())
 
 
-def test_throughput_excludes_validation_time():
-    class SlowEval(TinyLM):
-        def forward(self, x):
-            if not self.training:
-                import time
+def test_throughput_excludes_validation_time(monkeypatch):
+    """On a clock the test controls: each training forward takes 1 s, each validation batch 10 s."""
+    clock = [0.0]
+    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
-                time.sleep(0.05)
+    class TimedEval(TinyLM):
+        def forward(self, x):
+            clock[0] += 1.0 if self.training else 10.0
             return super().forward(x)
 
     torch.manual_seed(0)
-    result = run(SlowEval(), data(16), val_data=data(32), precision="32-true", epochs=1, batch_size=8)
-    train_s = result.wall_time_s - 4 * 0.05  # 4 validation batches slept 0.2 s
-    assert result.tokens_per_second >= 0.9 * (16 * T) / train_s
+    result = run(TimedEval(), data(16), val_data=data(32), precision="32-true", epochs=1, batch_size=8, log_every=1)
+    assert result.wall_time_s == 2 + 4 * 10  # 2 training steps, 4 validation batches
+    assert result.tokens_per_second == pytest.approx(16 * T / 2)  # 16 sequences of T tokens in 2 s of training
+    assert [h["tokens_per_s"] for h in result.history] == pytest.approx([8 * T, 8 * T])

@@ -1,3 +1,4 @@
+import io
 import re
 import warnings
 
@@ -7,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from utils.training import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
+from utils.training import precision as precision_module
 from utils.training.precision import ACCEPTED, ALIASES, CANONICAL, canonical_precision
 
 CPU_BF16 = Capabilities(cpu_bf16=True)
@@ -143,9 +145,27 @@ def test_make_scaler_is_enabled_only_for_fp16_mixed():
     assert not resolve_precision("bf16", caps=CPU_BF16).make_scaler().is_enabled()
 
 
-def test_detected_capabilities_resolve_on_this_machine():
-    plan = resolve_precision("auto")
-    assert plan.name in CANONICAL and plan.device_type in ("cpu", "cuda", "mps")
+@pytest.mark.parametrize("machine, flags, native", [
+    ("x86_64", "fpu avx2 avx512f", False), ("x86_64", "fpu avx2 avx512_bf16", True), ("x86_64", "amx_tile amx_bf16", True),
+    ("aarch64", "fp asimd bf16", True), ("aarch64", "fp asimd", False),
+])
+def test_native_cpu_bf16_is_read_from_the_cpu_flags_and_decides_auto(monkeypatch, machine, flags, native):
+    monkeypatch.setattr(precision_module, "open", lambda *a, **k: io.StringIO(f"flags\t: {flags}\n"), raising=False)
+    monkeypatch.setattr(precision_module.platform, "machine", lambda: machine)
+    precision_module.cpu_has_native_bf16.cache_clear()
+    try:
+        caps = Capabilities.detect()
+        assert caps.cpu_bf16 is native
+        assert resolve_precision("auto", device="cpu").name == ("bf16-mixed" if native else "32-true")
+    finally:
+        precision_module.cpu_has_native_bf16.cache_clear()  # the next call reads this machine again
+
+
+def test_auto_with_no_caps_resolves_what_this_machine_detects():
+    caps = Capabilities.detect()
+    assert (caps.cuda, caps.cuda_count) == (torch.cuda.is_available(), torch.cuda.device_count())
+    plan, by_caps = resolve_precision("auto"), resolve_precision("auto", caps=caps)
+    assert (plan.name, plan.device) == (by_caps.name, by_caps.device)
 
 
 DEVICES = st.one_of(

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import warnings
 import zipfile
 from pathlib import Path
@@ -20,7 +21,12 @@ from torch import nn
 from utils.training import PrecisionWarning, train
 from utils.training import checkpoint as ckpt_io
 from utils.training.checkpoint import CheckpointWriteError, load_checkpoint
+from utils.training.cli import exit_status, train_summary
 from utils.training.curves import read_metrics
+from utils.training.distributed import World
+from utils.training.guards import StepChecks
+from utils.training.metrics_log import repair
+from utils.training.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T = 64, 16
@@ -127,6 +133,42 @@ def test_all_finite_sees_one_nan_among_many_tensors():
     assert ckpt_io.all_finite([torch.full((4,), 6e4, dtype=torch.float16)])  # large but finite: no overflow
 
 
+def test_checkpoint_minutes_saves_when_that_much_time_passed_since_the_last_save(tmp_path, monkeypatch):
+    clock = [0.0]  # the Checkpointer's clock, moved 4 minutes by each logged step: no real waiting
+    monkeypatch.setattr(ckpt_io, "time", types.SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
+    saved, save = [], ckpt_io.Checkpointer.save
+
+    def recording_save(self, trainer, best=False):
+        saved.append(trainer.global_step)
+        save(self, trainer, best)
+
+    monkeypatch.setattr(ckpt_io.Checkpointer, "save", recording_save)
+
+    class FourMinutesAStep:
+        def on_step_end(self, trainer, metrics):
+            clock[0] += 240.0
+
+    run(tiny(), data(), max_steps=8, log_every=1, checkpoint_minutes=10, run_dir=tmp_path,
+        callbacks=[FourMinutesAStep()])
+    # 12 min at step 3: saved, and the 10 minutes count again from there (step 6); step 8 is the end
+    assert saved == [3, 6, 8]
+
+
+def test_checkpoint_minutes_is_read_at_log_steps_only(tmp_path, monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(ckpt_io, "time", types.SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
+    saved, save = [], ckpt_io.Checkpointer.save
+    monkeypatch.setattr(ckpt_io.Checkpointer, "save",
+                        lambda self, trainer, best=False: (saved.append(trainer.global_step), save(self, trainer, best)))
+
+    def one_minute_a_step(model, batch):
+        clock[0] += 60.0
+        return lm_loss(model, batch)
+
+    run(tiny(), data(), max_steps=7, log_every=3, checkpoint_minutes=2, loss_fn=one_minute_a_step, run_dir=tmp_path)
+    assert saved == [3, 6, 7]  # 2 minutes passed at step 2, but the first log step after it is step 3
+
+
 def test_a_16_mixed_run_whose_every_step_is_skipped_ends_with_an_error():
     def overflowing(model, batch):
         return lm_loss(model, batch) * float("inf")
@@ -136,6 +178,19 @@ def test_a_16_mixed_run_whose_every_step_is_skipped_ends_with_an_error():
             "No progress: the last 41 steps (to step 41) were all skipped for inf/NaN gradients in 16-mixed")):
         run(tiny(), data(256), precision="16-mixed", device="cpu", max_steps=200, batch_size=4,
             loss_fn=overflowing, log_every=50)
+
+
+def test_fifty_skipped_steps_in_a_row_end_the_run_while_the_scale_is_still_high():
+    checks = StepChecks(tiny(), resolve_precision("32-true", "cpu"))
+    for step in range(1, 50):  # 49 in a row, then one step that went through: the count starts again
+        checks.observe_skip(True, 1024.0, step)
+    checks.observe_skip(False, 1024.0, 50)
+    for step in range(51, 100):
+        checks.observe_skip(True, 1024.0, step)
+    with pytest.raises(FloatingPointError, match=re.escape(
+            "No progress: the last 50 steps (to step 100) were all skipped for inf/NaN gradients in 32-true, "
+            "and the loss scale fell to 1024.")):
+        checks.observe_skip(True, 1024.0, 100)
 
 
 # ---- 2. stops are survivable ------------------------------------------------------------------
@@ -179,26 +234,55 @@ def test_a_signal_stops_the_cli_at_a_step_boundary_with_a_checkpoint(tmp_path, s
     assert not list((run_dir / "checkpoints").glob(".latest.pt.*"))
 
 
-def test_a_second_interrupt_stops_at_once_and_says_whether_a_checkpoint_was_saved(tmp_path):
-    outcomes = []
-    for i in range(3):
-        run_dir = tmp_path / f"run{i}"
-        proc = popen_cli(["--checkpoint-every", "1"], run_dir)  # saves all the time: the 2nd signal may hit one
-        wait_for_steps(run_dir, proc, 2)
-        os.kill(proc.pid, signal.SIGINT)
-        time.sleep(0.002 * i)
-        os.kill(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-        assert "Traceback" not in err and proc.returncode in (130, 1), err[-2000:]
-        _, state = load_checkpoint(run_dir)  # whatever happened, the checkpoint on disk is whole
-        assert adam_steps(state) == {state["global_step"]}
-        assert not list((run_dir / "checkpoints").glob(".latest.pt.*"))
-        if proc.returncode == 130:
-            assert f"saved          checkpoint of step {state['global_step']}: " in out
-        else:
-            assert "NO new checkpoint" in out or "no new checkpoint" in err
-        outcomes.append(proc.returncode)
-    assert set(outcomes) <= {1, 130}
+def summary_of(result, run_dir) -> str:
+    return train_summary(result, {"model": "tiny", "batch_size": 8, "run_dir": str(run_dir)}, World())
+
+
+def test_a_second_interrupt_mid_step_stops_at_once_and_saves_no_half_step(tmp_path):
+    """Both signals arrive at a known point (step 4's forward), in this process: no timing involved."""
+    calls = []
+
+    def interrupted_twice(model, batch):
+        calls.append(1)
+        if len(calls) == 4:  # the first asks for a stop after this step; the second stops now
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        return lm_loss(model, batch)
+
+    result = run(tiny(), data(), max_steps=10, log_every=1, checkpoint_every=2, loss_fn=interrupted_twice,
+                 run_dir=tmp_path)
+    assert result.interrupted and result.stopped_by == "SIGINT"
+    assert (result.global_step, result.checkpoint_step) == (3, 2)  # step 4 never applied, step 3 not saved
+    state = load_checkpoint(tmp_path)[1]
+    assert state["global_step"] == 2 and adam_steps(state) == {2}
+    assert exit_status(result) == 1
+    assert "NO new checkpoint (stopped mid-step); the last is the checkpoint of step 2" in summary_of(result, tmp_path)
+
+
+def test_a_second_interrupt_during_a_save_lets_the_save_finish(tmp_path, monkeypatch):
+    writes, save_atomic = [], ckpt_io.save_atomic
+
+    def interrupted_save(state, path):
+        writes.append(state["global_step"])
+        if len(writes) == 1:
+            signal.raise_signal(signal.SIGINT)  # the second signal, while the first checkpoint is being written
+        save_atomic(state, path)
+
+    monkeypatch.setattr(ckpt_io, "save_atomic", interrupted_save)
+
+    class FirstSignal:
+        def on_step_end(self, trainer, metrics):
+            if trainer.global_step == 2:
+                signal.raise_signal(signal.SIGINT)
+
+    result = run(tiny(), data(), max_steps=10, log_every=1, checkpoint_every=2, run_dir=tmp_path,
+                 callbacks=[FirstSignal()])
+    assert result.interrupted and (result.global_step, result.checkpoint_step) == (2, 2)
+    assert writes == [2]  # written once, whole: not cut short by the second signal and written again
+    assert adam_steps(load_checkpoint(tmp_path)[1]) == {2}
+    assert not list((tmp_path / "checkpoints").glob(".latest.pt.*"))
+    assert exit_status(result) == 130
+    assert f"saved          checkpoint of step 2: {tmp_path / 'checkpoints' / 'latest.pt'}" in summary_of(result, tmp_path)
 
 
 def test_stale_temp_files_are_swept_on_the_next_start(tmp_path):
@@ -298,6 +382,32 @@ def test_cli_refuses_a_second_fresh_run_into_the_same_folder(tmp_path, capsys):
     assert len(list(tmp_path.glob("replaced-*/command.json"))) == 1
 
 
+def files_of(folder: Path) -> dict:
+    return {f: f.read_bytes() for f in folder.rglob("*") if f.is_file()}
+
+
+def test_resuming_into_another_folder_that_holds_a_run_is_an_error_that_writes_nothing(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(tiny(), data(), max_steps=2, log_every=1, run_dir=a)
+    run(tiny(seed=1), data(), max_steps=3, log_every=1, run_dir=b)
+    before = files_of(a), files_of(b)
+    with pytest.raises(ValueError, match=re.escape(f"run_dir={str(b)!r} already holds a run")):
+        run(tiny(), data(), max_steps=4, log_every=1, run_dir=b, resume_from=a)
+    assert (files_of(a), files_of(b)) == before
+
+
+@pytest.mark.parametrize("name, then, now", [("seed", 0, 1), ("grad_accum_steps", 1, 2)])
+def test_resuming_with_another_seed_or_accumulation_is_an_error_that_writes_nothing(tmp_path, name, then, now):
+    run(tiny(), data(), max_steps=2, run_dir=tmp_path, **{name: then})
+    before = files_of(tmp_path)
+    latest = tmp_path / "checkpoints" / "latest.pt"
+    with pytest.raises(ValueError, match=re.escape(
+            f"Checkpoint {str(latest)!r} was trained with {name}={then}, but this call has {name}={now}; the "
+            f"data position would not match. Pass {name}={then}.")):
+        run(tiny(), data(), max_steps=4, run_dir=tmp_path, resume_from=tmp_path, **{name: now})
+    assert files_of(tmp_path) == before
+
+
 # ---- 4. metrics files -------------------------------------------------------------------------
 
 def test_a_torn_last_line_is_tolerated_by_the_reader_and_repaired_on_resume(tmp_path):
@@ -312,6 +422,38 @@ def test_a_torn_last_line_is_tolerated_by_the_reader_and_repaired_on_resume(tmp_
         run(tiny(), data(), max_steps=6, log_every=1, run_dir=tmp_path, resume_from=tmp_path)
     records = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in records if r["type"] == "step"] == [1, 2, 3, 4, 5, 6]
+
+
+RECORDS = b'{"type": "step", "step": 1}\n{"type": "step", "step": 2}\n{"type": "epoch", "step": 2}\n'
+
+
+def test_repair_cuts_a_torn_last_line_and_nothing_else(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(RECORDS + b'{"type": "step", "st')
+    with pytest.warns(RuntimeWarning, match=re.escape(f"{path}: its last line was incomplete")):
+        assert repair(path) == len(b'{"type": "step", "st')
+    assert path.read_bytes() == RECORDS
+
+
+def test_repair_keeps_a_whole_last_record_whose_newline_is_missing(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(RECORDS + b'{"type": "step", "step": 3}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing was lost: no warning
+        assert repair(path) == 0
+    assert path.read_bytes() == RECORDS + b'{"type": "step", "step": 3}\n'
+
+
+def test_repair_on_resume_keeps_the_records_the_checkpoint_knows_then_cuts_a_torn_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(RECORDS + b'{"ty')
+    with pytest.warns(RuntimeWarning, match="its last line was incomplete"):
+        repair(path, keep=2)
+    assert path.read_bytes() == RECORDS.split(b"\n", 2)[0] + b"\n" + RECORDS.split(b"\n", 2)[1] + b"\n"
+    path.write_bytes(RECORDS + b'{"ty')
+    with pytest.warns(RuntimeWarning, match="its last line was incomplete"):
+        repair(path, keep=3)  # every whole record known: only the torn line goes
+    assert path.read_bytes() == RECORDS
 
 
 def test_records_written_after_the_last_checkpoint_are_not_duplicated_on_resume(tmp_path):
@@ -505,6 +647,17 @@ def test_a_bad_token_id_past_the_first_batch_is_named():
     with pytest.raises(ValueError, match=re.escape(f"train_data holds token id {V + 5}, outside the model's "
                                                    f"vocabulary") + r".*Found in the batch of step 3\."):
         run(tiny(), batches, max_steps=3)
+
+
+@pytest.mark.parametrize("where", ["train_data", "val_data"])
+def test_a_token_id_equal_to_the_vocabulary_size_is_out_of_range(where):
+    bad = data(16, seed=2)
+    bad[5, 4] = V  # the first id past the embedding's rows (0..V-1)
+    kw = {"train_data": bad} if where == "train_data" else {"train_data": data(), "val_data": bad}
+    with pytest.raises(ValueError, match=re.escape(
+            f"{where} holds token id {V}, outside the model's vocabulary: its input embedding has {V} rows "
+            f"(ids 0..{V - 1})")):
+        run(tiny(), max_steps=2, **kw)
 
 
 def test_a_bad_token_id_in_val_data_is_named():

@@ -18,9 +18,10 @@ from task_models import (
 from utils.data import ByteTokenizer, load_corpus, make_lm_dataset, make_topic_dataset
 from utils.models import example_model
 from utils.tasks import shift_right
-from utils.training import benchmark_amp, evaluate, train
+from utils.training import benchmark_amp, evaluate, plan_memory, train
 from utils.training.batches import IGNORE_INDEX
-from utils.training.objectives import mask_tokens
+from utils.training.benchmark.measure import saved_tensor_bytes
+from utils.training.objectives import mask_tokens, objective_loss_fn
 from utils.training.precision import resolve_precision
 
 TEXT = load_corpus()[:20_000]
@@ -195,9 +196,12 @@ def test_the_precision_report_runs_an_encoder_decoder_with_its_objective(windows
     assert report.loss_fp32 == pytest.approx(float(by_hand), rel=1e-4)
 
 
-def test_plan_memory_measures_a_masked_lm(windows):
-    from utils.training import plan_memory
-
-    plan = plan_memory(BidirectionalMLM(), windows.train[:2], precisions=("32-true",))
-    assert plan.row("32-true").activation_bytes_per_sample > 0
+def test_plan_memory_of_a_masked_lm_counts_its_sizes_by_hand(windows):
+    model, batch = BidirectionalMLM(), windows.train[:2]
+    plan = plan_memory(model, batch, precisions=("32-true",))
+    row, params = plan.row("32-true"), sum(p.numel() for p in model.parameters())
+    assert row.weight_bytes == row.gradient_bytes == params * 4 and row.optimizer_bytes == 2 * params * 4
     assert plan.sequence_length == 16  # the window minus the token a causal LM would predict
+    assert row.output_grad_bytes_per_sample == 2 * 4 * 16 * 256  # logits (16, V=256) and their gradient, fp32
+    by_hand = saved_tensor_bytes(model, batch, resolve_precision("32-true", "cpu"), loss_fn=objective_loss_fn(model))
+    assert row.activation_bytes_per_sample == by_hand.activations / 2 > 0  # measured under its masked objective
