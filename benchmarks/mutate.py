@@ -128,8 +128,8 @@ MUTANTS = [
     Mutant("true-precisions-keep-fp32-weights", PRECISION,  # both "-true" rows of FACTS, one match
            r'("16-true", torch\.float16), torch\.float16(,.*\n\s*PrecisionFacts\("bf16-true", torch\.bfloat16), torch\.bfloat16',
            r"\1, torch.float32\2, torch.float32", "resolver", regex=True),
-    Mutant("cpu-bf16-from-avx512f", PRECISION, 'return bool(flags & {"avx512_bf16", "amx_bf16"})',
-           'return bool(flags & {"avx512f", "amx_bf16"})', "resolver"),
+    Mutant("cpu-bf16-from-avx512f", PRECISION, '"x86": {"avx512_bf16": "AVX512-BF16"',
+           '"x86": {"avx512f": "AVX512-BF16"', "resolver"),
     # -- the W&B callback -----------------------------------------------------------------------
     Mutant("overflow-flag-never-set", CALLBACK, '"amp/overflow": int(skipped > self._logged_skipped)',
            '"amp/overflow": 0', "callback"),

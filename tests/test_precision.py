@@ -152,13 +152,13 @@ def test_make_scaler_is_enabled_only_for_fp16_mixed():
 def test_native_cpu_bf16_is_read_from_the_cpu_flags_and_decides_auto(monkeypatch, machine, flags, native):
     monkeypatch.setattr(precision_module, "open", lambda *a, **k: io.StringIO(f"flags\t: {flags}\n"), raising=False)
     monkeypatch.setattr(precision_module.platform, "machine", lambda: machine)
-    precision_module.cpu_has_native_bf16.cache_clear()
+    precision_module.cpu_bf16_features.cache_clear()
     try:
         caps = Capabilities.detect()
         assert caps.cpu_bf16 is native
         assert resolve_precision("auto", device="cpu").name == ("bf16-mixed" if native else "32-true")
     finally:
-        precision_module.cpu_has_native_bf16.cache_clear()  # the next call reads this machine again
+        precision_module.cpu_bf16_features.cache_clear()  # the next call reads this machine again
 
 
 def test_auto_with_no_caps_resolves_what_this_machine_detects():
