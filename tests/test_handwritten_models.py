@@ -1,12 +1,21 @@
 """Users' models whose attention is written by hand (``@``/``einsum`` and a softmax), and models that
 compute their own loss: the tiers, training, resume and the benchmark on each."""
+import re
+
 import pytest
 import torch
-from handwritten_models import EinsumDecoder, EinsumEncoder, MatmulGPT
+import torch.nn.functional as F
+from handwritten_models import EinsumDecoder, EinsumEncoder, LossOnlyLM, LossWrapper, MatmulGPT
 from torch import nn
 from user_models import TransformerLM, TupleLM
 
 from utils.analysis import capture_attention, check_attention_patterns, run_tier2, softmax_attention
+from utils.model_calls import find_logits_network, returns_loss
+from utils.tasks import detect_task
+from utils.training import benchmark_amp, evaluate, resolve_precision, train
+from utils.validation import run_tier1
+
+DATA = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(0))  # windows of 16 + 1
 
 
 @pytest.mark.parametrize("build, causal", [(MatmulGPT, True), (EinsumDecoder, True), (EinsumEncoder, False)])
@@ -74,3 +83,89 @@ def test_tier2_judges_hand_written_attention(build, causal):
     attention = report["attention_patterns"]
     assert not attention.skipped and attention.details["causal"] is causal
     assert report["token_substitution"].details["earlier_positions_unchanged"] is causal
+
+
+# ---- a forward that returns its loss -------------------------------------------------------------
+
+def wrapper():
+    torch.manual_seed(0)
+    return LossWrapper()
+
+
+def test_a_loss_returning_forward_is_recognised_and_its_network_found():
+    model = wrapper()
+    assert returns_loss(model) and not returns_loss(model.net)
+    assert find_logits_network(model) == ("net", model.net)
+
+
+@pytest.mark.parametrize("run", [run_tier1, run_tier2])
+def test_the_tiers_check_a_loss_wrapper_through_its_network_and_say_so(run):
+    report = run(wrapper(), figures=False)
+    assert report.passed, report
+    assert report.info["checked_through"].startswith("LossWrapper.forward returns its loss, not logits: "
+                                                     "checked through model.net (EinsumDecoder)")
+    assert report.info["model"] == "EinsumDecoder"
+
+
+def test_the_task_of_a_loss_wrapper_is_its_networks():
+    info = detect_task(LossWrapper(EinsumEncoder()))
+    assert info.task == "masked-lm" and "LossWrapper.forward returns its own loss; model.net" in info.reason
+
+
+def test_training_a_loss_wrapper_uses_its_loss_on_the_whole_windows():
+    model = wrapper()
+    expected = float(model(DATA[:4]).detach())  # what the wrapper says of the first batch, unshifted by the loop
+    result = train(model, DATA[:4], precision="32-true", device="cpu", max_steps=1, batch_size=4, lr=1e-3,
+                   log_every=1, progress=False)
+    assert result.objective.startswith("own loss: LossWrapper.forward returns the loss; windows are passed whole")
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_training_a_loss_wrapper_lowers_its_loss():
+    result = train(wrapper(), DATA, precision="32-true", device="cpu", max_steps=12, batch_size=8, lr=1e-2,
+                   log_every=1, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"] - 0.3
+
+
+def test_a_loss_wrapper_is_evaluated_through_its_network():
+    model = wrapper()
+    scores = evaluate(model, DATA[:8], resolve_precision("32-true", "cpu"))
+    logits = model.net(DATA[:8, :-1])
+    assert scores["val_loss"] == pytest.approx(float(F.cross_entropy(logits.transpose(1, 2), DATA[:8, 1:])), rel=1e-5)
+    assert scores["val_accuracy"] == pytest.approx(float((logits.argmax(-1) == DATA[:8, 1:]).float().mean()))
+
+
+def test_a_loss_wrapper_resumes_where_it_stopped(tmp_path):
+    train(wrapper(), DATA, precision="32-true", device="cpu", max_steps=2, batch_size=4, progress=False,
+          run_dir=tmp_path)
+    resumed_model, straight_model = wrapper(), wrapper()
+    resumed = train(resumed_model, DATA, precision="32-true", device="cpu", max_steps=4, batch_size=4,
+                    progress=False, run_dir=tmp_path, resume_from=tmp_path)
+    train(straight_model, DATA, precision="32-true", device="cpu", max_steps=4, batch_size=4, progress=False)
+    assert resumed.global_step == 4
+    for (name, a), b in zip(resumed_model.state_dict().items(), straight_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_benchmark_trains_a_loss_wrapper_and_scores_its_network():
+    bench = benchmark_amp(wrapper, DATA, precisions=("32-true", "bf16-mixed"), steps=1, warmup=0, repeats=1,
+                          max_seconds=0, batch_size=4, device="cpu", eval_data=DATA[:4])
+    assert [r.error for r in bench.rows] == [None, None]
+    assert bench.rows[0].eval_accuracy is not None
+
+
+def test_a_loss_model_with_no_network_inside_is_one_message():
+    with pytest.raises(ValueError, match=re.escape(
+            "run_tier1(LossOnlyLM): LossOnlyLM.forward returns a loss (a scalar), not logits, and none of its "
+            "submodules maps token ids (B, T) to logits (B, T, V).")) as raised:
+        run_tier1(LossOnlyLM())
+    assert "pass the network your wrapper calls" in str(raised.value)
+
+
+def test_a_loss_model_with_no_network_inside_still_trains_and_evaluates_on_its_loss():
+    torch.manual_seed(0)
+    model = LossOnlyLM()
+    scores = evaluate(model, DATA[:8], resolve_precision("32-true", "cpu"), batch_size=8)
+    assert scores["val_loss"] == pytest.approx(float(model(DATA[:8])), rel=1e-6) and scores["val_accuracy"] is None
+    result = train(model, DATA, precision="32-true", device="cpu", max_steps=2, batch_size=8, progress=False)
+    assert result.global_step == 2

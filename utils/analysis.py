@@ -35,6 +35,7 @@ from utils.tasks import (
     call_inputs,
     detect_task,
     earlier_positions_unchanged,
+    logits_network,
     task_logits,
 )
 
@@ -84,6 +85,8 @@ def run_tier2(
     call = f"run_tier2({type(model).__name__})"
     if device is not None:
         model.to(device)
+    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
+    model = network.module
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     info = _task(model, task, vocab_size, max_seq_len, call)
     kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
@@ -97,6 +100,8 @@ def run_tier2(
     ]
     about = {"model": type(model).__name__, "task": info.describe(), "vocab_size": spec.vocab_size,
              "seq_len": _length(spec, seq_len), "device": str(spec.device)}
+    if network.note:
+        about["checked_through"] = network.note
     return Report(f"Tier 2: {type(model).__name__}", checks, info=about)
 
 

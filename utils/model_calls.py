@@ -290,6 +290,9 @@ class ModelCall:
         last_position_only: for ``"targets"``: whether a call without targets returns only the
             last position (llama2.c, nanoGPT), learnt from the first :func:`predict` on more than
             one token, or True when the targets have no default; None until known.
+        returns_loss: for ``"plain"``: whether ``forward(ids)`` returns a loss, not logits (a
+            wrapper that shifts the sequence and computes the loss itself), learnt by
+            :func:`returns_loss`; None until known.
     """
 
     owner: str
@@ -297,6 +300,7 @@ class ModelCall:
     convention: str
     target_arg: str | None = None
     last_position_only: bool | None = field(default=None, compare=False)
+    returns_loss: bool | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         """One line: the convention and what the suite does about it."""
@@ -370,6 +374,71 @@ def model_loss(model: nn.Module, output) -> torch.Tensor | None:
         if isinstance(second, torch.Tensor) and second.dim() == 0 and second.is_floating_point():
             loss = second
     return loss
+
+
+def is_loss_output(output) -> bool:
+    """True for what a forward that computes its own loss returns: a 0-dim float tensor, or a
+    dict/``ModelOutput`` with a ``loss`` and no ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output.dim() == 0 and output.is_floating_point()
+    return get_loss(output) is not None and not isinstance(_field(output, "logits"), torch.Tensor)
+
+
+_PROBE_IDS = (2, 4)  # a loss wrapper shifts its input, so the probe stays short of any context
+
+
+def returns_loss(model: nn.Module) -> bool:
+    """Whether ``model(ids)`` returns a loss instead of logits (``loss = model(seq)``: the wrapper
+    shifts the sequence and computes the cross-entropy itself). Only plain ``forward(ids)`` models
+    are probed, once, on ``(2, 4)`` zeros in eval mode; the answer is cached with :func:`model_call`.
+
+    Example::
+
+        >>> class Wrapper(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.net = nn.Embedding(10, 10)
+        ...     def forward(self, seq):
+        ...         return self.net(seq[:, :-1]).logsumexp(-1).mean()
+        >>> returns_loss(Wrapper()), returns_loss(nn.Embedding(10, 10))
+        (True, False)
+    """
+    call = model_call(model)
+    if call.returns_loss is None:
+        call.returns_loss = call.convention == PLAIN and _probe_returns_loss(unwrap(model))
+    return call.returns_loss
+
+
+def _probe_returns_loss(model: nn.Module) -> bool:
+    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=model_device(model))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            return is_loss_output(model(ids))
+    except Exception:  # noqa: BLE001  a model that fails on this probe fails, with its message, where it is used
+        return False
+
+
+def find_logits_network(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the first submodule (outermost first) that holds an input embedding
+    and maps token ids ``(B, T)`` to logits ``(B, T, V)`` over its vocabulary: the network a
+    loss-returning wrapper calls. None when no submodule does.
+
+    .. note:: Calls each candidate once on ``(2, 4)`` zeros without gradients, in eval mode.
+    """
+    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=model_device(model))
+    for name, child in model.named_modules():
+        if child is model or isinstance(child, nn.Embedding) or find_input_embedding(child) is None:
+            continue
+        vocab = find_vocab_size(child)
+        try:
+            with preserved_state(child), torch.no_grad():
+                child.eval()
+                logits = get_logits(child(ids))
+        except Exception:  # noqa: BLE001  a part that does not take token ids alone is not the network
+            continue
+        if logits.dim() == 3 and tuple(logits.shape) == (*_PROBE_IDS, vocab):
+            return name, child
+    return None
 
 
 def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

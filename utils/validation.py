@@ -32,7 +32,7 @@ from utils.model_calls import (
     short_logits_error,
 )
 from utils.report import Check, Report, new_figure, run_check
-from utils.tasks import TaskInfo, detect_task, task_logits
+from utils.tasks import TaskInfo, detect_task, logits_network, task_logits
 from utils.training.benchmark.measure import saved_tensor_bytes
 from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
@@ -73,8 +73,12 @@ def run_tier1(
         task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`);
             an encoder-decoder is called with the ids shifted right as its decoder inputs.
 
+    A model whose forward returns its own loss (``loss = model(seq)``) is checked through the
+    network it wraps (see :func:`utils.tasks.logits_network`), and the report says so.
+
     Raises:
-        ValueError: the model takes no token ids, or a bad size, precision or task.
+        ValueError: the model takes no token ids, or a bad size, precision or task; it returns a
+            loss and holds no network that returns logits.
 
     .. note::
         Cost: about 40 forward passes of up to ``max(batch_sizes) x max_seq_len`` tokens and one
@@ -83,6 +87,8 @@ def run_tier1(
     call = f"run_tier1({type(model).__name__})"
     if device is not None:
         model.to(device)
+    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
+    model = network.module
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     plan = resolve_precision(precision, device=spec.device)
     info, task_note = _tier_task(model, task, vocab_size, max_seq_len, call)
@@ -98,7 +104,13 @@ def run_tier1(
         run_check("inference_speed", lambda: check_inference_speed(
             model, batch_sizes=batch_sizes, plan=plan, figure=figures, **kw)),
     ]
-    return Report(f"Tier 1: {type(model).__name__}", checks, info=_model_info(model, spec, plan) | {"task": task_note})
+    info = _model_info(model, spec, plan) | {"task": task_note}
+    return Report(f"Tier 1: {type(model).__name__}", checks, info=info | _through(network))
+
+
+def _through(network) -> dict:
+    """The report line saying a loss-returning wrapper was checked through its network."""
+    return {"checked_through": network.note} if network.note else {}
 
 
 def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:

@@ -19,6 +19,8 @@ from utils.model_calls import (
     call_with_targets,
     find_input_embedding,
     get_logits,
+    get_loss,
+    is_loss_output,
     model_call,
     model_loss,
     short_logits_error,
@@ -121,13 +123,16 @@ def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, to
     """Run the model; return (loss, logits, targets-aligned-with-logits).
 
     A loss the model returns itself (``output.loss``, or the ``(logits, loss)`` of a
-    ``forward(idx, targets=None)`` model) is used as is.
+    ``forward(idx, targets=None)`` model) is used as is. A model that returns only a loss
+    (``loss = model(seq)``) gives ``(loss, None, None)``.
 
     Raises:
         ValueError: the logits do not fit the targets; a model that returned one position of many
             gets a message naming its convention and the way through.
     """
     output = run_model(model, prepared)
+    if is_loss_output(output):  # ``loss = model(seq)``: no logits to align or score
+        return (output if isinstance(output, torch.Tensor) else get_loss(output)), None, None
     logits = get_logits(output)
     targets = prepared.targets
     shift = False

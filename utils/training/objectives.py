@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import find_vocab_size
+from utils.model_calls import find_vocab_size, returns_loss
 from utils.tasks import CAUSAL_LM, CLASSIFIER, MASKED_LM, NON_TOKEN, SEQ2SEQ, TaskInfo, detect_task
 from utils.training.batches import IGNORE_INDEX, Prepared, _count, forward_loss, prepare_batch
 
@@ -78,12 +78,15 @@ class Objective:
         vocab_size: for the random replacements of masking.
         model_name: the model's class name, for messages.
         mask_prob: share of positions a masked LM predicts (default 0.15).
+        own_loss: the model's forward returns its loss (``loss = model(seq)``): token-id windows
+            are passed whole, the model shifts them itself (default False).
     """
 
     info: TaskInfo
     vocab_size: int | None
     model_name: str
     mask_prob: float = MASK_PROB
+    own_loss: bool = False
 
     @property
     def task(self) -> str:
@@ -92,6 +95,9 @@ class Objective:
     def describe(self) -> str:
         """The objective in one line, e.g. for a plan or a run's summary."""
         pct = f"{self.mask_prob:.0%}"
+        if self.own_loss:
+            return (f"own loss: {self.model_name}.forward returns the loss; windows are passed whole, "
+                    f"the model shifts them itself [{self.info.reason}]")
         return {
             CAUSAL_LM: "causal-lm: predict the next token",
             MASKED_LM: f"masked-lm: {pct} of positions hidden (80% -> id {self.info.mask_token_id}, 10% "
@@ -110,6 +116,8 @@ class Objective:
                 that takes none), the message naming what to pass instead.
             TypeError: the batch is none of the accepted forms (see ``prepare_batch``).
         """
+        if self.own_loss and isinstance(batch, torch.Tensor):  # the model shifts its windows itself
+            return Prepared((batch,), {}, None, batch, _count(batch))
         if self.task == CAUSAL_LM or (isinstance(batch, (tuple, list)) and self.task != SEQ2SEQ):
             return prepare_batch(batch)  # next token; a user's (inputs, targets) pair is used as is
         if isinstance(batch, torch.Tensor):
@@ -192,7 +200,7 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
             raise ValueError(f"{call}: mask_token_id={mask_token_id!r} is not allowed: it must be an id in "
                              f"0..{(vocab or 1) - 1}, the model's vocabulary.")
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
-    return Objective(info, vocab, type(model).__name__)
+    return Objective(info, vocab, type(model).__name__, own_loss=returns_loss(model))
 
 
 def objective_loss_fn(model: nn.Module, task: str | None = None):
