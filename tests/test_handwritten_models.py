@@ -1,18 +1,27 @@
 """Users' models whose attention is written by hand (``@``/``einsum`` and a softmax), and models that
 compute their own loss: the tiers, training, resume and the benchmark on each."""
 import re
+import textwrap
 
 import pytest
 import torch
 import torch.nn.functional as F
-from handwritten_models import EinsumDecoder, EinsumEncoder, LossOnlyLM, LossWrapper, MatmulGPT
+from handwritten_models import (
+    BrokenLossClassifier,
+    EinsumDecoder,
+    EinsumEncoder,
+    LossOnlyLM,
+    LossWrapper,
+    MatmulGPT,
+)
 from torch import nn
 from user_models import TransformerLM, TupleLM
 
 from utils.analysis import capture_attention, check_attention_patterns, run_tier2, softmax_attention
-from utils.model_calls import find_logits_network, returns_loss
-from utils.tasks import detect_task
-from utils.training import benchmark_amp, evaluate, resolve_precision, train
+from utils.model_calls import check_context, find_logits_network, returns_loss
+from utils.tasks import detect_task, task_logits
+from utils.training import benchmark_amp, cli, evaluate, resolve_precision, suite_loss_fn, train
+from utils.training.batches import OwnLossError
 from utils.validation import run_tier1
 
 DATA = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(0))  # windows of 16 + 1
@@ -169,3 +178,97 @@ def test_a_loss_model_with_no_network_inside_still_trains_and_evaluates_on_its_l
     assert scores["val_loss"] == pytest.approx(float(model(DATA[:8])), rel=1e-6) and scores["val_accuracy"] is None
     result = train(model, DATA, precision="32-true", device="cpu", max_steps=2, batch_size=8, progress=False)
     assert result.global_step == 2
+
+
+# ---- a model's own loss that raises inside its library -------------------------------------------
+
+LABELLED = (DATA[:8, :8], torch.arange(8) % 3)
+
+
+def test_a_models_own_loss_that_raises_is_named_with_the_way_around():
+    with pytest.raises(OwnLossError, match=re.escape(
+            "BrokenLossClassifier's own loss raised ValueError: Target size (torch.Size([4])) must be the same "
+            "as input size (torch.Size([4, 3])). BrokenLossClassifier.forward runs without labels=, so the "
+            "failure is in the loss the model computes itself")) as raised:
+        train(BrokenLossClassifier(), LABELLED, precision="32-true", device="cpu", max_steps=1, batch_size=4,
+              progress=False)
+    assert "Pass loss_fn=suite_loss_fn(model)" in str(raised.value)
+    assert isinstance(raised.value.__cause__, ValueError)  # the library's own error, chained
+
+
+class _BrokenForward(BrokenLossClassifier):
+    """Fails in its forward, with or without labels: not the loss's fault."""
+
+    def forward(self, ids, labels=None):
+        raise RuntimeError("the forward itself is broken")
+
+
+def test_a_forward_that_fails_without_labels_too_keeps_its_own_error():
+    with pytest.raises(RuntimeError, match="the forward itself is broken"):
+        train(_BrokenForward(), LABELLED, precision="32-true", device="cpu", max_steps=1, batch_size=4,
+              progress=False)
+
+
+def test_the_suites_loss_is_the_cross_entropy_of_the_logits():
+    torch.manual_seed(0)
+    model = BrokenLossClassifier()
+    ids, labels = LABELLED
+    loss = suite_loss_fn(model)(model, (ids, labels))
+    torch.testing.assert_close(loss, F.cross_entropy(model(ids)["logits"], labels))
+
+
+def test_the_suites_loss_trains_a_model_whose_own_loss_raises():
+    model = BrokenLossClassifier()
+    result = train(model, LABELLED, precision="32-true", device="cpu", max_steps=10, batch_size=8, lr=3e-2,
+                   loss_fn=suite_loss_fn(model), log_every=1, progress=False)
+    assert result.history[-1]["loss"] < result.history[0]["loss"]
+
+
+# ---- the command line calls a model as the API does -----------------------------------------------
+
+T5_FILE = textwrap.dedent("""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+
+    class TinyT5(T5ForConditionalGeneration):
+        def __init__(self):
+            super().__init__(T5Config(vocab_size=256, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_heads=2,
+                                      dropout_rate=0.0, decoder_start_token_id=0))
+""")
+
+
+@pytest.mark.parametrize("task", [[], ["--task", "seq2seq"]], ids=["detected", "stated"])
+def test_cli_trains_a_hugging_face_t5_from_its_file(tmp_path, capsys, task):
+    pytest.importorskip("transformers")
+    path = tmp_path / "t5_model.py"
+    path.write_text(T5_FILE)
+    status = cli.main(["train", "--model", str(path), *task, "--context", "16", "--batch-size", "4",
+                       "--max-steps", "2", "--no-progress", "--precision", "32-true", "--wandb", "disabled",
+                       "--run-dir", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert status == 0, err
+    assert "objective      seq2seq: rebuild the window from a copy" in out
+
+
+def test_the_context_check_calls_an_encoder_decoder_with_its_decoder_inputs():
+    from task_models import tiny_t5
+
+    model = tiny_t5()
+    info = detect_task(model)
+    check_context(model, 16, "argument", "--context N", forward=lambda m, ids: task_logits(m, ids, info))
+    with pytest.raises(ValueError, match=re.escape("and on 2 tokens too, so the length is not the cause")):
+        check_context(model, 16, "argument", "--context N")  # called as a plain model: not the length's fault
+
+
+class _NeedsEvenLength(EinsumDecoder):
+    def forward(self, x):
+        if x.shape[1] % 2 and x.shape[1] >= 8:
+            raise ValueError("odd length")
+        return super().forward(x)
+
+
+def test_the_context_is_blamed_when_a_shorter_sequence_runs():
+    with pytest.raises(ValueError, match=re.escape(
+            "_NeedsEvenLength.forward failed on a sequence of 9 tokens (ValueError: odd length). The context "
+            "length 9 is as given. Pass a length the model takes with --context N.")):
+        check_context(_NeedsEvenLength(), 9, "argument", "--context N")

@@ -484,30 +484,52 @@ def short_logits_error(model: nn.Module, logits: torch.Tensor, seq_len: int) -> 
     )
 
 
-def check_context(model: nn.Module, seq_len: int, context_from: str, how: str) -> None:
+def check_context(model: nn.Module, seq_len: int, context_from: str, how: str, forward=None) -> None:
     """Run one forward on ``(1, seq_len)`` token ids and turn a failure into an error that names the
-    context length, where it came from and how to pass another (``how``, e.g. ``"--context N"``).
+    context length, where it came from and how to pass another (``how``, e.g. ``"--context N"``),
+    when the length is the cause: a model that fails on two tokens as well gets an error that says
+    the length is not the cause.
 
     Example::
 
         >>> check_context(nn.Embedding(10, 4), 8, "default", "max_seq_len=")
 
+    Args:
+        forward: ``forward(model, ids) -> logits``, how the caller calls the model (default
+            :func:`predict`; an encoder-decoder needs :func:`utils.tasks.task_logits` with its task).
+
     Raises:
         ValueError: the forward failed (the model's own error is chained as the cause).
 
-    .. note:: Costs one forward pass without gradients; the model's modes and gradients are kept.
+    .. note:: Costs one forward pass without gradients (two when it fails); modes and gradients are kept.
     """
+    forward = forward or predict
+    error = _forward_error(model, seq_len, forward)
+    if error is None:
+        return
+    failed = (f"{model_call(model).owner} failed on a sequence of {seq_len} tokens ({type(error).__name__}: "
+              f"{str(error) or 'no message'})")
+    short = 2
+    if seq_len > short and _forward_error(model, short, forward) is not None:
+        raise ValueError(
+            f"{failed}, and on {short} tokens too, so the length is not the cause. The suite calls it so: "
+            f"{model_call(model).describe()}."
+        ) from error
+    where = ("found on the model" if context_from == "model" else
+             "as given" if context_from == "argument" else
+             f"a default: none of {CONTEXT_SEARCH} was found")
+    raise ValueError(
+        f"{failed}. The context length {seq_len} is {where}. Pass a length the model takes with {how}."
+    ) from error
+
+
+def _forward_error(model: nn.Module, seq_len: int, forward) -> Exception | None:
+    """The error ``forward(model, zeros (1, seq_len))`` raises, or None when it runs."""
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=model_device(model))
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
-            predict(model, ids)
+            forward(model, ids)
     except Exception as e:  # a bare AssertionError, an IndexError, a shape RuntimeError: all re-raised
-        where = ("found on the model" if context_from == "model" else
-                 "as given" if context_from == "argument" else
-                 f"a default: none of {CONTEXT_SEARCH} was found")
-        raise ValueError(
-            f"{model_call(model).owner} failed on a sequence of {seq_len} tokens ({type(e).__name__}: "
-            f"{str(e) or 'no message'}). The context length {seq_len} is {where}. Pass a length the model "
-            f"takes with {how}."
-        ) from e
+        return e
+    return None

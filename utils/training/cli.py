@@ -30,7 +30,15 @@ from pathlib import Path
 import torch
 
 from utils.model_calls import check_context, find_context_length, find_vocab_size
-from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
+from utils.tasks import (
+    CLASSIFIER,
+    NON_TOKEN,
+    TASKS,
+    detect_task,
+    find_num_classes,
+    not_a_token_model_error,
+    task_logits,
+)
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
 from utils.training.precision import canonical_precision, mixed_precisions_here
@@ -285,7 +293,7 @@ def load_data(spec: str, model, context: int | None, val_fraction: float, task: 
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
-    check_context(model, context, source, "--context N")
+    check_context(model, context, source, "--context N", forward=lambda m, ids: task_logits(m, ids, info))
     classes = find_num_classes(model) if info.task == CLASSIFIER else None
     data = make_task_dataset(info.task, context=context, source=None if spec == "default" else Path(spec),
                              val_fraction=val_fraction, num_classes=classes)

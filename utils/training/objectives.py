@@ -23,9 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import find_vocab_size, returns_loss
-from utils.tasks import CAUSAL_LM, CLASSIFIER, MASKED_LM, NON_TOKEN, SEQ2SEQ, TaskInfo, detect_task
-from utils.training.batches import IGNORE_INDEX, Prepared, _count, forward_loss, prepare_batch
+from utils.model_calls import find_vocab_size, get_logits, returns_loss
+from utils.tasks import (
+    CAUSAL_LM,
+    CLASSIFIER,
+    MASKED_LM,
+    NON_TOKEN,
+    SEQ2SEQ,
+    TaskInfo,
+    detect_task,
+    shift_right,
+)
+from utils.training.batches import IGNORE_INDEX, Prepared, _count, cross_entropy, forward_loss, prepare_batch
 
 MASK_PROB = 0.15  # BERT's share of positions to predict
 
@@ -216,5 +225,31 @@ def objective_loss_fn(model: nn.Module, task: str | None = None):
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0), argument="batch"))[0]
+
+    return loss_fn
+
+
+def suite_loss_fn(model: nn.Module, task: str | None = None):
+    """A ``loss_fn(model, batch) -> loss`` that leaves the model's own loss out: the model is called
+    without targets or labels and the suite's cross-entropy is taken on its logits, with
+    ``model``'s objective (next token, hidden tokens, seq2seq labels, class labels). For a model whose
+    own loss raises inside its library.
+
+    Example::
+
+        >>> result = train(model, data, loss_fn=suite_loss_fn(model))   # doctest: +SKIP
+    """
+    objective = objective_for(model, task)
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        prepared = objective.prepare(batch)
+        kwargs = {k: v for k, v in prepared.kwargs.items() if k != "labels"}
+        targets, shift = prepared.targets, False
+        if targets is None:  # a dict batch: labels (or input_ids) shifted, as Hugging Face does
+            targets, shift = prepared.kwargs.get("labels", prepared.input_ids), True
+        if objective.task == SEQ2SEQ:  # the model made its decoder inputs from labels; make them here
+            kwargs["decoder_input_ids"] = shift_right(targets, objective.info.decoder_start_token_id or 0)
+        logits = get_logits(m(*prepared.args, **kwargs))
+        return cross_entropy(logits, targets, shift=shift and logits.dim() == 3)
 
     return loss_fn
