@@ -28,7 +28,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from utils.model_calls import find_input_embedding, get_attentions, input_spec, preserved_state
-from utils.report import Check, Report, new_figure, run_check
+from utils.report import Check, Report, new_figure, run_checks
 from utils.tasks import (
     CAUSAL_LM,
     TaskInfo,
@@ -56,6 +56,7 @@ def run_tier2(
     trained: bool | None = None,
     seed: int = 0,
     task: str | None = None,
+    progress: bool = True,
 ) -> Report:
     """Run every Tier 2 check on a model: attention patterns, then robustness.
 
@@ -78,6 +79,7 @@ def run_tier2(
         task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`).
             For a masked LM, a classifier or an encoder-decoder, seeing later tokens is reported as
             the property it is, not as a defect.
+        progress: show a ``tqdm.auto`` bar naming the check being run (default True).
 
     Raises:
         ValueError: the model takes no token ids, or a bad size or task.
@@ -90,14 +92,13 @@ def run_tier2(
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     info = _task(model, task, vocab_size, max_seq_len, call)
     kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
-    checks = [
-        run_check("attention_patterns", lambda: check_attention_patterns(
+    checks = run_checks(f"Tier 2: {type(model).__name__}", [
+        ("attention_patterns", lambda: check_attention_patterns(
             model, batch_size=batch_size, trained=trained, figure=figures, **kw)),
-        run_check("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
-        run_check("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
-        run_check("batch_consistency", lambda: check_batch_consistency(
-            model, batch_size=max(batch_size, 3), **kw)),
-    ]
+        ("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
+        ("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
+        ("batch_consistency", lambda: check_batch_consistency(model, batch_size=max(batch_size, 3), **kw)),
+    ], progress)
     about = {"model": type(model).__name__, "task": info.describe(), "vocab_size": spec.vocab_size,
              "seq_len": _length(spec, seq_len), "device": str(spec.device)}
     if network.note:
