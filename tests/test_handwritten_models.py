@@ -272,3 +272,28 @@ def test_the_context_is_blamed_when_a_shorter_sequence_runs():
             "_NeedsEvenLength.forward failed on a sequence of 9 tokens (ValueError: odd length). The context "
             "length 9 is as given. Pass a length the model takes with --context N.")):
         check_context(_NeedsEvenLength(), 9, "argument", "--context N")
+
+
+# ---- notebook 02 on a user's file of hand-written attention ---------------------------------------
+
+@pytest.mark.parametrize("class_name, causality", [("MatmulGPT", "(causal)"), ("EinsumEncoder", "(bidirectional"),
+                                                   ("LossWrapper", "(causal)")])
+def test_notebook_02_judges_the_attention_of_a_users_file(tmp_path, class_name, causality):
+    import shutil
+    from pathlib import Path
+
+    import nbformat
+
+    papermill = pytest.importorskip("papermill")
+    root = Path(__file__).resolve().parents[1]
+    model_file = shutil.copy(Path(__file__).with_name("handwritten_models.py"), tmp_path / "model.py")
+    out = tmp_path / "02.ipynb"
+    papermill.execute_notebook(
+        str(root / "notebooks" / "02_analyze.ipynb"), str(out), cwd=str(root / "notebooks"), progress_bar=False,
+        parameters={"model_source": str(model_file), "class_name": class_name, "run_dir": str(tmp_path / "run")})
+    shown = [o.get("data", {}).get("text/markdown", "") for c in nbformat.read(out, as_version=4).cells
+             if c.cell_type == "code" and c.source.startswith("#@title 4. Run Tier 2") for o in c.outputs]
+    attention = next(line for line in "".join(shown).splitlines() if "attention_patterns" in line)
+    assert "2 attention layer(s), 4 heads, from softmax " + causality in attention
+    through = "checked through model.net (EinsumDecoder)" in "".join(shown)
+    assert through is (class_name == "LossWrapper")
