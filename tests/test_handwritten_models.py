@@ -248,6 +248,8 @@ def test_cli_trains_a_hugging_face_t5_from_its_file(tmp_path, capsys, task):
     out, err = capsys.readouterr()
     assert status == 0, err
     assert "objective      seq2seq: rebuild the window from a copy" in out
+    how = "stated with task=" if task else "the config says is_encoder_decoder=True"
+    assert f"the model makes its decoder inputs [{how}]" in out  # told as the API tells it
 
 
 def test_the_context_check_calls_an_encoder_decoder_with_its_decoder_inputs():

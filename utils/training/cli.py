@@ -403,8 +403,8 @@ def run_train(args: argparse.Namespace) -> int:
         warnings.simplefilter("ignore")
     torch.manual_seed(opts["seed"])
     model = build_model(opts["model"], opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
-                                                  opts["task"])
+    train_ids, val_ids, context, _ = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                               opts["task"])
     opts["context"] = context
     step = check_resume(opts, model, world) if opts["resume"] is not None else None
     run_dir = Path(opts["run_dir"])
@@ -425,7 +425,8 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task)
+                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
+                       task=opts["task"])  # as given: train() detects the rest as the API does
     finally:
         if session is not None:
             session.finish()
