@@ -35,7 +35,7 @@ from utils.model_calls import (
 )
 from utils.report import Check, Report, new_figure, run_checks
 from utils.tasks import TaskInfo, detect_task, logits_network, task_logits
-from utils.training.benchmark.measure import saved_tensor_bytes, synchronize
+from utils.training.benchmark.measure import runs_natively, saved_tensor_bytes, synchronize
 from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
@@ -811,7 +811,9 @@ def check_inference_speed(
 
     .. note::
         A ``-true`` plan runs on a copy of the model cast to 16 bits (twice the weights' memory
-        for a moment). On a CPU without native bf16, bf16 runs many times slower than fp32.
+        for a moment). On a CPU without native bf16, bf16 runs many times slower than fp32: a plan
+        whose dtype is emulated on the device is timed at the smallest batch size only, and the
+        summary says so.
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_inference_speed({type(model).__name__})")
     info = _task(model, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
@@ -820,20 +822,26 @@ def check_inference_speed(
     gen = torch.Generator().manual_seed(seed)
     inputs = {b: spec.random_ids(b, t, gen) for b in batch_sizes}
     results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup, info)}
+    small, big = min(batch_sizes), max(batch_sizes)
+    emulated = plan.name != "32-true" and not runs_natively(spec.device, plan.autocast_dtype or plan.param_dtype)
     if plan.name != "32-true":
         target = model if plan.param_dtype == torch.float32 else copy.deepcopy(model).to(plan.param_dtype)
-        results[plan.name] = _time_forwards(target, inputs, plan, repeats, warmup, info)
+        timed = {small: inputs[small]} if emulated else inputs  # emulated: many times slower, one batch says it
+        results[plan.name] = _time_forwards(target, timed, plan, repeats, warmup, info)
     details = {"seq_len": t, "repeats": repeats, "plan": plan.describe(), **results}
+    if plan.name != "32-true":
+        details["plan_emulated"] = emulated
     fig = _latency_figure(results) if figure else None
-    big = max(batch_sizes)
     fp32_tps = results["fp32"]["tokens_per_s"][big]
     summary = (f"fp32: {results['fp32']['latency_ms_median'][min(batch_sizes)]:.3g} ms at batch "
                f"{min(batch_sizes)}, {fp32_tps:,.0f} tokens/s at batch {big} (length {t}).")
     if plan.name == "32-true":
         summary += f" The AMP plan is fp32 here: {plan.reason}"
     else:
-        ratio = results[plan.name]["tokens_per_s"][big] / fp32_tps
-        summary += f" {plan.name}: {ratio:.2f}x fp32's throughput at batch {big}."
+        at = small if emulated else big
+        ratio = results[plan.name]["tokens_per_s"][at] / results["fp32"]["tokens_per_s"][at]
+        summary += f" {plan.name}: {ratio:.2f}x fp32's throughput at batch {at}"
+        summary += f" (emulated on this {spec.device.type}: timed at batch {small} only)." if emulated else "."
     return Check("inference_speed", True, summary, details, fig)
 
 
