@@ -115,7 +115,7 @@ def test_a_large_model_on_a_cpu_resizes_the_auto_settings(cpu_settings, monkeypa
     assert cfg.extra == {"bench_steps": nb.CPU_LARGE_SIZES["bench_steps"], "bench_repeats": 2,
                          "bench_precisions": "32-true"}  # emulated bf16 left out at this size
     assert cfg.sizes == nb.CELL_SIZES["cpu-large"]
-    assert re.match(r"0M parameters on a CPU: the 'auto' settings are sized for it \(batch_size=2, bench_steps=3, "
+    assert re.match(r"0M parameters on a CPU: the 'auto' settings are sized for it \(batch_size=1, bench_steps=2, "
                     r"bench_precisions=32-true; the AMP doctor on 1 sample of 32 tokens\)\.", note)
 
 

@@ -39,7 +39,7 @@ RUNTIME_SIZES = {
 # benchmark step of 8 x 128 tokens is ~15 s on 2 cores, fp16 emulated ~5x more): on a CPU, its
 # "auto" settings are resized for it once the model is built (fit_settings_to_model).
 LARGE_ON_CPU_PARAMS = 20_000_000
-CPU_LARGE_SIZES = {"max_steps": 10, "batch_size": 2, "bench_steps": 3, "bench_warmup": 1, "bench_repeats": 1,
+CPU_LARGE_SIZES = {"max_steps": 10, "batch_size": 1, "bench_steps": 2, "bench_warmup": 0, "bench_repeats": 1,
                    "bench_max_seconds": 0}
 
 # Sizes no form field sets: windows the benchmark evaluates, and the AMP doctor's one batch
