@@ -1,9 +1,10 @@
 """Tier 2: how the model's attention behaves, and how robust its outputs are.
 
 Attention weights are captured from ``nn.MultiheadAttention`` (asked for its weights), from
-Hugging Face models (``output_attentions=True``) and from any call to
-``F.scaled_dot_product_attention`` (the weights recomputed from its ``q`` and ``k``), without
-changing the model.
+Hugging Face models (``output_attentions=True``), from any call to
+``F.scaled_dot_product_attention`` (the weights recomputed from its ``q`` and ``k``) and from any
+softmax over the key axis of a ``(B, H, T, T)`` or ``(B*H, T, T)`` score (attention written by
+hand, with ``@`` or ``einsum``), without changing the model.
 
 Example::
 
@@ -27,13 +28,14 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from utils.model_calls import find_input_embedding, get_attentions, input_spec, preserved_state
-from utils.report import Check, Report, new_figure, run_check
+from utils.report import Check, Report, new_figure, run_checks
 from utils.tasks import (
     CAUSAL_LM,
     TaskInfo,
     call_inputs,
     detect_task,
     earlier_positions_unchanged,
+    logits_network,
     task_logits,
 )
 
@@ -54,6 +56,7 @@ def run_tier2(
     trained: bool | None = None,
     seed: int = 0,
     task: str | None = None,
+    progress: bool = True,
 ) -> Report:
     """Run every Tier 2 check on a model: attention patterns, then robustness.
 
@@ -76,6 +79,7 @@ def run_tier2(
         task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`).
             For a masked LM, a classifier or an encoder-decoder, seeing later tokens is reported as
             the property it is, not as a defect.
+        progress: show a ``tqdm.auto`` bar naming the check being run (default True).
 
     Raises:
         ValueError: the model takes no token ids, or a bad size or task.
@@ -83,19 +87,22 @@ def run_tier2(
     call = f"run_tier2({type(model).__name__})"
     if device is not None:
         model.to(device)
+    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
+    model = network.module
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     info = _task(model, task, vocab_size, max_seq_len, call)
     kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
-    checks = [
-        run_check("attention_patterns", lambda: check_attention_patterns(
+    checks = run_checks(f"Tier 2: {type(model).__name__}", [
+        ("attention_patterns", lambda: check_attention_patterns(
             model, batch_size=batch_size, trained=trained, figure=figures, **kw)),
-        run_check("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
-        run_check("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
-        run_check("batch_consistency", lambda: check_batch_consistency(
-            model, batch_size=max(batch_size, 3), **kw)),
-    ]
+        ("token_substitution", lambda: check_token_substitution(model, batch_size=batch_size, **kw)),
+        ("embedding_noise", lambda: check_embedding_noise(model, batch_size=batch_size, **kw)),
+        ("batch_consistency", lambda: check_batch_consistency(model, batch_size=max(batch_size, 3), **kw)),
+    ], progress)
     about = {"model": type(model).__name__, "task": info.describe(), "vocab_size": spec.vocab_size,
              "seq_len": _length(spec, seq_len), "device": str(spec.device)}
+    if network.note:
+        about["checked_through"] = network.note
     return Report(f"Tier 2: {type(model).__name__}", checks, info=about)
 
 
@@ -166,7 +173,7 @@ class AttentionCapture:
 
     Attributes:
         source: where they came from: ``"output_attentions"``, ``"nn.MultiheadAttention"``,
-            ``"F.scaled_dot_product_attention"`` (several joined by ``" + "``), or ``""``.
+            ``"F.scaled_dot_product_attention"``, ``"softmax"`` (several joined by ``" + "``), or ``""``.
         maps: ``{layer name: weights (B, H, L, S)}`` in call order, on the CPU, in fp32.
     """
 
@@ -174,13 +181,49 @@ class AttentionCapture:
     maps: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-class _SDPARecorder(TorchFunctionMode):
-    """Sees every ``F.scaled_dot_product_attention`` call, however it was imported, and records
-    the weights it computes; the call itself runs unchanged."""
+_SOFTMAXES = (torch.softmax, F.softmax, torch.Tensor.softmax, torch.special.softmax)
 
-    def __init__(self, record):
+
+def _softmax_dim(args, kwargs):
+    """The ``dim`` a softmax call was given, positionally or by name (None when not given)."""
+    return kwargs.get("dim", args[1] if len(args) > 1 else None)
+
+
+def softmax_attention(output: torch.Tensor, dim, batch_size: int) -> torch.Tensor | None:
+    """Attention weights ``(B, H, T, T)`` when ``output`` is a softmax over the key axis of a
+    self-attention score, ``(B, H, T, T)`` or ``(B*H, T, T)``; None for any other softmax (over a
+    vocabulary ``(B, T, V)``, a router, a 2-D one).
+
+    Example::
+
+        >>> w = torch.randn(2 * 3, 5, 5).softmax(-1)
+        >>> tuple(softmax_attention(w, -1, batch_size=2).shape)
+        (2, 3, 5, 5)
+    """
+    if not isinstance(output, torch.Tensor) or output.dim() not in (3, 4) or not isinstance(dim, int):
+        return None
+    if dim not in (-1, output.dim() - 1) or output.shape[-1] != output.shape[-2] or output.shape[-1] < 2:
+        return None
+    if output.dim() == 3:  # (B*H, T, T), heads folded into the batch as nn.MultiheadAttention does
+        n, t = output.shape[0], output.shape[-1]
+        heads = n // batch_size if n % batch_size == 0 else 1
+        output = output.reshape(n // heads, heads, t, t)
+    return output
+
+
+class _AttentionRecorder(TorchFunctionMode):
+    """Sees every ``F.scaled_dot_product_attention`` and softmax call, however it was imported, and
+    records the attention weights they compute; the calls themselves run unchanged.
+
+    ``record(kind, weights)`` gets ``"F.scaled_dot_product_attention"`` with the weights SDPA uses,
+    or ``"softmax"`` with the output of a softmax over the key axis of a ``(B, H, T, T)`` or
+    ``(B*H, T, T)`` score (hand-written attention: ``softmax(q @ k.T * scale)``, einsum, masked
+    with ``-inf`` or not: masked keys come out as zeros, so causality reads off the weights).
+    """
+
+    def __init__(self, record, batch_size: int):
         super().__init__()
-        self.record = record
+        self.record, self.batch_size = record, batch_size
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -188,8 +231,13 @@ class _SDPARecorder(TorchFunctionMode):
             a = dict(zip(_SDPA_ARGS, args)) | kwargs
             weights = sdpa_attention_weights(a["query"], a["key"], a.get("attn_mask"), a.get("is_causal", False),
                                              a.get("scale"), a.get("enable_gqa", False))
-            self.record(weights)
-        return func(*args, **kwargs)
+            self.record("F.scaled_dot_product_attention", weights)
+        output = func(*args, **kwargs)
+        if func in _SOFTMAXES:
+            weights = softmax_attention(output, _softmax_dim(args, kwargs), self.batch_size)
+            if weights is not None:
+                self.record("softmax", weights)
+        return output
 
 
 def capture_attention(model: nn.Module, input_ids: torch.Tensor, info: TaskInfo | None = None) -> AttentionCapture:
@@ -218,6 +266,10 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor, info: TaskInfo 
         if kind not in sources:
             sources.append(kind)
 
+    def seen(kind: str, weights: torch.Tensor) -> None:
+        if not isinstance(names.current_module, nn.MultiheadAttention):  # its hooks already record it
+            record(kind, names.current, weights)
+
     hf = _wants_output_attentions(model)
     with preserved_state(model), contextlib.ExitStack() as stack:
         model.eval()
@@ -225,7 +277,7 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor, info: TaskInfo 
         stack.enter_context(names)
         for mha_name, mha in ((n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)):
             stack.enter_context(_mha_weights(mha, lambda w, n=mha_name: record("nn.MultiheadAttention", n, w)))
-        stack.enter_context(_SDPARecorder(lambda w: record("F.scaled_dot_product_attention", names.current, w)))
+        stack.enter_context(_AttentionRecorder(lambda kind, w: seen(kind, w), input_ids.shape[0]))
         args, kwargs = call_inputs(input_ids, info)
         if hf:
             try:
@@ -288,14 +340,19 @@ def _mha_weights(mha: nn.MultiheadAttention, record):
 
 
 class _ModuleNames:
-    """Tracks which named submodule is running, to name the SDPA calls made inside it."""
+    """Tracks which named submodule is running (the innermost), to name the SDPA and softmax calls
+    made inside it."""
 
     def __init__(self, model: nn.Module):
         self.model, self.stack, self.handles = model, [], []
 
     @property
     def current(self) -> str:
-        return self.stack[-1] if self.stack else ""
+        return self.stack[-1][0] if self.stack else ""
+
+    @property
+    def current_module(self) -> nn.Module | None:
+        return self.stack[-1][1] if self.stack else None
 
     def __enter__(self):
         for name, module in self.model.named_modules():
@@ -305,7 +362,7 @@ class _ModuleNames:
 
     def _enter_hook(self, name: str):
         def hook(module, args) -> None:  # returning None keeps the inputs
-            self.stack.append(name)
+            self.stack.append((name, module))
         return hook
 
     def _exit_hook(self, module, args, output) -> None:  # returning None keeps the output
@@ -371,7 +428,8 @@ def check_attention_patterns(
     if not capture.maps:
         return Check("attention_patterns", True,
                      "No attention found: the model has no nn.MultiheadAttention, never calls "
-                     "F.scaled_dot_product_attention, and returns no attentions. Nothing to analyze.",
+                     "F.scaled_dot_product_attention, takes no softmax over a (T, T) score, and returns no "
+                     "attentions. Nothing to analyze.",
                      {"source": None}, skipped=True)
     layers = {name: _head_stats(w, collapsed_below, uniform_above) for name, w in capture.maps.items()}
     broken = [n for n, s in layers.items() if not s["finite"] or s["row_sum_error"] > 1e-3]

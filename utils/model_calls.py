@@ -290,6 +290,9 @@ class ModelCall:
         last_position_only: for ``"targets"``: whether a call without targets returns only the
             last position (llama2.c, nanoGPT), learnt from the first :func:`predict` on more than
             one token, or True when the targets have no default; None until known.
+        returns_loss: for ``"plain"``: whether ``forward(ids)`` returns a loss, not logits (a
+            wrapper that shifts the sequence and computes the loss itself), learnt by
+            :func:`returns_loss`; None until known.
     """
 
     owner: str
@@ -297,6 +300,7 @@ class ModelCall:
     convention: str
     target_arg: str | None = None
     last_position_only: bool | None = field(default=None, compare=False)
+    returns_loss: bool | None = field(default=None, compare=False)
 
     def describe(self) -> str:
         """One line: the convention and what the suite does about it."""
@@ -372,6 +376,71 @@ def model_loss(model: nn.Module, output) -> torch.Tensor | None:
     return loss
 
 
+def is_loss_output(output) -> bool:
+    """True for what a forward that computes its own loss returns: a 0-dim float tensor, or a
+    dict/``ModelOutput`` with a ``loss`` and no ``logits``."""
+    if isinstance(output, torch.Tensor):
+        return output.dim() == 0 and output.is_floating_point()
+    return get_loss(output) is not None and not isinstance(_field(output, "logits"), torch.Tensor)
+
+
+_PROBE_IDS = (2, 4)  # a loss wrapper shifts its input, so the probe stays short of any context
+
+
+def returns_loss(model: nn.Module) -> bool:
+    """Whether ``model(ids)`` returns a loss instead of logits (``loss = model(seq)``: the wrapper
+    shifts the sequence and computes the cross-entropy itself). Only plain ``forward(ids)`` models
+    are probed, once, on ``(2, 4)`` zeros in eval mode; the answer is cached with :func:`model_call`.
+
+    Example::
+
+        >>> class Wrapper(nn.Module):
+        ...     def __init__(self):
+        ...         super().__init__(); self.net = nn.Embedding(10, 10)
+        ...     def forward(self, seq):
+        ...         return self.net(seq[:, :-1]).logsumexp(-1).mean()
+        >>> returns_loss(Wrapper()), returns_loss(nn.Embedding(10, 10))
+        (True, False)
+    """
+    call = model_call(model)
+    if call.returns_loss is None:
+        call.returns_loss = call.convention == PLAIN and _probe_returns_loss(unwrap(model))
+    return call.returns_loss
+
+
+def _probe_returns_loss(model: nn.Module) -> bool:
+    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=model_device(model))
+    try:
+        with preserved_state(model), torch.no_grad():
+            model.eval()
+            return is_loss_output(model(ids))
+    except Exception:  # noqa: BLE001  a model that fails on this probe fails, with its message, where it is used
+        return False
+
+
+def find_logits_network(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """``(name, module)`` of the first submodule (outermost first) that holds an input embedding
+    and maps token ids ``(B, T)`` to logits ``(B, T, V)`` over its vocabulary: the network a
+    loss-returning wrapper calls. None when no submodule does.
+
+    .. note:: Calls each candidate once on ``(2, 4)`` zeros without gradients, in eval mode.
+    """
+    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=model_device(model))
+    for name, child in model.named_modules():
+        if child is model or isinstance(child, nn.Embedding) or find_input_embedding(child) is None:
+            continue
+        vocab = find_vocab_size(child)
+        try:
+            with preserved_state(child), torch.no_grad():
+                child.eval()
+                logits = get_logits(child(ids))
+        except Exception:  # noqa: BLE001  a part that does not take token ids alone is not the network
+            continue
+        if logits.dim() == 3 and tuple(logits.shape) == (*_PROBE_IDS, vocab):
+            return name, child
+    return None
+
+
 def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Per-position logits for token ids ``(B, T)``: ``(B, T, V)`` (or ``(B, C)`` for a classifier).
 
@@ -415,30 +484,52 @@ def short_logits_error(model: nn.Module, logits: torch.Tensor, seq_len: int) -> 
     )
 
 
-def check_context(model: nn.Module, seq_len: int, context_from: str, how: str) -> None:
+def check_context(model: nn.Module, seq_len: int, context_from: str, how: str, forward=None) -> None:
     """Run one forward on ``(1, seq_len)`` token ids and turn a failure into an error that names the
-    context length, where it came from and how to pass another (``how``, e.g. ``"--context N"``).
+    context length, where it came from and how to pass another (``how``, e.g. ``"--context N"``),
+    when the length is the cause: a model that fails on two tokens as well gets an error that says
+    the length is not the cause.
 
     Example::
 
         >>> check_context(nn.Embedding(10, 4), 8, "default", "max_seq_len=")
 
+    Args:
+        forward: ``forward(model, ids) -> logits``, how the caller calls the model (default
+            :func:`predict`; an encoder-decoder needs :func:`utils.tasks.task_logits` with its task).
+
     Raises:
         ValueError: the forward failed (the model's own error is chained as the cause).
 
-    .. note:: Costs one forward pass without gradients; the model's modes and gradients are kept.
+    .. note:: Costs one forward pass without gradients (two when it fails); modes and gradients are kept.
     """
+    forward = forward or predict
+    error = _forward_error(model, seq_len, forward)
+    if error is None:
+        return
+    failed = (f"{model_call(model).owner} failed on a sequence of {seq_len} tokens ({type(error).__name__}: "
+              f"{str(error) or 'no message'})")
+    short = 2
+    if seq_len > short and _forward_error(model, short, forward) is not None:
+        raise ValueError(
+            f"{failed}, and on {short} tokens too, so the length is not the cause. The suite calls it so: "
+            f"{model_call(model).describe()}."
+        ) from error
+    where = ("found on the model" if context_from == "model" else
+             "as given" if context_from == "argument" else
+             f"a default: none of {CONTEXT_SEARCH} was found")
+    raise ValueError(
+        f"{failed}. The context length {seq_len} is {where}. Pass a length the model takes with {how}."
+    ) from error
+
+
+def _forward_error(model: nn.Module, seq_len: int, forward) -> Exception | None:
+    """The error ``forward(model, zeros (1, seq_len))`` raises, or None when it runs."""
     ids = torch.zeros(1, seq_len, dtype=torch.long, device=model_device(model))
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()
-            predict(model, ids)
+            forward(model, ids)
     except Exception as e:  # a bare AssertionError, an IndexError, a shape RuntimeError: all re-raised
-        where = ("found on the model" if context_from == "model" else
-                 "as given" if context_from == "argument" else
-                 f"a default: none of {CONTEXT_SEARCH} was found")
-        raise ValueError(
-            f"{model_call(model).owner} failed on a sequence of {seq_len} tokens ({type(e).__name__}: "
-            f"{str(e) or 'no message'}). The context length {seq_len} is {where}. Pass a length the model "
-            f"takes with {how}."
-        ) from e
+        return e
+    return None

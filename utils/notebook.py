@@ -13,11 +13,12 @@ import json
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from utils.data import head
 from utils.tasks import TASKS
-from utils.training.precision import canonical_precision, mixed_precisions_here
+from utils.training.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
 from utils.training.settings import TrainSettings
 from utils.training.wandb_setup import WandbWarning, init_wandb
 
@@ -34,6 +35,21 @@ RUNTIME_SIZES = {
     "gpu": {"model_source": "example:gpt-tiny", "max_steps": NOTEBOOK_MAX_STEPS,
             "batch_size": TrainSettings.batch_size, "bench_steps": 20, "bench_warmup": 5, "bench_repeats": 3,
             "bench_max_seconds": 60},
+}
+
+# A model from this size up makes the CPU sizes above take many minutes per cell (a 124M GPT: a
+# benchmark step of 8 x 128 tokens is ~15 s on 2 cores, fp16 emulated ~5x more): on a CPU, its
+# "auto" settings are resized for it once the model is built (fit_settings_to_model).
+LARGE_ON_CPU_PARAMS = 20_000_000
+CPU_LARGE_SIZES = {"max_steps": 10, "batch_size": 1, "bench_steps": 2, "bench_warmup": 0, "bench_repeats": 1,
+                   "bench_max_seconds": 0}
+
+# Sizes no form field sets: windows the benchmark evaluates, and the AMP doctor's one batch
+# (samples, and the context it is cut to; None: the data's own).
+CELL_SIZES = {
+    "cpu": {"eval_windows": 64, "doctor_batch": 4, "doctor_context": None},
+    "gpu": {"eval_windows": 64, "doctor_batch": 4, "doctor_context": None},
+    "cpu-large": {"eval_windows": 4, "doctor_batch": 1, "doctor_context": 32},
 }
 
 # The steps a later cell may need, and how to tell the user to provide them.
@@ -95,6 +111,8 @@ class Settings:
     model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
     class_name: str | None = None  # which class, builder or instance of a model file
     task: str | None = None  # what the model predicts; None: detected (see utils.tasks.detect_task)
+    sizes: dict = field(default_factory=lambda: dict(CELL_SIZES["cpu"]))  # CELL_SIZES of this runtime
+    auto: frozenset = frozenset()  # the settings given as "auto", which fit_settings_to_model may resize
 
 
 def _positive_int(name: str, value) -> int:
@@ -102,6 +120,12 @@ def _positive_int(name: str, value) -> int:
         raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1, or 'auto' for this "
                          f"runtime's size.")
     return value
+
+
+def _on_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def runtime_sizes(cuda: bool | None = None) -> dict:
@@ -116,9 +140,7 @@ def runtime_sizes(cuda: bool | None = None) -> dict:
         cuda: whether a CUDA GPU runs the notebook (default: ``torch.cuda.is_available()``).
     """
     if cuda is None:
-        import torch
-
-        cuda = torch.cuda.is_available()
+        cuda = _on_cuda()
     return dict(RUNTIME_SIZES["gpu" if cuda else "cpu"])
 
 
@@ -179,8 +201,9 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
         ValueError: a value that is not allowed, named with what is.
     """
     canonical_precision(precision)  # raises the resolver's listing error for a typo
-    sized = _sized({"max_steps": max_steps, "batch_size": batch_size, "model_source": model_source, **extra},
-                   runtime_sizes())
+    given = {"max_steps": max_steps, "batch_size": batch_size, "model_source": model_source, **extra}
+    auto = frozenset(k for k, v in given.items() if v == AUTO)
+    sized = _sized(given, runtime_sizes())
     max_steps, batch_size, model_source = sized.pop("max_steps"), sized.pop("batch_size"), sized.pop("model_source")
     extra = sized
     if wandb_mode not in WANDB_MODES:
@@ -197,7 +220,58 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
     return remember("settings", Settings(precision, _positive_int("max_steps", max_steps),
                                          _positive_int("batch_size", batch_size), model_source.strip(),
                                          wandb_mode, folder, dict(extra), config,
-                                         str(class_name).strip() or None, None if task == "auto" else task))
+                                         str(class_name).strip() or None, None if task == "auto" else task,
+                                         dict(CELL_SIZES["gpu" if _on_cuda() else "cpu"]), auto))
+
+
+def fit_settings_to_model(model) -> str:
+    """Resize the settings given as ``"auto"`` for a model too large for the CPU sizes (from
+    :data:`LARGE_ON_CPU_PARAMS` parameters, on a runtime without CUDA): :data:`CPU_LARGE_SIZES`,
+    the benchmark's precisions cut to those that run natively, and the cells' sizes (the AMP
+    doctor on one sample of 32 tokens). Returns what it did in one line, or ``""`` when nothing
+    changed. Values typed into the form are kept.
+
+    Example::
+
+        >>> if note := fit_settings_to_model(need("model")): print(note)     # doctest: +SKIP
+    """
+    cfg = need("settings")
+    params = sum(p.numel() for p in model.parameters())
+    if params < LARGE_ON_CPU_PARAMS or _on_cuda():
+        return ""
+    resized = {k: v for k, v in CPU_LARGE_SIZES.items() if k in cfg.auto}
+    fields = {k: resized.pop(k) for k in ("max_steps", "batch_size") if k in resized}
+    extra = {**cfg.extra, **{k: v for k, v in resized.items() if k in cfg.extra}}
+    if "bench_precisions" in cfg.auto:  # emulated bf16 at this size: minutes per step
+        extra["bench_precisions"] = ",".join(("32-true", *(("bf16-mixed",) if cpu_has_native_bf16() else ())))
+    cfg = remember("settings", replace(cfg, **fields, extra=extra, sizes=dict(CELL_SIZES["cpu-large"])))
+    chosen = {**fields, **{k: extra[k] for k in (*resized, "bench_precisions") if k in extra and k in cfg.auto}}
+    return (f"{params / 1e6:,.0f}M parameters on a CPU: the 'auto' settings are sized for it "
+            f"({', '.join(f'{k}={v}' for k, v in chosen.items())}; the AMP doctor on "
+            f"{cfg.sizes['doctor_batch']} sample of {cfg.sizes['doctor_context']} tokens).")
+
+
+def doctor_batch(data, n: int | None = None):
+    """The AMP doctor's batch: the first ``n`` samples (default: the settings' ``doctor_batch``) of
+    token windows ``(N, T)`` or an ``(inputs, labels)`` pair, cut to the settings' ``doctor_context``
+    (a window keeps one token more, for the next-token target).
+
+    Example::
+
+        >>> batch = doctor_batch(need("data").train)      # doctest: +SKIP
+    """
+    sizes = need("settings").sizes
+    return short_windows(head(data, n or sizes["doctor_batch"]))
+
+
+def short_windows(data):
+    """All of ``data`` cut to the settings' ``doctor_context`` tokens (unchanged when it is None)."""
+    context = need("settings").sizes["doctor_context"]
+    if context is None:
+        return data
+    if isinstance(data, tuple):  # (inputs, labels): the inputs are the context
+        return (data[0][:, :context], *data[1:])
+    return data[:, :context + 1]
 
 
 def load_settings_model():

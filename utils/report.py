@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tqdm.auto import tqdm
+
 log = logging.getLogger(__name__)
 
 _MAX_ITEMS = 8  # list items shown in markdown before "... (N in all)"
@@ -130,6 +132,24 @@ def run_check(name: str, fn: Callable[[], Check]) -> Check:
             summary=f"{name} could not run: {type(e).__name__}: {first_line}",
             details={"error": "".join(traceback.format_exception(e, limit=-3)).strip()},
         )
+
+
+def run_checks(title: str, checks: list[tuple[str, Callable[[], Check]]], progress: bool = True) -> list[Check]:
+    """Run named checks in order through :func:`run_check`, with a ``tqdm.auto`` progress bar
+    (``title: check name``) when ``progress`` is True: a long check shows which one is running.
+
+    Example::
+
+        >>> [c.name for c in run_checks("Tier 1", [("noop", lambda: Check("noop", True, "ok"))], progress=False)]
+        ['noop']
+    """
+    results = []
+    with tqdm(total=len(checks), desc=title, unit="check", disable=not progress, leave=False) as bar:
+        for name, fn in checks:
+            bar.set_description(f"{title}: {name}")
+            results.append(run_check(name, fn))
+            bar.update(1)
+    return results
 
 
 def new_figure(width: float = 6.4, height: float = 3.6):

@@ -25,7 +25,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import find_vocab_size, get_logits, input_spec, predict, preserved_state
+from utils.model_calls import (
+    find_logits_network,
+    find_vocab_size,
+    get_logits,
+    input_spec,
+    predict,
+    preserved_state,
+    returns_loss,
+)
 
 CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
 TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
@@ -209,6 +217,54 @@ def not_a_token_model_error(model: nn.Module, call: str) -> ValueError:
 
 
 # ----------------------------------------------------------------------------------------------
+# A forward that returns its own loss
+
+
+@dataclass(frozen=True)
+class LogitsNetwork:
+    """What the checks that need logits call: the model, or the network a loss wrapper holds.
+
+    Attributes:
+        module: the model itself, or the submodule that returns logits.
+        note: None for the model itself; else one line saying the model returns its loss and which
+            attribute is checked instead (shown in reports).
+    """
+
+    module: nn.Module
+    note: str | None = None
+
+
+def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
+    """The module to read logits from: ``model``, unless its forward returns its own loss
+    (:func:`~utils.model_calls.returns_loss`); then the network it wraps (an attribute whose module
+    maps token ids to logits, see :func:`~utils.model_calls.find_logits_network`).
+
+    Example::
+
+        >>> logits_network(wrapper, "run_tier1(Wrapper)").note           # doctest: +SKIP
+        'Wrapper.forward returns its loss, not logits: checked through model.net (Decoder), ...'
+
+    Raises:
+        ValueError: the model returns a loss and holds no network that returns logits; the message
+            says what to pass instead.
+    """
+    if not returns_loss(model):
+        return LogitsNetwork(model)
+    name = type(model).__name__
+    found = find_logits_network(model)
+    if found is None:
+        raise ValueError(
+            f"{call}: {name}.forward returns a loss (a scalar), not logits, and none of its submodules maps "
+            f"token ids (B, T) to logits (B, T, V). The tiers, evaluate and the benchmark's accuracy need "
+            f"logits: pass the network your wrapper calls (the module that returns logits). train() "
+            f"trains {name} itself with the loss it returns."
+        )
+    attr, net = found
+    return LogitsNetwork(net, f"{name}.forward returns its loss, not logits: checked through model.{attr} "
+                              f"({type(net).__name__}), which returns logits")
+
+
+# ----------------------------------------------------------------------------------------------
 # Calling a token model for per-position logits
 
 
@@ -314,11 +370,24 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
     if vocab_size is None and not is_token_model(model):
         return TaskInfo(NON_TOKEN, "no config.vocab_size and no nn.Embedding", expected_input=expected_input(model))
     stated = _hf_task(model)
+    if stated is None and returns_loss(model):
+        return _own_loss_task(model, task, vocab_size, call)
     if task is not None and task != CAUSAL_LM:
         return _with_ids(model, TaskInfo(task, "stated with task="))
     if stated is not None and not (task == CAUSAL_LM and stated[0] != CAUSAL_LM):
         return _with_ids(model, TaskInfo(*stated))
     return _probe(model, task, vocab_size, max_seq_len, call)
+
+
+def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) -> TaskInfo:
+    """A loss-returning model's task: its network's (detected through it), else as stated or causal."""
+    found = find_logits_network(model)
+    own = f"{type(model).__name__}.forward returns its own loss"
+    if found is None:
+        return _with_ids(model, TaskInfo(task or CAUSAL_LM, f"{own}; " + ("stated with task=" if task else "assumed")))
+    inner = detect_task(found[1], task, vocab_size=vocab_size, call=call)
+    return TaskInfo(inner.task, f"{own}; model.{found[0]}: {inner.reason}", inner.mask_token_id,
+                    inner.decoder_start_token_id)
 
 
 def _with_ids(model: nn.Module, info: TaskInfo) -> TaskInfo:

@@ -18,6 +18,8 @@ import copy
 import math
 import os
 import statistics
+import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -31,13 +33,63 @@ from utils.model_calls import (
     preserved_state,
     short_logits_error,
 )
-from utils.report import Check, Report, new_figure, run_check
-from utils.tasks import TaskInfo, detect_task, task_logits
-from utils.training.benchmark.measure import saved_tensor_bytes
+from utils.report import Check, Report, new_figure, run_checks
+from utils.tasks import TaskInfo, detect_task, logits_network, task_logits
+from utils.training.benchmark.measure import runs_natively, saved_tensor_bytes, synchronize
 from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 _MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
+
+# A model whose one full-length forward costs more than this (2 x parameters x context FLOPs) is
+# measured with smaller inputs on a CPU: ~0.1-0.5 s on a 2-core CPU. GPT-2 small (124M x 1024) is
+# 13x over it; the example models are thousands of times under it.
+CPU_FULL_FORWARD_FLOPS = 2e10
+_SHORT = 64  # the length of the "short" inputs a reduced Tier 1 uses besides the full context
+
+
+@dataclass(frozen=True)
+class Tier1Sizes:
+    """What Tier 1 measures, chosen once from the model's size and device (:func:`tier1_sizes`).
+
+    Example::
+
+        >>> tier1_sizes(example_model("gpt-micro"), input_spec(example_model("gpt-micro"))).reduced   # doctest: +SKIP
+        False
+
+    Attributes:
+        reduced: measure with smaller inputs: every length at the smallest batch, the larger batches
+            at short lengths, one full-length batch for numerics, a sample of token ids, memory
+            measured at one batch and scaled, speed at a short length.
+        reason: why, in words (empty when not reduced).
+    """
+
+    reduced: bool = False
+    reason: str = ""
+
+    def shapes(self) -> dict:
+        return {"max_tokens": 4 * _SHORT} if self.reduced else {}
+
+    def numerics(self) -> dict:
+        return {"trials": 2, "seq_len": _SHORT, "max_sweep_tokens": 512} if self.reduced else {}
+
+    def memory(self, batch_sizes) -> dict:
+        return {"measured_batch_sizes": (min(batch_sizes),)} if self.reduced else {}
+
+    def speed(self) -> dict:
+        return {"seq_len": _SHORT // 2, "repeats": 3} if self.reduced else {}
+
+
+def tier1_sizes(model: nn.Module, spec) -> Tier1Sizes:
+    """Reduced sizes when one full-length forward of ``model`` on a CPU costs more than
+    :data:`CPU_FULL_FORWARD_FLOPS`; the full sizes otherwise (any GPU, any small model)."""
+    params = sum(p.numel() for p in model.parameters())
+    flops = 2 * params * spec.max_seq_len
+    if spec.device.type != "cpu" or flops <= CPU_FULL_FORWARD_FLOPS:
+        return Tier1Sizes()
+    return Tier1Sizes(True, f"{params / 1e6:,.0f}M parameters at a context of {spec.max_seq_len} on a CPU: one "
+                            f"full-length forward is {flops:.1e} FLOPs, so the checks use the full length once "
+                            f"each and short inputs ({_SHORT} tokens) otherwise")
 
 
 def run_tier1(
@@ -51,6 +103,7 @@ def run_tier1(
     figures: bool = True,
     seed: int = 0,
     task: str | None = None,
+    progress: bool = True,
 ) -> Report:
     """Run every Tier 1 check on a model.
 
@@ -72,33 +125,51 @@ def run_tier1(
         seed: for the random inputs (default 0).
         task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`);
             an encoder-decoder is called with the ids shifted right as its decoder inputs.
+        progress: show a ``tqdm.auto`` bar naming the check being run (default True).
+
+    A model whose forward returns its own loss (``loss = model(seq)``) is checked through the
+    network it wraps (see :func:`utils.tasks.logits_network`), and the report says so.
 
     Raises:
-        ValueError: the model takes no token ids, or a bad size, precision or task.
+        ValueError: the model takes no token ids, or a bad size, precision or task; it returns a
+            loss and holds no network that returns logits.
 
     .. note::
         Cost: about 40 forward passes of up to ``max(batch_sizes) x max_seq_len`` tokens and one
-        backward pass. A few seconds for ``example_model("gpt-micro")`` on a laptop CPU.
+        backward pass. A few seconds for ``example_model("gpt-micro")`` on a laptop CPU. A model
+        too big for that on a CPU (see :func:`tier1_sizes`) is measured with smaller inputs, and
+        the report's ``sizes`` line says so: under a minute for a 124M GPT on a 2-core CPU.
     """
     call = f"run_tier1({type(model).__name__})"
     if device is not None:
         model.to(device)
+    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
+    model = network.module
     spec = input_spec(model, vocab_size, max_seq_len, call=call)
     plan = resolve_precision(precision, device=spec.device)
     info, task_note = _tier_task(model, task, vocab_size, max_seq_len, call)
+    sizes = tier1_sizes(model, spec)
     # The checks resolve the same spec again (cheap), so each knows where its context came from.
     kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seed=seed, task=info)
-    checks = [
-        run_check("shape_robustness", lambda: check_shapes(model, batch_sizes=batch_sizes, **kw)),
-        run_check("gradient_flow", lambda: check_gradient_flow(model, figure=figures, **kw)),
-        run_check("numerical_stability", lambda: check_numerical_stability(model, plan=plan, **kw)),
-        run_check("initialization", lambda: check_initialization(model)),
-        run_check("memory_footprint", lambda: check_memory(
-            model, batch_sizes=batch_sizes, plan=plan, figure=figures, **kw)),
-        run_check("inference_speed", lambda: check_inference_speed(
-            model, batch_sizes=batch_sizes, plan=plan, figure=figures, **kw)),
-    ]
-    return Report(f"Tier 1: {type(model).__name__}", checks, info=_model_info(model, spec, plan) | {"task": task_note})
+    checks = run_checks(f"Tier 1: {type(model).__name__}", [
+        ("shape_robustness", lambda: check_shapes(model, batch_sizes=batch_sizes, **sizes.shapes(), **kw)),
+        ("gradient_flow", lambda: check_gradient_flow(model, figure=figures, **kw)),
+        ("numerical_stability", lambda: check_numerical_stability(model, plan=plan, **sizes.numerics(), **kw)),
+        ("initialization", lambda: check_initialization(model)),
+        ("memory_footprint", lambda: check_memory(
+            model, batch_sizes=batch_sizes, plan=plan, figure=figures, **sizes.memory(batch_sizes), **kw)),
+        ("inference_speed", lambda: check_inference_speed(
+            model, batch_sizes=batch_sizes, plan=plan, figure=figures, **sizes.speed(), **kw)),
+    ], progress)
+    info = _model_info(model, spec, plan) | {"task": task_note}
+    if sizes.reduced:
+        info["sizes"] = sizes.reason
+    return Report(f"Tier 1: {type(model).__name__}", checks, info=info | _through(network))
+
+
+def _through(network) -> dict:
+    """The report line saying a loss-returning wrapper was checked through its network."""
+    return {"checked_through": network.note} if network.note else {}
 
 
 def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
@@ -153,6 +224,7 @@ def check_shapes(
     vocab_size: int | None = None,
     max_seq_len: int | None = None,
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
+    max_tokens: int | None = None,
     seed: int = 0,
     task=None,
 ) -> Check:
@@ -160,6 +232,11 @@ def check_shapes(
 
     Fails when a forward raises, the output's first dimension is not the batch, a per-token output
     ``(B, T, ...)`` has the wrong length, or the trailing dimensions change with the input.
+
+    Args:
+        max_tokens: default None: every batch size at every length. Else the lengths are 1, 2, 64, a
+            quarter and all of the context; the smallest batch size runs each, the larger ones only
+            inputs of at most this many tokens, and the edge-case tokens run at a length of 64.
 
     Example::
 
@@ -170,8 +247,13 @@ def check_shapes(
     info = _task(model, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     long = spec.max_seq_len
-    cases = [(f"({b}, {t})", spec.random_ids(b, t, gen)) for b in batch_sizes for t in _seq_grid(long)]
-    cases += [(f"(1, {long}) all id {i}", torch.full((1, long), i, device=spec.device))
+    grid, edge = _seq_grid(long), long
+    if max_tokens is not None:  # the edges, a quarter and all of the context; short inputs besides
+        grid = sorted({n for n in (1, 2, min(_SHORT, long), long // 4, long) if n >= 1})
+        edge = min(long, _SHORT, max_tokens)
+    cases = [(f"({b}, {t})", spec.random_ids(b, t, gen)) for b in batch_sizes for t in grid
+             if max_tokens is None or b == min(batch_sizes) or b * t <= max_tokens]
+    cases += [(f"(1, {edge}) all id {i}", torch.full((1, edge), i, device=spec.device))
               for i in (0, spec.vocab_size - 1)]
     problems, shapes, trailing = [], {}, set()
     with preserved_state(model), torch.no_grad():
@@ -400,14 +482,17 @@ def check_numerical_stability(
     trials: int = 3,
     max_sweep_tokens: int = 65536,
     plan: PrecisionPlan | None = None,
+    seq_len: int | None = None,
     seed: int = 0,
     task=None,
 ) -> Check:
     """Look for NaN/Inf outputs and for non-determinism in eval mode.
 
-    Runs ``trials`` random batches of full length, then every token id alone (``(V, 1)`` in
-    chunks, up to ``max_sweep_tokens`` ids) to name the tokens whose output is not finite, then
-    the same batch twice to compare, and, when ``plan`` autocasts, one small batch under it.
+    Runs ``trials`` random batches of ``seq_len`` tokens (default: the full context; when shorter,
+    one more sequence of full length, so every position is seen), then every token id alone
+    (``(V, 1)`` in chunks, up to ``max_sweep_tokens`` ids, a random sample beyond) to name the
+    tokens whose output is not finite, then the first batch twice to compare, and, when ``plan``
+    autocasts, one small batch under it.
 
     Example::
 
@@ -417,7 +502,11 @@ def check_numerical_stability(
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_numerical_stability({type(model).__name__})")
     info = _task(model, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
-    batches = [spec.random_ids(batch_size, spec.max_seq_len, gen) for _ in range(trials)]
+    length = min(seq_len or spec.max_seq_len, spec.max_seq_len)
+    batches = [spec.random_ids(batch_size, length, gen) for _ in range(trials)]
+    if length < spec.max_seq_len:
+        batches.append(spec.random_ids(1, spec.max_seq_len, gen))
+    trials = len(batches)
     problems, details = [], {}
     with preserved_state(model), torch.no_grad():
         model.eval()
@@ -441,8 +530,12 @@ def check_numerical_stability(
     if problems:
         return Check("numerical_stability", False, "; ".join(problems) + ".", details)
     return Check("numerical_stability", True,
-                 f"Finite outputs on {trials} random batches and all {swept} token ids alone; eval is "
+                 f"Finite outputs on {trials} random batches and {_swept(swept, spec.vocab_size)} alone; eval is "
                  f"deterministic; largest |output| {details['max_abs_output']:.3g}.", details)
+
+
+def _swept(swept: int, vocab_size: int) -> str:
+    return f"all {swept} token ids" if swept >= vocab_size else f"{swept} of {vocab_size} token ids (a random sample)"
 
 
 def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator, info: TaskInfo,
@@ -517,9 +610,12 @@ def check_initialization(
 def _param_stats(module: nn.Module, pname: str, p: torch.Tensor) -> dict:
     w = p.detach().float()
     kind = "embedding" if isinstance(module, nn.Embedding) else ("matrix" if p.dim() >= 2 else "vector")
-    stats = {"kind": kind, "shape": tuple(p.shape), "mean": float(w.mean()) if w.numel() else 0.0,
-             "std": float(w.std()) if w.numel() > 1 else 0.0, "abs_max": float(w.abs().max()) if w.numel() else 0.0,
-             "finite": bool(torch.isfinite(w).all())}
+    # One pass for std and mean, one for the extremes (NaN propagates to them): a 124M model's
+    # 38M-value embedding read 4 times was a second of Tier 1 on a CPU.
+    std, mean = torch.std_mean(w) if w.numel() > 1 else (torch.zeros(()), w.sum())
+    low, high = (float(v) for v in torch.aminmax(w)) if w.numel() else (0.0, 0.0)
+    stats = {"kind": kind, "shape": tuple(p.shape), "mean": float(mean), "std": float(std),
+             "abs_max": max(abs(low), abs(high)), "finite": math.isfinite(low) and math.isfinite(high)}
     if kind == "matrix":
         # transformers' Conv1D stores (in, out); everything else (Linear, MHA, conv) stores out first.
         fan_in = p.shape[0] if type(module).__name__ == "Conv1D" else p[0].numel()
@@ -551,10 +647,14 @@ def check_memory(
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES,
     plan: PrecisionPlan | None = None,
     figure: bool = True,
+    measured_batch_sizes: tuple[int, ...] | None = None,
     seed: int = 0,
     task=None,
 ) -> Check:
     """Parameters, gradients, Adam state and activations, by batch size and by precision.
+
+    ``measured_batch_sizes`` (default: all of ``batch_sizes``) are measured in fp32; the others are
+    scaled from the largest measured one by the batch ratio (activations are per sample).
 
     Activations are the tensors autograd saves for backward in one train-mode forward at full
     length, measured with ``saved_tensors_hooks`` (so it works on any device). fp32 is measured at
@@ -575,7 +675,9 @@ def check_memory(
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     fp32_plan = _measuring_plan("32-true", spec.device)
-    fp32 = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan, info) for b in batch_sizes}
+    measured = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan, info)
+                for b in (measured_batch_sizes or batch_sizes)}
+    fp32 = {b: measured.get(b, _per_sample(measured, b)) for b in batch_sizes}
     activations = {"32-true": fp32}
     # The 16-bit precision worth comparing: the plan's when it autocasts (e.g. 16-mixed on a GPU
     # without bf16), otherwise bf16-mixed, to show what it would save here.
@@ -585,6 +687,7 @@ def check_memory(
                        for b, act in acts.items()} for name, acts in activations.items()}
     available = _device_memory_bytes(spec.device)
     details = {"parameters": sum(p.numel() for p in model.parameters()), "trainable": trainable,
+               "fp32_measured_at": sorted(measured),
                "parameter_bytes": param_bytes, "buffer_bytes": buffer_bytes,
                "activation_bytes": activations, "training_bytes_adam": training,
                "device_memory_bytes": available}
@@ -599,6 +702,12 @@ def check_memory(
                  f"{details['parameters']:,} parameters ({_mib(param_bytes)}); fp32 training with Adam at "
                  f"batch {big} x {spec.max_seq_len} needs about {_mib(training['32-true'][big])}, "
                  f"{half} about {_mib(training[half][big])}.", details, fig)
+
+
+def _per_sample(measured: dict[int, int], batch_size: int) -> int:
+    """Activation bytes at ``batch_size``, scaled from the largest measured batch."""
+    b = max(measured)
+    return measured[b] * batch_size // b
 
 
 def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
@@ -702,7 +811,9 @@ def check_inference_speed(
 
     .. note::
         A ``-true`` plan runs on a copy of the model cast to 16 bits (twice the weights' memory
-        for a moment). On a CPU without native bf16, bf16 runs many times slower than fp32.
+        for a moment). On a CPU without native bf16, bf16 runs many times slower than fp32: a plan
+        whose dtype is emulated on the device is timed at the smallest batch size only, and the
+        summary says so.
     """
     spec = input_spec(model, vocab_size, max_seq_len, call=f"check_inference_speed({type(model).__name__})")
     info = _task(model, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
@@ -711,20 +822,26 @@ def check_inference_speed(
     gen = torch.Generator().manual_seed(seed)
     inputs = {b: spec.random_ids(b, t, gen) for b in batch_sizes}
     results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup, info)}
+    small, big = min(batch_sizes), max(batch_sizes)
+    emulated = plan.name != "32-true" and not runs_natively(spec.device, plan.autocast_dtype or plan.param_dtype)
     if plan.name != "32-true":
         target = model if plan.param_dtype == torch.float32 else copy.deepcopy(model).to(plan.param_dtype)
-        results[plan.name] = _time_forwards(target, inputs, plan, repeats, warmup, info)
+        timed = {small: inputs[small]} if emulated else inputs  # emulated: many times slower, one batch says it
+        results[plan.name] = _time_forwards(target, timed, plan, repeats, warmup, info)
     details = {"seq_len": t, "repeats": repeats, "plan": plan.describe(), **results}
+    if plan.name != "32-true":
+        details["plan_emulated"] = emulated
     fig = _latency_figure(results) if figure else None
-    big = max(batch_sizes)
     fp32_tps = results["fp32"]["tokens_per_s"][big]
     summary = (f"fp32: {results['fp32']['latency_ms_median'][min(batch_sizes)]:.3g} ms at batch "
                f"{min(batch_sizes)}, {fp32_tps:,.0f} tokens/s at batch {big} (length {t}).")
     if plan.name == "32-true":
         summary += f" The AMP plan is fp32 here: {plan.reason}"
     else:
-        ratio = results[plan.name]["tokens_per_s"][big] / fp32_tps
-        summary += f" {plan.name}: {ratio:.2f}x fp32's throughput at batch {big}."
+        at = small if emulated else big
+        ratio = results[plan.name]["tokens_per_s"][at] / results["fp32"]["tokens_per_s"][at]
+        summary += f" {plan.name}: {ratio:.2f}x fp32's throughput at batch {at}"
+        summary += f" (emulated on this {spec.device.type}: timed at batch {small} only)." if emulated else "."
         if ratio < 1:  # a measurement on this model, not a property of the device
             summary += (" Slower than fp32 on this model (inference); benchmark_amp measures training before "
                         "you pick.")
@@ -734,25 +851,33 @@ def check_inference_speed(
 def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int,
                    info: TaskInfo) -> dict:
     """Forward latency per batch size: ``repeats`` timed calls after ``warmup`` untimed ones, each
-    timed by ``torch.utils.benchmark.Timer`` (it waits for CUDA's queue) on this process's threads."""
-    from torch.utils import benchmark  # ~0.9 s to import: only when speed is measured
+    one call between two device synchronizations (``torch.utils.benchmark.Timer.timeit`` would run
+    two more untimed calls before each: three times the cost for a large model on a CPU)."""
     device = model_device(model)
     autocast = plan.autocast if plan is not None else (lambda: torch.autocast(device.type, enabled=False))
     lat_median, lat_p95, tps = {}, {}, {}
     with preserved_state(model), torch.inference_mode():
         model.eval()
         for b, ids in inputs.items():
-            timer = benchmark.Timer("with autocast(): forward(model, ids, info)", num_threads=torch.get_num_threads(),
-                                    globals={"autocast": autocast, "forward": _forward, "model": model, "ids": ids,
-                                             "info": info})
-            if warmup:
-                timer.timeit(warmup)
-            times = [timer.timeit(1).mean for _ in range(repeats)]
+            for _ in range(warmup):
+                with autocast():
+                    _forward(model, ids, info)
+            times = [_timed_forward(model, ids, info, autocast, device) for _ in range(repeats)]
             median = statistics.median(times)
             lat_median[b], tps[b] = 1e3 * median, ids.numel() / median
             # p95 between samples (inclusive method); with one sample, that sample
             lat_p95[b] = 1e3 * (statistics.quantiles(times, n=20, method="inclusive")[-1] if repeats > 1 else times[0])
     return {"latency_ms_median": lat_median, "latency_ms_p95": lat_p95, "tokens_per_s": tps}
+
+
+def _timed_forward(model: nn.Module, ids: torch.Tensor, info: TaskInfo, autocast, device: torch.device) -> float:
+    """Seconds of one forward, the device's queue drained before and after."""
+    synchronize(device)
+    start = time.perf_counter()
+    with autocast():
+        _forward(model, ids, info)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def _latency_figure(results: dict):

@@ -44,6 +44,7 @@ _EXPORTS = {
     "resolve_precision": "utils.training.precision",
     "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
     "steady_cpu_allocator": "utils.training.acceleration",
+    "suite_loss_fn": "utils.training.objectives",
     "train": "utils.training.loop",
 }
 __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers and linters
@@ -70,6 +71,7 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
     "resolve_precision",
     "scan_fp16_overflow",
     "steady_cpu_allocator",
+    "suite_loss_fn",
     "train",
 ]
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,6 +19,8 @@ from utils.model_calls import (
     call_with_targets,
     find_input_embedding,
     get_logits,
+    get_loss,
+    is_loss_output,
     model_call,
     model_loss,
     short_logits_error,
@@ -107,6 +109,8 @@ def run_model(model: nn.Module, prepared: Prepared):
 
     Raises:
         ValueError: a dict batch for a model whose forward takes token ids and targets.
+        OwnLossError: (a ``ValueError``) the call with targets/labels raised, the forward without
+            them runs: the model's own loss failed; the message names it and the way around it.
     """
     call = model_call(model)
     if call.convention == TARGETS and prepared.kwargs:
@@ -114,20 +118,53 @@ def run_model(model: nn.Module, prepared: Prepared):
             f"{call.owner}{call.signature} takes token ids and {call.target_arg}, not a dict batch with "
             f"{', '.join(map(repr, sorted(prepared.kwargs)))}: pass token ids (B, T) or (inputs, targets) pairs."
         )
-    return call_with_targets(model, prepared.args, prepared.kwargs, prepared.targets)
+    try:
+        return call_with_targets(model, prepared.args, prepared.kwargs, prepared.targets)
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as e:  # re-raised: as the model's own loss failing when the forward alone runs
+        passed = call.target_arg if call.convention == TARGETS and prepared.targets is not None else (
+            "labels" if "labels" in prepared.kwargs else None)
+        if passed is None or not _runs_without_targets(model, prepared):
+            raise
+        raise OwnLossError(
+            f"{type(model).__name__}'s own loss raised {type(e).__name__}: {str(e) or 'no message'}. "
+            f"{call.owner} runs without {passed}=, so the failure is in the loss the model computes itself "
+            f"(inside its library), not in the batch. Pass loss_fn=suite_loss_fn(model) (from "
+            f"utils.training) to train, evaluate or benchmark_amp to use the suite's cross-entropy on its "
+            f"logits instead; the command line has no such option."
+        ) from e
+
+
+class OwnLossError(ValueError):
+    """A model's own loss raised inside its library while its forward alone runs (see :func:`run_model`)."""
+
+
+def _runs_without_targets(model: nn.Module, prepared: Prepared) -> bool:
+    """Whether the forward runs when the targets/labels are left out (one call, no gradients)."""
+    kwargs = {k: v for k, v in prepared.kwargs.items() if k != "labels"}
+    try:
+        with torch.no_grad():
+            model(*prepared.args, **kwargs)
+    except Exception:  # noqa: BLE001  the forward fails too: the caller re-raises the first error
+        return False
+    return True
 
 
 def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the model; return (loss, logits, targets-aligned-with-logits).
 
     A loss the model returns itself (``output.loss``, or the ``(logits, loss)`` of a
-    ``forward(idx, targets=None)`` model) is used as is.
+    ``forward(idx, targets=None)`` model) is used as is. A model that returns only a loss
+    (``loss = model(seq)``) gives ``(loss, None, None)``.
 
     Raises:
         ValueError: the logits do not fit the targets; a model that returned one position of many
             gets a message naming its convention and the way through.
     """
     output = run_model(model, prepared)
+    if is_loss_output(output):  # ``loss = model(seq)``: no logits to align or score
+        return (output if isinstance(output, torch.Tensor) else get_loss(output)), None, None
     logits = get_logits(output)
     targets = prepared.targets
     shift = False

@@ -33,7 +33,15 @@ from pathlib import Path
 import torch
 
 from utils.model_calls import check_context, find_context_length, find_vocab_size
-from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
+from utils.tasks import (
+    CLASSIFIER,
+    NON_TOKEN,
+    TASKS,
+    detect_task,
+    find_num_classes,
+    not_a_token_model_error,
+    task_logits,
+)
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.distributed import World
 from utils.training.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
@@ -393,7 +401,7 @@ def load_data(spec: str, model, context: int | None, val_fraction: float, task: 
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")
-    check_context(model, context, source, "--context N")
+    check_context(model, context, source, "--context N", forward=lambda m, ids: task_logits(m, ids, info))
     classes = find_num_classes(model) if info.task == CLASSIFIER else None
     data = make_task_dataset(info.task, context=context, source=None if spec == "default" else Path(spec),
                              val_fraction=val_fraction, num_classes=classes)
@@ -504,8 +512,8 @@ def run_train(args: argparse.Namespace) -> int:
     torch.manual_seed(opts["seed"])
     with _ModelChoice().listening() as choice:
         model = build_model(opts["model"], opts["model_config"], opts["class_name"])
-    train_ids, val_ids, context, task = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
-                                                  opts["task"])
+    train_ids, val_ids, context, _ = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
+                                               opts["task"])
     opts["context"] = context
     step = check_resume(opts, model, world) if opts["resume"] is not None else None
     run_dir = Path(opts["run_dir"])
@@ -527,7 +535,8 @@ def run_train(args: argparse.Namespace) -> int:
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
                        progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
-                       task=opts["task"])  # as given: train() says "stated with task=" only when it was
+                       task=opts["task"])  # as given: train() detects the rest as the API does, and says
+                                           # "stated with task=" only when it was
     finally:
         if session is not None:
             session.finish()

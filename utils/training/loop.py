@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from utils.model_calls import find_logits_network, returns_loss
 from utils.training import checkpoint as ckpt_io
 from utils.training import distributed
 from utils.training.acceleration import compile_model, tf32_matmuls
@@ -118,8 +119,8 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
     Returns:
         ``{"val_loss": float, "val_accuracy": float | None, "val_perplexity": float | None}``.
     """
-    if loss_fn is None and not isinstance(task, Objective):
-        task = objective_for(model, task, call=f"evaluate({type(model).__name__})")
+    if loss_fn is None:
+        model, task = _scored(model, task)
     masks = torch.Generator().manual_seed(0)  # a masked LM is scored on the same positions every time
     was_training = model.training
     model.eval()
@@ -136,6 +137,10 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
                 prepared = task.prepare(batch, generator=masks, argument="val_data")
                 check_token_ids(model, prepared, "val_data")  # eval is off the hot path: syncs are fine
                 loss, logits, targets = forward_loss(model, prepared)
+                if logits is None:  # the model's own loss, and no network to score: loss only
+                    loss_sum += loss.double()
+                    n_loss += 1
+                    continue
                 mask = targets != IGNORE_INDEX
                 n = int(mask.sum())
                 correct += ((logits.argmax(-1) == targets) & mask).sum()
@@ -153,6 +158,17 @@ def evaluate(model: nn.Module, data, plan: PrecisionPlan, *, batch_size: int = 8
         "val_accuracy": float(correct) / n_tok if n_tok else None,
         "val_perplexity": math.exp(min(val_loss, 700.0)) if is_lm else None,
     }
+
+
+def _scored(model: nn.Module, task) -> tuple[nn.Module, Objective]:
+    """What ``evaluate`` scores: a model that returns its own loss is scored through the network it
+    wraps when it holds one (loss, accuracy and perplexity from its logits), else on its loss alone."""
+    call = f"evaluate({type(model).__name__})"
+    if returns_loss(model):
+        found = find_logits_network(model)
+        if found is not None:
+            return found[1], objective_for(found[1], call=call)
+    return model, task if isinstance(task, Objective) else objective_for(model, task, call=call)
 
 
 class _StopAtBoundary(Exception):

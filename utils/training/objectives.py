@@ -23,9 +23,18 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import find_vocab_size
-from utils.tasks import CAUSAL_LM, CLASSIFIER, MASKED_LM, NON_TOKEN, SEQ2SEQ, TaskInfo, detect_task
-from utils.training.batches import IGNORE_INDEX, Prepared, _count, forward_loss, prepare_batch
+from utils.model_calls import find_vocab_size, get_logits, returns_loss
+from utils.tasks import (
+    CAUSAL_LM,
+    CLASSIFIER,
+    MASKED_LM,
+    NON_TOKEN,
+    SEQ2SEQ,
+    TaskInfo,
+    detect_task,
+    shift_right,
+)
+from utils.training.batches import IGNORE_INDEX, Prepared, _count, cross_entropy, forward_loss, prepare_batch
 
 MASK_PROB = 0.15  # BERT's share of positions to predict
 
@@ -78,12 +87,15 @@ class Objective:
         vocab_size: for the random replacements of masking.
         model_name: the model's class name, for messages.
         mask_prob: share of positions a masked LM predicts (default 0.15).
+        own_loss: the model's forward returns its loss (``loss = model(seq)``): token-id windows
+            are passed whole, the model shifts them itself (default False).
     """
 
     info: TaskInfo
     vocab_size: int | None
     model_name: str
     mask_prob: float = MASK_PROB
+    own_loss: bool = False
 
     @property
     def task(self) -> str:
@@ -92,6 +104,9 @@ class Objective:
     def describe(self) -> str:
         """The objective in one line, e.g. for a plan or a run's summary."""
         pct = f"{self.mask_prob:.0%}"
+        if self.own_loss:
+            return (f"own loss: {self.model_name}.forward returns the loss; windows are passed whole, "
+                    f"the model shifts them itself [{self.info.reason}]")
         return {
             CAUSAL_LM: "causal-lm: predict the next token",
             MASKED_LM: f"masked-lm: {pct} of positions hidden (80% -> id {self.info.mask_token_id}, 10% "
@@ -110,6 +125,8 @@ class Objective:
                 that takes none), the message naming what to pass instead.
             TypeError: the batch is none of the accepted forms (see ``prepare_batch``).
         """
+        if self.own_loss and isinstance(batch, torch.Tensor):  # the model shifts its windows itself
+            return Prepared((batch,), {}, None, batch, _count(batch))
         if self.task == CAUSAL_LM or (isinstance(batch, (tuple, list)) and self.task != SEQ2SEQ):
             return prepare_batch(batch)  # next token; a user's (inputs, targets) pair is used as is
         if isinstance(batch, torch.Tensor):
@@ -192,7 +209,7 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
             raise ValueError(f"{call}: mask_token_id={mask_token_id!r} is not allowed: it must be an id in "
                              f"0..{(vocab or 1) - 1}, the model's vocabulary.")
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
-    return Objective(info, vocab, type(model).__name__)
+    return Objective(info, vocab, type(model).__name__, own_loss=returns_loss(model))
 
 
 def objective_loss_fn(model: nn.Module, task: str | None = None):
@@ -208,5 +225,31 @@ def objective_loss_fn(model: nn.Module, task: str | None = None):
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0), argument="batch"))[0]
+
+    return loss_fn
+
+
+def suite_loss_fn(model: nn.Module, task: str | None = None):
+    """A ``loss_fn(model, batch) -> loss`` that leaves the model's own loss out: the model is called
+    without targets or labels and the suite's cross-entropy is taken on its logits, with
+    ``model``'s objective (next token, hidden tokens, seq2seq labels, class labels). For a model whose
+    own loss raises inside its library.
+
+    Example::
+
+        >>> result = train(model, data, loss_fn=suite_loss_fn(model))   # doctest: +SKIP
+    """
+    objective = objective_for(model, task)
+
+    def loss_fn(m: nn.Module, batch) -> torch.Tensor:
+        prepared = objective.prepare(batch)
+        kwargs = {k: v for k, v in prepared.kwargs.items() if k != "labels"}
+        targets, shift = prepared.targets, False
+        if targets is None:  # a dict batch: labels (or input_ids) shifted, as Hugging Face does
+            targets, shift = prepared.kwargs.get("labels", prepared.input_ids), True
+        if objective.task == SEQ2SEQ:  # the model made its decoder inputs from labels; make them here
+            kwargs["decoder_input_ids"] = shift_right(targets, objective.info.decoder_start_token_id or 0)
+        logits = get_logits(m(*prepared.args, **kwargs))
+        return cross_entropy(logits, targets, shift=shift and logits.dim() == 3)
 
     return loss_fn
