@@ -36,6 +36,7 @@ from utils.training.checkpoint import Checkpointer
 from utils.training.guards import StepChecks
 from utils.training.interrupts import StopSignals
 from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
+from utils.training.launch import check_launch, progress_bar, train_on
 from utils.training.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
@@ -396,11 +397,9 @@ class Trainer:
             self.checkpoints.save(self)
 
     def fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         t0, interrupted = time.perf_counter(), False
         self.checkpoints.prepare(overwrite=self.args.overwrite)
-        self._bar = tqdm(total=self._total_steps(), initial=self.global_step,
+        self._bar = progress_bar(total=self._total_steps(), initial=self.global_step,
                          disable=not (self.args.progress and self.world.is_rank_zero),
                          desc=f"train [{self.precision.name}]", unit="step")
         try:
@@ -441,7 +440,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
           scaler_kwargs=None, compile=False, tf32=False,
           checkpoint_minutes=TrainSettings.checkpoint_minutes, overwrite=TrainSettings.overwrite,
-          task=TrainSettings.task, mask_token_id=None) -> TrainResult:
+          task=TrainSettings.task, mask_token_id=None, devices=None) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -493,6 +492,10 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             ``(inputs, labels)`` batches. Ignored with ``loss_fn``. ``result.objective`` says which ran.
         mask_token_id: the id that hides a token (default: ``config.mask_token_id``, else 255,
             which the byte tokenizer never emits).
+        devices: processes to train in (default None: this one, or torchrun's). ``devices=2`` from
+            a notebook forks two processes that run this call under DDP (one per GPU; gloo
+            processes on a CPU), returns rank 0's result and leaves the trained weights in ``model``.
+            See :func:`utils.training.launch.launch` (CUDA must not be initialised in the kernel yet).
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary or of a non-integer
@@ -523,12 +526,16 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         ``run_dir``. A checkpoint resumes on any number of processes with the same global batch.
         See :mod:`utils.training.distributed`.
     """
+    call = dict(locals())  # every argument, for the processes train_on forks
     args = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
                          warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, seed=seed,
                          log_every=log_every, progress=progress,
                          checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task)
     args.check()
+    if devices is not None and not (type(devices) is int and devices == 1):
+        check_launch(devices, "train", "devices")
+        return train_on(devices, train, **{k: v for k, v in call.items() if k != "devices"})
     world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
