@@ -32,7 +32,7 @@ import torch
 from utils.model_calls import check_context, find_context_length, find_vocab_size
 from utils.tasks import CLASSIFIER, NON_TOKEN, TASKS, detect_task, find_num_classes, not_a_token_model_error
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
-from utils.training.distributed import World
+from utils.training.distributed import STRATEGIES, World
 from utils.training.precision import canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
 
@@ -47,6 +47,7 @@ TRAIN_DEFAULTS = {  # the training values come from TrainSettings; the rest are 
     "seed": _S.seed, "run_dir": None, "resume": None, "wandb": "disabled", "wandb_project": "amp-transformer",
     "progress": _S.progress,
     "checkpoint_minutes": _S.checkpoint_minutes, "overwrite": _S.overwrite, "task": _S.task,
+    "strategy": _S.strategy,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_const", const=True,
                    help="a fresh run into a --run-dir that holds a run moves the old run aside into "
                         "DIR/replaced-<time>/ (default: an error)")
+    t.add_argument("--strategy", choices=STRATEGIES,
+                   help=f"under torchrun: ddp (a full model per process) or fsdp (weights, gradients and optimizer "
+                        f"state sharded over the processes; for a model too large for one GPU) (default: {d['strategy']})")
     t.add_argument("--log-every", type=_int_at_least(1), metavar="N",
                    help=f"read and log metrics every N steps (default: {d['log_every']})")
     t.add_argument("--run-dir", metavar="DIR",
@@ -417,7 +421,8 @@ def run_train(args: argparse.Namespace) -> int:
                        lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task)
+                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"], task=task,
+                       strategy=opts["strategy"])
     finally:
         if session is not None:
             session.finish()

@@ -34,6 +34,7 @@ import torch
 
 GRACE_S = 10.0  # after a failure or an interrupt: how long the other ranks get to stop on their own
 _relay = None  # in a launched child: the pipe rank 0 sends progress through
+_weights: dict | None = None  # in a launched child: the trained weights, when the model no longer holds them
 
 
 class WorkerError(RuntimeError):
@@ -135,9 +136,10 @@ def launch(fn, *args, num_processes: int = 2, **kwargs):
 
 
 def _child(rank, world_size, port, conn, fn, args, kwargs) -> None:
-    global _relay
+    global _relay, _weights
+    _weights = None
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size))
+                      WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), UTILS_TRAINING_LAUNCHED="1")
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the kernel's interrupt is the parent's to handle
     # GNU OpenMP's thread pool does not survive a fork: a parallel region with the parent's team
     # waits forever for threads the child does not have. One intra-op thread per rank (torchrun's
@@ -223,12 +225,25 @@ def train_on(devices: int, train_fn, model, train_data, **kwargs):
     check_launch(devices, "train", "devices")
 
     def each_rank():
-        result = train_fn(model, train_data, **kwargs)
-        return result, {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        result = train_fn(model, train_data, **kwargs)  # under FSDP the model is left sharded: its
+        weights = _weights if _weights is not None else {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return result, weights  # weights were gathered before the group closed (hand_back_weights)
 
     result, state = launch(each_rank, num_processes=devices)
     model.load_state_dict(state)
     return result
+
+
+def in_launched_child() -> bool:
+    """True in a process :func:`launch` started."""
+    return os.environ.get("UTILS_TRAINING_LAUNCHED") == "1"
+
+
+def hand_back_weights(state: dict) -> None:
+    """Called by the FSDP run in a launched child while its group is alive: the full weights that
+    :func:`train_on` sends back (the model itself stays sharded)."""
+    global _weights
+    _weights = state
 
 
 # ---- progress: rank 0's bar, drawn by the kernel --------------------------------------------------
