@@ -3,15 +3,18 @@ against one plain process with the doubled batch."""
 
 import os
 import re
+import shutil
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from tests.test_ddp import WORLD, B, T, make_data
 from utils.models import example_model
 from utils.training import resolve_precision, train
 from utils.training.distributed import fsdp_units, mixed_precision_policy
+from utils.training.launch import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::utils.training.PrecisionWarning")
 
@@ -28,6 +31,12 @@ def run(devices=None, batch_size=B, strategy="ddp", **kw):
     result = train(model, make_data(kw.pop("n", 64)), device="cpu", batch_size=batch_size, lr=kw.pop("lr", 3e-3),
                    log_every=1, progress=False, devices=devices, strategy=strategy, **kw)
     return model, result
+
+
+def fsdp_alone(**kw):
+    """One FSDP process, forked (launch): the processes these tests fork later never inherit a parent
+    that ran FSDP itself (such forks hung once in ~5 runs here)."""
+    return launch(lambda: run(batch_size=B * WORLD, strategy="fsdp", **kw)[1], num_processes=1)
 
 
 def worst_difference(a: nn.Module, b: nn.Module) -> float:
@@ -63,7 +72,7 @@ def test_fsdp_accumulation_with_a_short_tail_matches_one_process():
 
 
 def test_fsdp_in_one_process_matches_the_plain_loop(reference):
-    model, result = run(batch_size=B * WORLD, strategy="fsdp")
+    result = fsdp_alone()
     assert losses(result) == pytest.approx(losses(reference[1]), abs=1e-5)
 
 
@@ -147,14 +156,92 @@ def test_fsdp_with_an_optimizer_built_before_sharding_is_an_error():
         train(model, make_data(), strategy="fsdp", optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-def test_keep_fp32_modules_compute_in_fp32_under_an_fsdp_bf16_policy():
+def keep_lm_head_in_fp32():
     seen = {}
     model = make_model()
     for name in ("lm_head", "transformer.h.0.mlp.c_fc"):
         module = dict(model.named_modules())[name]
-        module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, (m.weight.dtype, out.dtype)))  # the last: a step
+        module.register_forward_hook(  # the last call: a training step
+            lambda m, a, out, name=name: seen.__setitem__(name, (m.weight.dtype, out.dtype)))
     result = train(model, make_data(), device="cpu", batch_size=B, max_steps=1, progress=False, strategy="fsdp",
                    precision="bf16-mixed", keep_fp32=["lm_head"])
+    return seen, result
+
+
+def test_keep_fp32_modules_compute_in_fp32_under_an_fsdp_bf16_policy():
+    seen, result = launch(keep_lm_head_in_fp32, num_processes=1)
     assert seen["lm_head"] == (torch.float32, torch.float32)  # weights gathered in fp32, autocast off
     assert seen["transformer.h.0.mlp.c_fc"] == (torch.bfloat16, torch.bfloat16)  # the policy's bf16
     assert "lm_head" in result.precision.reason
+
+
+# ---- sharded checkpoints (torch.distributed.checkpoint) ----------------------------------------------
+def sharded_weights(run_dir):
+    """The model a run folder's sharded checkpoint holds, read in this plain process (no group)."""
+    head = torch.load(run_dir / "checkpoints" / "latest.pt", weights_only=True)
+    model = make_model()
+    state = model.state_dict()
+    dcp.load({"model": state}, checkpoint_id=run_dir / "checkpoints" / head["sharded"])
+    model.load_state_dict(state)
+    return model
+
+
+@pytest.fixture(scope="module")
+def half(tmp_path_factory):
+    """Two FSDP processes, 4 of the 8 steps, into a run folder."""
+    run_dir = tmp_path_factory.mktemp("fsdp") / "half"
+    run(devices=WORLD, strategy="fsdp", max_steps=4, run_dir=run_dir)
+    return run_dir
+
+
+@pytest.mark.slow
+def test_the_run_folder_holds_a_head_and_one_shard_file_per_process(half):
+    folder = half / "checkpoints"
+    head = torch.load(folder / "latest.pt", weights_only=True)
+    assert sorted(p.name for p in folder.iterdir()) == ["latest.pt", head["sharded"]]
+    assert sorted(p.name for p in (folder / head["sharded"]).iterdir()) == [".metadata", "__0_0.distcp",
+                                                                            "__1_0.distcp"]
+    assert (head["model"], head["world_size"], head["global_step"]) == ({}, WORLD, 4)  # no full gather
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["fsdp", "ddp"])
+def test_a_two_process_sharded_checkpoint_resumes_in_one_process_to_the_straight_runs_weights(
+        half, reference, strategy, tmp_path):
+    shutil.copytree(half, tmp_path / "run")
+    if strategy == "fsdp":
+        result = fsdp_alone(resume_from=tmp_path / "run", run_dir=tmp_path / "run")
+        resumed = sharded_weights(tmp_path / "run")  # FSDP leaves the model sharded: read its checkpoint
+    else:
+        resumed, result = run(batch_size=B * WORLD, resume_from=tmp_path / "run", run_dir=tmp_path / "run")
+    assert result.global_step == 8
+    assert worst_difference(resumed, reference[0]) < 1e-4
+    assert len(list((tmp_path / "run" / "checkpoints").glob("shards-*"))) == (strategy == "fsdp")
+
+
+@pytest.mark.slow
+def test_a_one_process_sharded_checkpoint_resumes_on_two_processes_to_the_straight_runs_weights(reference, tmp_path):
+    fsdp_alone(max_steps=4, run_dir=tmp_path / "run")
+    model, result = run(devices=WORLD, strategy="fsdp", resume_from=tmp_path / "run", run_dir=tmp_path / "run")
+    assert result.global_step == 8
+    assert worst_difference(model, reference[0]) < 1e-4
+    assert worst_difference(sharded_weights(tmp_path / "run"), reference[0]) < 1e-4
+
+
+@pytest.mark.slow
+def test_missing_shards_are_an_error_naming_the_folder(half, tmp_path):
+    shutil.copytree(half, tmp_path / "run")
+    shards = next((tmp_path / "run" / "checkpoints").glob("shards-*"))
+    (shards / ".metadata").unlink()
+    message = (f"Checkpoint {str(tmp_path / 'run' / 'checkpoints' / 'latest.pt')!r} is damaged: its shards "
+               f"{str(shards)!r} are missing or incomplete (no .metadata).")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(batch_size=B * WORLD, resume_from=tmp_path / "run")
+
+
+def test_a_full_checkpoint_resumed_with_fsdp_is_an_error_before_any_process_starts(tmp_path):
+    run(batch_size=B, max_steps=2, run_dir=tmp_path / "run")
+    message = "holds a full, unsharded state (written with strategy='ddp' or by one process); resuming it with "
+    with pytest.raises(ValueError, match=re.escape(message)):
+        run(devices=WORLD, strategy="fsdp", resume_from=tmp_path / "run", run_dir=tmp_path / "new")
+    assert not (tmp_path / "new").exists()

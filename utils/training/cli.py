@@ -347,17 +347,20 @@ def check_resume(opts: dict, model, world: World) -> int:
     Raises:
         ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
     """
-    from utils.training.checkpoint import check_precision, check_resume, load_checkpoint
+    from utils.training.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
     from utils.training.precision import resolve_precision
 
     path, state = load_checkpoint(opts["resume"])
     settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],
                              grad_accum_steps=opts["grad_accum"], seed=opts["seed"])
     check_resume(path, state, settings, world.world_size, tensor_data=True)  # the CLI's data are tensors
+    check_sharding(path, state, opts["strategy"])
     plan = resolve_precision(opts["precision"], world.default_device(opts["device"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train() warns once, when it resumes
         check_precision(path, state, plan)
+    if state.get("sharded"):  # the shards are read by every process in train(): DCP checks them there
+        return state["global_step"]
     try:
         model.load_state_dict(state["model"])  # train() loads it again; this only proves it fits
     except RuntimeError as e:

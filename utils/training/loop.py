@@ -539,7 +539,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
                          checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task,
                          strategy=strategy)
     args.check()
-    _check_fsdp(strategy, model, optimizer)
+    _check_fsdp(strategy, model, optimizer, resume_from)
     if devices is not None and not (type(devices) is int and devices == 1):
         check_launch(devices, "train", "devices")
         return train_on(devices, train, **{k: v for k, v in call.items() if k != "devices"})
@@ -580,9 +580,12 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         return world.fit(trainer, owned)
 
 
-def _check_fsdp(strategy: str, model, optimizer) -> None:
+def _check_fsdp(strategy: str, model, optimizer, resume_from) -> None:
+    """FSDP's own bad input, before any process starts or any file is written."""
     if strategy != "fsdp":
         return
+    if resume_from is not None:
+        ckpt_io.check_sharding(*ckpt_io.load_checkpoint(resume_from), strategy)
     if optimizer is not None:
         raise ValueError("train(strategy='fsdp', optimizer=...) is not allowed: sharding replaces the model's "
                          "parameters, so train() builds the optimizer after it. Pass optimizer=None.")
