@@ -245,3 +245,21 @@ def test_a_full_checkpoint_resumed_with_fsdp_is_an_error_before_any_process_star
     with pytest.raises(ValueError, match=re.escape(message)):
         run(devices=WORLD, strategy="fsdp", resume_from=tmp_path / "run", run_dir=tmp_path / "new")
     assert not (tmp_path / "new").exists()
+
+
+def logged_by_the_wandb_callback():
+    """Each rank trains with the W&B callback (rank 0 alone runs it); what the stand-in run received."""
+    import sys
+
+    from utils.training import AmpWandbCallback
+
+    run(strategy="fsdp", precision="16-mixed", max_steps=3, callbacks=[AmpWandbCallback(precision="16-mixed")])
+    return sys.modules["wandb"].run.rows
+
+
+@pytest.mark.slow
+def test_the_wandb_callback_logs_the_loss_scale_of_an_fsdp_run(fake_wandb):
+    rows = launch(logged_by_the_wandb_callback, num_processes=WORLD)
+    scales = [row["amp/loss_scale"] for row, _ in rows if "amp/loss_scale" in row]
+    assert scales and all(s == 2.0**16 for s in scales)  # no overflow in 3 steps at the default scale
+    assert {step for _, step in rows if step is not None} >= {1, 2, 3}
