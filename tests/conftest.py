@@ -20,7 +20,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test`: two workers on two cor
 # Tests that must not run beside each other share one scope under xdist: one worker runs them in turn.
 # A new test file that launches torchrun goes in "torchrun".
 SHARED_SCOPES = {
-    "torchrun": ("tests/test_ddp.py::", "tests/test_cli.py::test_torchrun_"),  # one torchrun launch at a time
+    "torchrun": ("tests/test_ddp.py::", "tests/test_cli.py::test_torchrun_", "tests/test_nodes.py::"),  # one torchrun launch at a time
     "browser": ("tests/browser/",),  # one JupyterLab and Chromium at a time
 }
 

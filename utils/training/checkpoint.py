@@ -24,6 +24,13 @@ from pathlib import Path
 import torch
 
 from utils.training.settings import TrainSettings
+from utils.training.sharded_checkpoint import (
+    load_shards,
+    local_tensors,
+    prune,
+    save_shards,
+    shard_folder_name,
+)
 
 FORMAT = "amp-transformer-checkpoint/1"
 REQUIRED = ("format", "model", "optimizer", "scheduler", "scaler", "rng", "position", "global_step")
@@ -37,7 +44,7 @@ SCHEMA = {
     "scaler": dict, "rng": {"torch": torch.Tensor, "python": tuple}, "epoch_rng": (dict, _NONE),
     "position": {"epoch": int, "batch": int}, "world_size": int, "global_step": int,
     "skipped_steps": int, "precision": str, "best_val_loss": (float, _NONE), "args": dict,
-    "history": list, "epochs": list,
+    "history": list, "epochs": list, "sharded": (str, _NONE),
 }
 
 
@@ -403,6 +410,7 @@ class Checkpointer:
         self.path: str | None = None  # the last checkpoint saved or restored: the last good one
         self.step: int | None = None
         self.saving = False  # an interrupt during a save waits for it (see interrupts.StopSignals)
+        self.saves = 0  # saves so far: names each save's shard folder under FSDP
         self._last_save = time.monotonic()
 
     def prepare(self, overwrite: bool) -> None:
@@ -440,22 +448,33 @@ class Checkpointer:
         if self.folder is None:
             return
         trainer.checks.verify(None, self.last_good(), trainer.args.lr)  # a bad step not yet logged
-        if not all_finite([*trainer.model.parameters(), *_optimizer_tensors(trainer.optimizer)]):
+        if not _finite_everywhere(trainer):
             raise FloatingPointError(
                 f"The weights or optimizer state are not finite at step {trainer.global_step} in "
                 f"{trainer.precision.name}: not saved. {self.last_good()} Likely causes: a learning rate too "
                 f"high (lr={trainer.args.lr}) or activations that overflow; try a lower lr or max_grad_norm=1.0."
             )
         self._last_save = time.monotonic()
-        if self.world.is_rank_zero:  # rank 0 writes; the others only note where
-            state = state_of(trainer)
-            self.saving = True
-            try:
+        shards = None
+        self.saving = True
+        try:
+            if self.world.strategy == "fsdp":  # every rank writes its shards, then rank 0 the head
+                self.saves += 1
+                while (self.folder / shard_folder_name(trainer.global_step, self.saves)).exists():
+                    self.saves += 1  # a resumed run saving again at its checkpoint's step
+                name = shard_folder_name(trainer.global_step, self.saves)
+                try:
+                    shards = save_shards(trainer, self.folder, name).name
+                except OSError as e:
+                    raise write_error(self.folder / name, e) from e
+            if self.world.is_rank_zero:  # rank 0 writes; the others only note where
+                state = state_of(trainer, shards)
                 save_atomic(state, self.folder / LATEST)
                 if best:
                     save_atomic(state, self.folder / BEST)
-            finally:
-                self.saving = False
+                prune(self.folder, keep={shards, *_shards_named_by(self.folder / BEST)})  # what no head names
+        finally:
+            self.saving = False
         self.path, self.step = str(self.folder / LATEST), trainer.global_step
 
     def restore(self, trainer, resume_from) -> None:
@@ -466,20 +485,61 @@ class Checkpointer:
         """
         path, state = load_checkpoint(resume_from)
         check_resume(path, state, trainer.args, trainer.world.world_size, trainer.tensor_data)
+        check_sharding(path, state, trainer.world.strategy)
         load_scaler = check_precision(path, state, trainer.precision)
-        try:
-            trainer.model.load_state_dict(state["model"])
-        except RuntimeError as e:
-            raise ValueError(f"Checkpoint {str(path)!r} does not fit this model: {e}") from e
-        try:
-            trainer.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as e:
-            raise ValueError(f"Checkpoint {str(path)!r} has optimizer state that does not fit: {e}") from e
+        if state.get("sharded"):
+            load_shards(trainer, path, state)
+        else:
+            _load_full(trainer, path, state)
         trainer.scheduler.load_state_dict(state["scheduler"])
         if load_scaler and trainer.scaler.is_enabled():
             trainer.scaler.load_state_dict(state["scaler"])
         _load_position(trainer, state)
         self.path, self.step = str(path), state["global_step"]
+
+
+def _load_full(trainer, path: Path, state: dict) -> None:
+    try:
+        trainer.model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise ValueError(f"Checkpoint {str(path)!r} does not fit this model: {e}") from e
+    try:
+        trainer.optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"Checkpoint {str(path)!r} has optimizer state that does not fit: {e}") from e
+
+
+def check_sharding(path, state: dict, strategy: str) -> None:
+    """A sharded (FSDP) checkpoint resumes under any strategy and number of processes; a full one
+    (DDP, one process) resumes under DDP or in one process only.
+
+    Raises:
+        ValueError: a full checkpoint resumed with ``strategy="fsdp"``.
+    """
+    if strategy == "fsdp" and not state.get("sharded"):
+        raise ValueError(
+            f"Checkpoint {str(path)!r} holds a full, unsharded state (written with strategy='ddp' or by one "
+            f"process); resuming it with strategy='fsdp' is not supported. Resume it with strategy='ddp', or "
+            f"start the FSDP run afresh. (A sharded checkpoint resumes with either strategy.)"
+        )
+
+
+def _finite_everywhere(trainer) -> bool:
+    """Every weight and optimizer value finite; under FSDP each rank checks its shards and all agree."""
+    tensors = local_tensors([*trainer.model.parameters(), *_optimizer_tensors(trainer.optimizer)])
+    ok = all_finite(tensors)
+    if trainer.world.strategy != "fsdp" or not trainer.world.is_distributed:
+        return ok
+    bad = trainer.world.max(torch.tensor(float(not ok), device=trainer.precision.device))
+    return not bool(bad)
+
+
+def _shards_named_by(head: Path) -> list[str]:
+    """The shard folder a head file names (none for a missing or unsharded head)."""
+    if not head.is_file():
+        return []
+    name = torch.load(head, map_location="cpu", weights_only=True).get("sharded")
+    return [name] if name else []
 
 
 def _load_position(trainer, state: dict) -> None:
@@ -494,11 +554,14 @@ def _load_position(trainer, state: dict) -> None:
     trainer.resumed = True
 
 
-def state_of(trainer) -> dict:
-    """Everything a resume needs, in the ``SCHEMA`` layout."""
+def state_of(trainer, shards: str | None = None) -> dict:
+    """Everything a resume needs, in the ``SCHEMA`` layout; with ``shards`` (FSDP) the model and
+    optimizer live in that folder of DCP shards, and the head holds the rest."""
+    sharded = shards is not None
     return {
-        "format": FORMAT, "model": trainer.model.state_dict(),
-        "optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
+        "format": FORMAT, "model": {} if sharded else trainer.model.state_dict(), "sharded": shards,
+        "optimizer": {"state": {}, "param_groups": []} if sharded else trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
         "scaler": trainer.scaler.state_dict(), "rng": rng_state(), "epoch_rng": trainer.epoch_rng,
         "position": {"epoch": trainer.current_epoch, "batch": trainer.batch_in_epoch},  # global batches
         "world_size": trainer.world.world_size,

@@ -43,7 +43,7 @@ from utils.tasks import (
     task_logits,
 )
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
-from utils.training.distributed import World
+from utils.training.distributed import STRATEGIES, World
 from utils.training.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
 from utils.training.settings import TrainSettings
 
@@ -59,6 +59,7 @@ TRAIN_DEFAULTS = {  # the training values come from TrainSettings; the rest are 
     "seed": _S.seed, "run_dir": None, "resume": None, "wandb": "disabled", "wandb_project": "amp-transformer",
     "progress": _S.progress,
     "checkpoint_minutes": _S.checkpoint_minutes, "overwrite": _S.overwrite, "task": _S.task,
+    "strategy": _S.strategy,
 }
 # Options that must match the checkpoint's run, taken from its command.json unless given again.
 RESUMED = ("model", "model_config", "class_name", "data", "context", "val_fraction", "precision",
@@ -272,6 +273,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_const", const=True,
                    help="a fresh run into a --run-dir that holds a run moves the old run aside into "
                         "DIR/replaced-<time>/ (default: an error)")
+    t.add_argument("--strategy", choices=STRATEGIES,
+                   help=f"under torchrun: ddp (a full model per process) or fsdp (weights, gradients and optimizer "
+                        f"state sharded over the processes; for a model too large for one GPU) (default: {d['strategy']})")
     t.add_argument("--log-every", type=_int_at_least(1), metavar="N",
                    help=f"read and log metrics every N steps (default: {d['log_every']})")
     t.add_argument("--run-dir", metavar="DIR",
@@ -459,17 +463,20 @@ def check_resume(opts: dict, model, world: World) -> int:
     Raises:
         ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
     """
-    from utils.training.checkpoint import check_precision, check_resume, load_checkpoint
+    from utils.training.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
     from utils.training.precision import resolve_precision
 
     path, state = load_checkpoint(opts["resume"])
     settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],
                              grad_accum_steps=opts["grad_accum"], seed=opts["seed"])
     check_resume(path, state, settings, world.world_size, tensor_data=True)  # the CLI's data are tensors
+    check_sharding(path, state, opts["strategy"])
     plan = resolve_precision(opts["precision"], world.default_device(opts["device"]))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train() warns once, when it resumes
         check_precision(path, state, plan)
+    if state.get("sharded"):  # the shards are read by every process in train(): DCP checks them there
+        return state["global_step"]
     try:
         model.load_state_dict(state["model"])  # train() loads it again; this only proves it fits
     except RuntimeError as e:
@@ -535,8 +542,9 @@ def run_train(args: argparse.Namespace) -> int:
                        callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
                        resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
                        progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
-                       task=opts["task"])  # as given: train() detects the rest as the API does, and says
+                       task=opts["task"],  # as given: train() detects the rest as the API does, and says
                                            # "stated with task=" only when it was
+                       strategy=opts["strategy"])
     finally:
         if session is not None:
             session.finish()

@@ -31,11 +31,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from utils.training import launch
 from utils.training.batches import TensorBatches
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+STRATEGIES = ("ddp", "fsdp")
 _GROUPS_CREATED = 0  # by init_process_group in this process; the same count on every rank
 
 
@@ -90,6 +94,7 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    strategy: str = "ddp"  # "fsdp": the model is sharded (fully_shard) by train(), even in one process
 
     @classmethod
     def detect(cls) -> World:
@@ -118,6 +123,11 @@ class World:
     @property
     def is_distributed(self) -> bool:
         return self.world_size > 1
+
+    @property
+    def needs_group(self) -> bool:
+        """A process group is needed: several processes, or FSDP (which shards over a group of one too)."""
+        return self.is_distributed or self.strategy == "fsdp"
 
     @property
     def is_rank_zero(self) -> bool:
@@ -178,11 +188,11 @@ class World:
         """DDP's ``no_sync()`` for micro-batches before the last of an accumulation."""
         if skip and isinstance(net, DistributedDataParallel):
             return net.no_sync()
-        return contextlib.nullcontext()
+        return contextlib.nullcontext()  # FSDP reduce-scatters every micro-batch into the sharded grads
 
     def average_gradients(self, params) -> None:
         """All-reduce gradients accumulated under ``no_sync`` (an epoch's short last accumulation)."""
-        if not self.is_distributed:
+        if not self.is_distributed or self.strategy == "fsdp":  # FSDP's gradients are reduced already
             return
         for p in params:
             if p.grad is not None:
@@ -190,21 +200,26 @@ class World:
                 p.grad.div_(self.world_size)
 
     # ---- the run -------------------------------------------------------------------------------
-    def fit(self, trainer):
-        """``trainer.fit()`` under DDP: join the group, wrap ``trainer.net``, then unwind safely.
+    def fit(self, trainer, owned: bool = False):
+        """``trainer.fit()`` under DDP or FSDP: join the group, wrap ``trainer.net`` (DDP; FSDP's model
+        was sharded by ``train()``), then unwind safely.
 
-        A group this call initialized is destroyed at the end: the DDP wrapper is dropped and
-        collected first, and the ranks meet at a barrier (destroying a gloo group while a DDP
-        wrapper lives can abort the process). A group the caller initialized is left as it was.
+        A group this call (or, with ``owned=True``, ``train()`` before it) initialized is destroyed at
+        the end: the DDP wrapper is dropped and collected first, and the ranks meet at a barrier
+        (destroying a gloo group while a DDP wrapper lives can abort the process). A group the
+        caller initialized is left as it was.
         """
-        if not self.is_distributed:
+        if not self.needs_group:
             return trainer.fit()
         device = trainer.precision.device
-        owned = init_process_group(self, device)
+        owned = init_process_group(self, device) or owned
         finished = False
         try:
-            trainer.net = wrap(trainer.model, device)
+            if self.strategy == "ddp":
+                trainer.net = wrap(trainer.model, device)
             result = trainer.fit()
+            if self.strategy == "fsdp" and launch.in_launched_child():  # the kernel gets the weights
+                launch.hand_back_weights(full_state_dict(trainer.model))
             finished = True
             return result
         finally:
@@ -258,6 +273,9 @@ def init_process_group(world: World, device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "nccl" if device.type == "cuda" else "gloo"
+    if world.world_size == 1 and "MASTER_ADDR" not in os.environ:  # FSDP in one plain process
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        return True
     store, _, _ = next(dist.rendezvous("env://", world.rank, world.world_size))
     # torch names every new default group alike, and a torchrun job's store outlives the group: a
     # second train() in the same job would read the first group's stale addresses. Fresh keys each time.
@@ -286,3 +304,82 @@ def wrap(model: nn.Module, device: torch.device) -> DistributedDataParallel:
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside a DDP wrapper (what checkpoints hold); any other model as it is."""
     return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+# ---- FSDP2 ---------------------------------------------------------------------------------------
+def check_strategy(strategy, model: nn.Module | None = None, call: str = "train") -> None:
+    """``strategy`` is one of :data:`STRATEGIES`; FSDP needs submodules to shard.
+
+    Raises:
+        ValueError: naming the value and what is allowed.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{call}(strategy={strategy!r}) is not allowed: use one of "
+                         f"{', '.join(map(repr, STRATEGIES))}.")
+    if strategy == "fsdp" and model is not None and not fsdp_units(model):
+        raise ValueError(f"{call}(strategy='fsdp') is not allowed for {type(model).__name__}: it has no submodule "
+                         f"with parameters to shard one by one (FSDP gathers one unit's weights at a time). "
+                         f"Use strategy='ddp', or build the model from submodules (e.g. an nn.ModuleList of blocks).")
+
+
+def fsdp_units(model: nn.Module) -> list[nn.Module]:
+    """What is sharded as one unit: each module of an ``nn.ModuleList`` (a transformer's blocks), or,
+    without one, each direct child holding parameters. The root is sharded last, over the rest."""
+    blocks = [m for lst in model.modules() if isinstance(lst, nn.ModuleList) for m in lst
+              if any(True for _ in m.parameters())]
+    if blocks:
+        return blocks
+    return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def mixed_precision_policy(plan) -> MixedPrecisionPolicy | None:
+    """FSDP's policy for the plan: parameters gathered in the autocast dtype, gradients reduced in
+    fp32; None (no casting) for 32-true and the ``-true`` halves (their weights are stored in it)."""
+    if plan.autocast_dtype is None or plan.param_dtype != torch.float32:
+        return None
+    return MixedPrecisionPolicy(param_dtype=plan.autocast_dtype, reduce_dtype=torch.float32)
+
+
+def shard_model(model: nn.Module, plan, keep_fp32=()) -> nn.Module:
+    """``fully_shard`` the modules kept in fp32 (with an fp32 policy), each unit, then the root.
+
+    A kept module that shares a parameter with another one (tied embeddings) cannot be a unit of its
+    own: the root, which holds the shared parameter, then gathers its weights in fp32.
+    The process group must be initialized. The model is changed in place (its parameters become
+    ``DTensor`` shards); build the optimizer afterwards.
+    """
+    policy = mixed_precision_policy(plan)
+    fp32 = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    modules, shared = dict(model.named_modules()), _shared_outside(model, keep_fp32)
+    for name in keep_fp32:  # inner modules first: an outer unit then leaves them alone
+        if name not in shared and any(True for _ in modules[name].parameters()):
+            fully_shard(modules[name], mp_policy=fp32)
+    for unit in fsdp_units(model):
+        fully_shard(unit, **({} if policy is None else {"mp_policy": policy}))
+    root = fp32 if shared or policy is None else policy
+    fully_shard(model, mp_policy=root)
+    return model
+
+
+def _shared_outside(model: nn.Module, names) -> set[str]:
+    """The names among ``names`` whose module shares a parameter with a module outside it."""
+    owners: dict[int, list[str]] = {}
+    for full, p in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(p), []).append(full)
+    return {name for name in names for fulls in owners.values()
+            if any(f.startswith(name + ".") for f in fulls) and not all(f.startswith(name + ".") for f in fulls)}
+
+
+def full_tensor(value):
+    """A ``DTensor`` (a clipped norm, a shard) as the whole tensor; anything else as it is."""
+    return value.full_tensor() if isinstance(value, DTensor) else value
+
+
+def full_state_dict(model: nn.Module) -> dict:
+    """The whole model's weights on the CPU: gathered from the shards under FSDP (a collective: every
+    rank calls it; rank 0 receives them, the others an empty dict), the plain ``state_dict`` otherwise."""
+    if not isinstance(model, FSDPModule):
+        return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -37,6 +37,7 @@ from utils.training.checkpoint import Checkpointer
 from utils.training.guards import StepChecks
 from utils.training.interrupts import StopSignals
 from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
+from utils.training.launch import check_launch, progress_bar, train_on
 from utils.training.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
@@ -249,7 +250,8 @@ class Trainer:
 
     def _optimizer_step(self, step_loss: torch.Tensor) -> None:
         self.scaler.unscale_(self.optimizer)
-        self._grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm or math.inf)
+        self._grad_norm = distributed.full_tensor(  # the whole model's norm, also over FSDP's shards
+            torch.nn.utils.clip_grad_norm_(self.params, self.args.max_grad_norm or math.inf))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -418,11 +420,9 @@ class Trainer:
             self.checkpoints.save(self)
 
     def fit(self) -> TrainResult:
-        from tqdm.auto import tqdm
-
         t0, interrupted = time.perf_counter(), False
         self.checkpoints.prepare(overwrite=self.args.overwrite)
-        self._bar = tqdm(total=self._total_steps(), initial=self.global_step,
+        self._bar = progress_bar(total=self._total_steps(), initial=self.global_step,
                          disable=not (self.args.progress and self.world.is_rank_zero),
                          desc=f"train [{self.precision.name}]", unit="step")
         try:
@@ -463,7 +463,8 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
           log_every=TrainSettings.log_every, progress=TrainSettings.progress, keep_fp32=None,
           scaler_kwargs=None, compile=False, tf32=False,
           checkpoint_minutes=TrainSettings.checkpoint_minutes, overwrite=TrainSettings.overwrite,
-          task=TrainSettings.task, mask_token_id=None) -> TrainResult:
+          task=TrainSettings.task, mask_token_id=None, devices=None,
+          strategy=TrainSettings.strategy) -> TrainResult:
     """Train ``model`` with the precision ``resolve_precision(precision, device)`` decides.
 
     Example::
@@ -515,6 +516,13 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             ``(inputs, labels)`` batches. Ignored with ``loss_fn``. ``result.objective`` says which ran.
         mask_token_id: the id that hides a token (default: ``config.mask_token_id``, else 255,
             which the byte tokenizer never emits).
+        devices: processes to train in (default None: this one, or torchrun's). ``devices=2`` from
+            a notebook forks two processes that run this call under DDP (one per GPU; gloo
+            processes on a CPU), returns rank 0's result and leaves the trained weights in ``model``.
+            See :func:`utils.training.launch.launch` (CUDA must not be initialised in the kernel yet).
+        strategy: ``"ddp"`` (default) or ``"fsdp"``: weights, gradients and AdamW state sharded over
+            the processes with FSDP2 (``fully_shard`` per block, parameters gathered in the plan's
+            autocast dtype, gradients reduced in fp32). Also valid in one process.
 
     Raises:
         ValueError: bad arguments, empty data, token ids outside the vocabulary or of a non-integer
@@ -545,13 +553,19 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         ``run_dir``. A checkpoint resumes on any number of processes with the same global batch.
         See :mod:`utils.training.distributed`.
     """
+    call = dict(locals())  # every argument, for the processes train_on forks
     args = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, grad_accum_steps=grad_accum_steps, max_grad_norm=max_grad_norm,
                          warmup_steps=warmup_steps, checkpoint_every=checkpoint_every, seed=seed,
                          log_every=log_every, progress=progress,
-                         checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task)
+                         checkpoint_minutes=checkpoint_minutes, overwrite=overwrite, task=task,
+                         strategy=strategy)
     args.check()
-    world = distributed.World.detect()  # torchrun's ranks; rank 0 of 1 in a plain process
+    _check_fsdp(strategy, model, optimizer, resume_from)
+    if devices is not None and not (type(devices) is int and devices == 1):
+        check_launch(devices, "train", "devices")
+        return train_on(devices, train, **{k: v for k, v in call.items() if k != "devices"})
+    world = replace(distributed.World.detect(), strategy=strategy)  # torchrun's ranks, or rank 0 of 1
     device = world.default_device(device)
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
@@ -566,16 +580,36 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
             return next(iter(batches.epoch(0) if isinstance(batches, TensorBatches) else batches))
         kept, plan = plan_keep_fp32(model, keep_fp32, plan, first_batch, loss_fn)
     val_batches = None if val_data is None else as_batches(val_data, batch_size, seed, "val_data", shuffle=False)
-    optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
-    warm = max(warmup_steps, 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
-    trainer = Trainer(model, plan, optimizer, scheduler, scaler, batches, val_batches, args,
-                      loss_fn, callbacks, run_dir, world, objective)
-    trainer.keep_fp32 = kept
-    if resume_from is not None:
-        trainer.restore(resume_from)
-    else:
-        torch.manual_seed(seed)
-        random.seed(seed)
+    owned = distributed.init_process_group(world, plan.device) if strategy == "fsdp" else False
+    try:
+        if strategy == "fsdp":  # before the optimizer: sharding replaces the parameters
+            distributed.shard_model(model, plan, kept)
+        optimizer = optimizer or default_optimizer(model, lr, weight_decay, plan.device_type)
+        warm = max(warmup_steps, 1)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warm))
+        trainer = Trainer(model, plan, optimizer, scheduler, scaler, batches, val_batches, args,
+                          loss_fn, callbacks, run_dir, world, objective)
+        trainer.keep_fp32 = kept
+        if resume_from is not None:
+            trainer.restore(resume_from)
+        else:
+            torch.manual_seed(seed)
+            random.seed(seed)
+    except BaseException:
+        distributed.teardown(owned, plan.device, barrier=False)
+        raise
     with tf32_matmuls(plan.device, tf32), KeptModules(model, kept, plan.device_type):  # both undone on the way out
-        return world.fit(trainer)
+        return world.fit(trainer, owned)
+
+
+def _check_fsdp(strategy: str, model, optimizer, resume_from) -> None:
+    """FSDP's own bad input, before any process starts or any file is written."""
+    if strategy != "fsdp":
+        return
+    if resume_from is not None:
+        ckpt_io.check_sharding(*ckpt_io.load_checkpoint(resume_from), strategy)
+    if optimizer is not None:
+        raise ValueError("train(strategy='fsdp', optimizer=...) is not allowed: sharding replaces the model's "
+                         "parameters, so train() builds the optimizer after it. Pass optimizer=None.")
+    if isinstance(model, nn.Module):
+        distributed.check_strategy(strategy, model)

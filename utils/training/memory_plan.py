@@ -37,6 +37,7 @@ from torch import nn
 from utils.training.batches import prepare_batch
 from utils.training.benchmark.measure import saved_tensor_bytes, tensor_bytes
 from utils.training.benchmark.overflow_scan import _float_tensors
+from utils.training.distributed import fsdp_units
 from utils.training.objectives import objective_loss_fn
 from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
@@ -106,6 +107,7 @@ class MemoryPlan:
     sequence_length: int | None = None
     measured_on: str = "cpu"
     notes: list[str] = field(default_factory=list)
+    unit_fraction: float = 1.0  # the largest FSDP unit's share of the trainable weights (what one gather holds)
 
     def row(self, precision: str) -> MemoryRow:
         """The row of ``precision`` (any spelling ``resolve_precision`` accepts)."""
@@ -139,6 +141,68 @@ class MemoryPlan:
         if room < row.bytes_per_sample:
             return 0
         return int(room // row.bytes_per_sample)
+
+    def per_gpu_fixed_bytes(self, precision: str, strategy: str, gpus: int) -> int:
+        """What does not grow with the batch, per GPU: one GPU and DDP hold everything (DDP adds its
+        gradient buckets, one more copy of the gradients); FSDP over ``gpus`` holds 1/``gpus`` of the
+        weights, gradients and optimizer state, plus two gathered units (the one computing and the
+        one prefetched) and one unit's unsharded gradients, in the gathered dtype."""
+        row = self.row(precision)
+        if strategy == "one GPU":
+            return row.fixed_bytes
+        if strategy == "DDP":
+            return row.fixed_bytes + row.gradient_bytes
+        sharded = (row.weight_bytes + row.gradient_bytes + row.optimizer_bytes) / gpus
+        gathered_itemsize = 2 if row.weight_copy_bytes or not row.precision.startswith("32") else 4
+        unit = self.unit_fraction * row.gradient_bytes * gathered_itemsize / max(_itemsize(row), 1)
+        return math.ceil(sharded + 3 * unit)
+
+    def strategies(self, precision: str, gpu, counts=(2, 4, 8)) -> list[dict]:
+        """The largest batch per GPU for one GPU, DDP and FSDP over each of ``counts`` GPUs.
+
+        Returns:
+            dicts ``{"strategy", "gpus", "fixed_bytes" (per GPU), "batch_per_gpu" (0: not even one
+            sample; None: the GPU cannot run the precision), "global_batch"}``.
+        """
+        capacity, spec = _gpu(gpu, "strategies")
+        row = self.row(precision)
+        out = []
+        for strategy, n in [("one GPU", 1)] + [(s, n) for n in counts for s in ("DDP", "FSDP")]:
+            fixed = self.per_gpu_fixed_bytes(precision, strategy, n)
+            if spec is not None and row.precision.startswith("bf16") and not spec.bf16:
+                batch = None
+            else:
+                room = capacity * (1 - self.margin) - fixed
+                batch = 0 if room < row.bytes_per_sample else int(room // row.bytes_per_sample)
+            out.append({"strategy": strategy, "gpus": n, "fixed_bytes": fixed, "batch_per_gpu": batch,
+                        "global_batch": None if batch is None else batch * n})
+        return out
+
+    def recommend(self, precision: str, gpu, counts=(2, 4, 8)) -> str:
+        """One line: one GPU when it fits, else FSDP over the fewest GPUs that fit (DDP never helps a
+        model that does not fit one GPU: each holds all of it), else that it does not fit even sharded."""
+        rows = self.strategies(precision, gpu, counts)
+        name = gpu if isinstance(gpu, str) else f"{gpu / GIB:.1f} GiB"
+        if rows[0]["batch_per_gpu"] is None:
+            return f"{precision} does not run on a {name} (no bf16)."
+        if rows[0]["batch_per_gpu"]:
+            return (f"{precision} on one {name}: batch up to {rows[0]['batch_per_gpu']}; DDP over N GPUs "
+                    f"multiplies the global batch by N.")
+        for r in rows:
+            if r["strategy"] == "FSDP" and r["batch_per_gpu"]:
+                return (f"{precision}: does not fit one {name}, nor DDP (a full copy per GPU); FSDP over "
+                        f"{r['gpus']} x {name} fits a batch of {r['batch_per_gpu']} per GPU.")
+        return f"{precision}: does not fit even sharded over {max(counts)} x {name} (FSDP)."
+
+    def strategies_markdown(self, precision: str, gpu, counts=(2, 4, 8)) -> str:
+        """The :meth:`strategies` table and the :meth:`recommend` line."""
+        lines = ["| strategy | GPUs | fixed per GPU MiB | largest batch per GPU | global batch |",
+                 "|---|---|---|---|---|"]
+        for r in self.strategies(precision, gpu, counts):
+            batch = "no bf16" if r["batch_per_gpu"] is None else str(r["batch_per_gpu"])
+            lines.append(f"| {r['strategy']} | {r['gpus']} | {r['fixed_bytes'] / _MIB:.1f} | {batch} | "
+                         f"{r['global_batch'] if r['global_batch'] is not None else '-'} |")
+        return "\n".join(lines + ["", self.recommend(precision, gpu, counts)])
 
     def to_markdown(self) -> str:
         """One line per precision: the parts in MiB, then the largest batch per GPU."""
@@ -177,6 +241,20 @@ class MemoryPlan:
         ax.set(title=f"Largest batch that fits ({self.margin:.0%} margin)", ylabel="batch size")
         ax.legend()
         return fig
+
+
+def _itemsize(row: MemoryRow) -> int:
+    """Bytes per stored weight element of a row: 4, or 2 for the ``-true`` halves."""
+    return 2 if row.precision in ("bf16-true", "16-true") else 4
+
+
+def _unit_fraction(model: nn.Module) -> float:
+    """The largest FSDP unit's share of the weights; the root's own weights (embeddings) count as one."""
+    total = sum(p.numel() for p in model.parameters()) or 1
+    units = fsdp_units(model)
+    inside = {id(p) for u in units for p in u.parameters()}
+    root = sum(p.numel() for p in model.parameters() if id(p) not in inside)
+    return max([root] + [sum(p.numel() for p in u.parameters()) for u in units]) / total
 
 
 def _measure_plan(precision, device) -> PrecisionPlan:
@@ -252,7 +330,7 @@ def plan_memory(model: nn.Module, batch, *, precisions=DEFAULT_PRECISIONS, gpus=
     loss_fn = objective_loss_fn(model)  # the task's objective, found before any hook counts outputs
     rows = [_row(model, batch, plan, optimizer_states, samples, loss_fn) for plan in plans]
     return MemoryPlan(rows, tuple(gpus), margin, ids.shape[-1] if ids is not None and ids.dim() >= 2 else None,
-                      str(plans[0].device))
+                      str(plans[0].device), unit_fraction=_unit_fraction(model))
 
 
 def is_out_of_memory(error: BaseException) -> bool:

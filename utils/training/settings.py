@@ -44,6 +44,9 @@ class TrainSettings:
         task: what the model predicts, which sets the objective on token ids (default None:
             detected from its config and a probe; see :func:`utils.tasks.detect_task`): one of
             ``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ``"seq2seq"``, ``"non-token"``.
+        strategy: how several processes share the model (default ``"ddp"``: a full copy in each,
+            gradients all-reduced); ``"fsdp"`` shards weights, gradients and optimizer state over
+            them (FSDP2's ``fully_shard``), for a model that does not fit one GPU.
 
     .. note::
         ``precision`` (default ``"auto"``) is a class attribute, not a field: the run's precision
@@ -67,6 +70,7 @@ class TrainSettings:
     checkpoint_minutes: float | None = 10.0
     overwrite: bool = False
     task: str | None = None
+    strategy: str = "ddp"
 
     def check(self) -> None:
         """Every bad value is a ``ValueError`` naming the argument and what is allowed."""
@@ -86,6 +90,9 @@ class TrainSettings:
             raise ValueError(f"checkpoint_minutes={minutes!r} is not allowed: it must be None or a number > 0.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
+        from utils.training.distributed import check_strategy  # the strategies live with the processes
+
+        check_strategy(self.strategy)
         from utils.tasks import TASKS  # the list of tasks lives with their detection
 
         if self.task is not None and self.task not in TASKS:

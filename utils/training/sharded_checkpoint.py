@@ -1,0 +1,105 @@
+"""FSDP checkpoints: each process writes its own shards with ``torch.distributed.checkpoint`` (DCP), so
+no process ever holds the whole model; rank 0 writes the small rest as the usual ``latest.pt``.
+
+A run folder then holds::
+
+    checkpoints/latest.pt            the head: step, data position, RNG, scaler, records, and
+                                     "sharded": the folder below (its "model" and "optimizer" are empty)
+    checkpoints/shards-000008-2/     DCP's files: .metadata and one __<rank>_0.distcp per writer
+
+The guarantees of a ``.pt`` checkpoint hold: the shards are written into ``.partial-...`` and
+renamed once every rank is done, then the head is replaced atomically (a reader sees the old
+checkpoint or the new one); nothing non-finite is written (every rank checks its shards, and they
+agree); a folder is never written twice (its name counts the saves); on load the head is
+CRC-checked and the shards read by DCP, which reshards them for any number of processes, or for
+one plain process (2 → 1, 1 → 2).
+
+Example::
+
+    >>> save_shards(trainer, Path("runs/fsdp/checkpoints"), "shards-000008-2")   # doctest: +SKIP
+    >>> load_shards(trainer, Path("runs/fsdp/checkpoints/latest.pt"), head)     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
+
+PARTIAL = ".partial-"
+
+
+def shard_folder_name(step: int, count: int) -> str:
+    """A name no earlier save of the run used: the step and the number of saves so far."""
+    return f"shards-{step:06d}-{count}"
+
+
+def local_tensors(tensors) -> list[torch.Tensor]:
+    """This process's part of each tensor (a ``DTensor``'s local shard)."""
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_shards(trainer, folder: Path, name: str) -> Path:
+    """Every rank writes its shards of the model and optimizer into ``folder/name`` (a collective).
+
+    Raises:
+        OSError: a rank could not write; the partial folder is left for the next :func:`prune` and
+            no head points at it.
+    """
+    partial, final = folder / f"{PARTIAL}{name}", folder / name
+    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+    if trainer.world.is_rank_zero:
+        folder.mkdir(parents=True, exist_ok=True)
+    _barrier()  # the folder exists before any rank writes into it
+    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
+    _barrier()  # every rank's files are complete
+    if trainer.world.is_rank_zero:
+        partial.rename(final)
+    return final
+
+
+def load_shards(trainer, head_path: Path, head: dict) -> None:
+    """Read the shards a head names into the model and optimizer, resharded for this run.
+
+    Raises:
+        ValueError: the shard folder is missing or its files do not fit this model.
+    """
+    shards = head_path.parent / head["sharded"]
+    if not (shards / ".metadata").is_file():
+        raise ValueError(f"Checkpoint {str(head_path)!r} is damaged: its shards {str(shards)!r} are missing "
+                         f"or incomplete (no .metadata). Resume from an earlier run folder or start afresh.")
+    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
+    state = {"model": model_state, "optimizer": optim_state}
+    try:
+        dcp.load(state, checkpoint_id=shards)
+    except (RuntimeError, ValueError, KeyError, OSError) as e:
+        raise ValueError(f"Checkpoint {str(head_path)!r}: its shards {str(shards)!r} do not fit this model "
+                         f"and optimizer, or are corrupt ({type(e).__name__}: {str(e)[:300]}).") from e
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
+
+
+def load_full_into_sharded(trainer, model_state: dict, optim_state: dict) -> None:
+    """A ``.pt`` checkpoint's whole state into an FSDP model and optimizer (each rank keeps its shards)."""
+    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def prune(folder: Path, keep: set[str]) -> None:
+    """Remove shard folders no head names any more, and partial ones a stopped save left (rank 0)."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.is_dir() and (path.name.startswith(PARTIAL) or path.name.startswith("shards-")) \
+                and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
