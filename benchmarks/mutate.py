@@ -164,7 +164,7 @@ MUTANTS = [
            "return bool(log_step and minutes and time.monotonic() - self._last_save >= 60 * minutes)",
            "return False", "safety"),
     Mutant("save-does-not-restart-the-clock", CHECKPOINT,
-           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*if self\.world\.is_rank_zero:)", r"\1", "safety",
+           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*shards = None)", r"\1", "safety",
            regex=True),
     Mutant("checkpoint-minutes-checked-off-log-steps", CHECKPOINT, "return bool(log_step and minutes and",
            "return bool(minutes and", "safety"),

@@ -119,9 +119,10 @@ def test_committed_notebooks_pass_through_the_filter_unchanged():
 
 
 def _readme_commands() -> list[str]:
-    """Every line of the README's ```bash blocks, continuation lines included."""
+    """Every command of the README's ```bash blocks, a line ending in ``\\`` joined with the next."""
     blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(encoding="utf-8"), re.S)
-    return [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    commands = [re.sub(r"\\\n\s*", "", block) for block in blocks]
+    return [line.strip() for block in commands for line in block.splitlines() if line.strip()]
 
 
 def test_readme_runs_the_command_line_with_the_venvs_python():
