@@ -1,6 +1,7 @@
 import os
 import sys
 import tempfile
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -25,13 +26,27 @@ SHARED_SCOPES = {
 }
 
 
+# The scopes that take longest (each 15-50 s on a 2-core machine: JupyterLab, process groups, papermill)
+# start first, so neither worker is left with one of them at the end while the other idles; the rest
+# follow xdist's order (most tests first). `pytest --durations=0` shows when this list needs a change.
+LONGEST_FIRST = ("browser", "torchrun", "tests/test_fsdp.py", "tests/test_run_safety.py", "tests/test_notebooks.py",
+                 "tests/test_handwritten_models.py", "tests/test_cli.py", "tests/test_launch.py",
+                 "notebooks/03_train_amp.ipynb")
+
+
 class ByFile(LoadFileScheduling):
     """``pytest -n 2 --dist loadfile`` (``make test``): a file's tests run on one worker, in order (its
-    module fixtures are built once; a notebook's cells share one kernel), and so do the SHARED_SCOPES."""
+    module fixtures are built once; a notebook's cells share one kernel), and so do the SHARED_SCOPES;
+    the LONGEST_FIRST scopes are handed out first."""
 
     def _split_scope(self, nodeid: str) -> str:
         shared = (scope for scope, prefixes in SHARED_SCOPES.items() if nodeid.startswith(prefixes))
         return next(shared, super()._split_scope(nodeid))
+
+    def _assign_work_unit(self, node) -> None:
+        rank = {scope: i for i, scope in enumerate(LONGEST_FIRST)}
+        self.workqueue = OrderedDict(sorted(self.workqueue.items(), key=lambda unit: rank.get(unit[0], len(rank))))
+        super()._assign_work_unit(node)
 
 
 @pytest.hookimpl(tryfirst=True, optionalhook=True)

@@ -159,24 +159,3 @@ def test_launch_inside_a_launched_process_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match=re.escape("launch(num_processes=2) is not allowed in a process that is "
                                                    "already one of several (RANK='0')")):
         launch(sleeps, num_processes=2)
-
-
-@pytest.mark.slow
-def test_notebook_03_trains_in_two_processes_and_shows_rank_zeros_result(tmp_path):
-    """One papermill run: the kernel forks two gloo processes and prints what rank 0 returned."""
-    import nbformat
-
-    papermill = pytest.importorskip("papermill")
-    root = launching.__file__.rsplit("/utils/", 1)[0]
-    out = tmp_path / "03.ipynb"
-    papermill.execute_notebook(
-        f"{root}/notebooks/03_train_amp.ipynb", str(out), cwd=f"{root}/notebooks", progress_bar=False,
-        parameters={"model_source": "example:gpt-micro", "model_config": '{"n_layer": 1, "n_embd": 32, "n_head": 2}',
-                    "precision": "32-true", "max_steps": 3, "batch_size": 4, "wandb_mode": "disabled",
-                    "run_dir": str(tmp_path / "run")})
-    cell = next(c for c in nbformat.read(out, as_version=4).cells if c.source.startswith("#@title 4b."))
-    text = "".join(o.get("text", "") for o in cell.outputs if o.get("name") == "stdout")
-    match = re.fullmatch(r"2 processes, 32-true: final loss (\d+\.\d+) after 3 steps, checkpoint (\S+)\n", text)
-    assert match, text
-    assert match[2] == str(tmp_path / "run" / "ddp" / "checkpoints" / "latest.pt")
-    assert torch.load(match[2], weights_only=True)["world_size"] == 2

@@ -257,6 +257,13 @@ def test_notebook_03_trains_a_users_model_file_from_the_settings(tmp_path):
     assert "now at step 23" in text["#@title 9. Resume"]
     if not torch.cuda.is_available():
         assert text["#@title 10. fp16 on the GPU"].strip() == nb.cuda_missing("10. fp16 on the GPU")
+        # 4b: the kernel forked two gloo processes that trained the user's file and shows rank 0's result
+        ddp = next(c for c in code_cells(nbformat.read(out, as_version=4)) if c.source.startswith("#@title 4b."))
+        said = "".join(o.get("text", "") for o in ddp.outputs if o.get("name") == "stdout")
+        match = re.fullmatch(r"2 processes, 32-true: final loss (\d+\.\d+) after 3 steps, checkpoint (\S+)\n", said)
+        assert match, said
+        assert match[2] == str(tmp_path / "run" / "ddp" / "checkpoints" / "latest.pt")
+        assert torch.load(match[2], weights_only=True)["world_size"] == 2
 
 
 def test_use_settings_checks_the_task(tmp_path, monkeypatch):
