@@ -6,7 +6,7 @@ trees, alternating (this tree, baseline, this tree, ...), so a machine shared wi
 slows both alike; the ratio is then the figure to read.
 
     python benchmarks/tier1_time.py                                   # this tree only
-    python benchmarks/tier1_time.py --baseline /work/main --repeats 1  # side by side
+    python benchmarks/tier1_time.py --baseline ../main-checkout --repeats 1  # side by side
     python benchmarks/tier1_time.py --models gpt-micro,gpt-tiny --tier 2
 
 Models: ``gpt2-small`` (benchmarks/gpt2_small.py: 12 layers, 768 wide, 12 heads, context 1024,

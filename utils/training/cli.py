@@ -43,9 +43,9 @@ from utils.tasks import (
     task_logits,
 )
 from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
-from utils.training.distributed import STRATEGIES, World
+from utils.training.distributed import World
 from utils.training.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
-from utils.training.settings import TrainSettings
+from utils.training.settings import STRATEGIES, TrainSettings
 
 PROG = "python -m utils.training"  # as usage and errors name the program
 BENCH_MODEL = "example:gpt-tiny"  # the benchmark's reference model

@@ -37,9 +37,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from utils.training import launch
 from utils.training.batches import TensorBatches
+from utils.training.settings import check_strategy_name
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-STRATEGIES = ("ddp", "fsdp")
 _GROUPS_CREATED = 0  # by init_process_group in this process; the same count on every rank
 
 
@@ -313,9 +313,7 @@ def check_strategy(strategy, model: nn.Module | None = None, call: str = "train"
     Raises:
         ValueError: naming the value and what is allowed.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{call}(strategy={strategy!r}) is not allowed: use one of "
-                         f"{', '.join(map(repr, STRATEGIES))}.")
+    check_strategy_name(strategy, call)
     if strategy == "fsdp" and model is not None and not fsdp_units(model):
         raise ValueError(f"{call}(strategy='fsdp') is not allowed for {type(model).__name__}: it has no submodule "
                          f"with parameters to shard one by one (FSDP gathers one unit's weights at a time). "

@@ -13,6 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.distributed runs them)
+
+
+def check_strategy_name(strategy, call: str = "train") -> None:
+    """``strategy`` is one of :data:`STRATEGIES`, else a ValueError naming the value and what is allowed."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"{call}(strategy={strategy!r}) is not allowed: use one of "
+                         f"{', '.join(map(repr, STRATEGIES))}.")
+
 
 @dataclass
 class TrainSettings:
@@ -90,9 +99,7 @@ class TrainSettings:
             raise ValueError(f"checkpoint_minutes={minutes!r} is not allowed: it must be None or a number > 0.")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
-        from utils.training.distributed import check_strategy  # the strategies live with the processes
-
-        check_strategy(self.strategy)
+        check_strategy_name(self.strategy)
         from utils.tasks import TASKS  # the list of tasks lives with their detection
 
         if self.task is not None and self.task not in TASKS:
