@@ -355,7 +355,10 @@ def test_log_to_wandb_starts_and_finishes_an_offline_run_when_none_is_active(ben
     import wandb
     import wandb_records
 
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    # The run's folder is given to wandb.init: WANDB_DIR is read once per process, so an earlier W&B
+    # test on the same xdist worker would have fixed it already.
+    init = wandb.init
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: init(dir=str(tmp_path), **kwargs))
     bench.log_to_wandb()
     assert wandb.run is None  # the run it started was finished
     records = wandb_records.wait_for_exit(next(tmp_path.glob("wandb/offline-run-*/run-*.wandb")))
