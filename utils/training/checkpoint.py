@@ -472,7 +472,7 @@ class Checkpointer:
                 save_atomic(state, self.folder / LATEST)
                 if best:
                     save_atomic(state, self.folder / BEST)
-                prune(self.folder, keep={shards, *_shards_named_by(self.folder / BEST)})  # what no head names
+                prune(self.folder, keep={shards}, heads=[self.folder / BEST])  # what no head names
         finally:
             self.saving = False
         self.path, self.step = str(self.folder / LATEST), trainer.global_step
@@ -532,14 +532,6 @@ def _finite_everywhere(trainer) -> bool:
         return ok
     bad = trainer.world.max(torch.tensor(float(not ok), device=trainer.precision.device))
     return not bool(bad)
-
-
-def _shards_named_by(head: Path) -> list[str]:
-    """The shard folder a head file names (none for a missing or unsharded head)."""
-    if not head.is_file():
-        return []
-    name = torch.load(head, map_location="cpu", weights_only=True).get("sharded")
-    return [name] if name else []
 
 
 def _load_position(trainer, state: dict) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 PARTIAL = ".partial-"
@@ -89,17 +89,24 @@ def load_shards(trainer, head_path: Path, head: dict) -> None:
                    optim_state_dict=state["optimizer"])
 
 
-def load_full_into_sharded(trainer, model_state: dict, optim_state: dict) -> None:
-    """A ``.pt`` checkpoint's whole state into an FSDP model and optimizer (each rank keeps its shards)."""
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                   options=StateDictOptions(full_state_dict=True))
-
-
-def prune(folder: Path, keep: set[str]) -> None:
-    """Remove shard folders no head names any more, and partial ones a stopped save left (rank 0)."""
+def prune(folder: Path, keep: set[str], heads=()) -> None:
+    """Remove shard folders that neither ``keep`` nor any of the ``heads`` (head files, e.g. best.pt)
+    names any more, and partial ones a stopped save left (rank 0). The heads are read only when
+    there is a shard folder to judge: a run without FSDP reads nothing."""
     if not folder.is_dir():
         return
-    for path in folder.iterdir():
-        if path.is_dir() and (path.name.startswith(PARTIAL) or path.name.startswith("shards-")) \
-                and path.name not in keep:
+    candidates = [path for path in folder.iterdir() if path.is_dir() and path.name.startswith((PARTIAL, "shards-"))]
+    if not candidates:
+        return
+    keep = keep | {name for head in heads for name in _shards_named_by(head)}
+    for path in candidates:
+        if path.name not in keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def _shards_named_by(head: Path) -> list[str]:
+    """The shard folder a head file names (none for a missing or unsharded head)."""
+    if not head.is_file():
+        return []
+    name = torch.load(head, map_location="cpu", weights_only=True).get("sharded")
+    return [name] if name else []
