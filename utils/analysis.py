@@ -277,7 +277,7 @@ def capture_attention(model: nn.Module, input_ids: torch.Tensor, info: TaskInfo 
         stack.enter_context(names)
         for mha_name, mha in ((n, m) for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)):
             stack.enter_context(_mha_weights(mha, lambda w, n=mha_name: record("nn.MultiheadAttention", n, w)))
-        stack.enter_context(_AttentionRecorder(lambda kind, w: seen(kind, w), input_ids.shape[0]))
+        stack.enter_context(_AttentionRecorder(seen, input_ids.shape[0]))
         args, kwargs = call_inputs(input_ids, info)
         if hf:
             try:

@@ -47,9 +47,8 @@ CPU_LARGE_SIZES = {"max_steps": 10, "batch_size": 1, "bench_steps": 2, "bench_wa
 # Sizes no form field sets: windows the benchmark evaluates, and the AMP doctor's one batch
 # (samples, and the context it is cut to; None: the data's own).
 CELL_SIZES = {
-    "cpu": {"eval_windows": 64, "doctor_batch": 4, "doctor_context": None},
-    "gpu": {"eval_windows": 64, "doctor_batch": 4, "doctor_context": None},
-    "cpu-large": {"eval_windows": 4, "doctor_batch": 1, "doctor_context": 32},
+    "any": {"eval_windows": 64, "doctor_batch": 4, "doctor_context": None},  # every runtime, every model ...
+    "cpu-large": {"eval_windows": 4, "doctor_batch": 1, "doctor_context": 32},  # ... but a large one on a CPU
 }
 
 # The steps a later cell may need, and how to tell the user to provide them.
@@ -111,7 +110,7 @@ class Settings:
     model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
     class_name: str | None = None  # which class, builder or instance of a model file
     task: str | None = None  # what the model predicts; None: detected (see utils.tasks.detect_task)
-    sizes: dict = field(default_factory=lambda: dict(CELL_SIZES["cpu"]))  # CELL_SIZES of this runtime
+    sizes: dict = field(default_factory=lambda: dict(CELL_SIZES["any"]))  # CELL_SIZES for this runtime and model
     auto: frozenset = frozenset()  # the settings given as "auto", which fit_settings_to_model may resize
 
 
@@ -221,7 +220,7 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
                                          _positive_int("batch_size", batch_size), model_source.strip(),
                                          wandb_mode, folder, dict(extra), config,
                                          str(class_name).strip() or None, None if task == "auto" else task,
-                                         dict(CELL_SIZES["gpu" if _on_cuda() else "cpu"]), auto))
+                                         auto=auto))
 
 
 def fit_settings_to_model(model) -> str:

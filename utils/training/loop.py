@@ -37,7 +37,7 @@ from utils.training.checkpoint import Checkpointer
 from utils.training.guards import StepChecks
 from utils.training.interrupts import StopSignals
 from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
-from utils.training.launch import check_launch, progress_bar, train_on
+from utils.training.launch import progress_bar, train_on
 from utils.training.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
 from utils.training.precision import PrecisionPlan, resolve_precision
@@ -563,7 +563,6 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     args.check()
     _check_fsdp(strategy, model, optimizer, resume_from)
     if devices is not None and not (type(devices) is int and devices == 1):
-        check_launch(devices, "train", "devices")
         return train_on(devices, train, **{k: v for k, v in call.items() if k != "devices"})
     world = replace(distributed.World.detect(), strategy=strategy)  # torchrun's ranks, or rank 0 of 1
     device = world.default_device(device)
