@@ -27,7 +27,7 @@ test: $(STAMP)
 	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
 
 demo: $(STAMP)
-	$(BIN)/python -m utils.demo
+	$(BIN)/python -m utils.notebook.demo
 
 # Plants known bugs and reports which the tests catch, two mutants at a time (minutes: not part of `make test`).
 mutate: $(STAMP)

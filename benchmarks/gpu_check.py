@@ -1,6 +1,6 @@
 """Everything a CPU cannot check, in one run on a CUDA machine (under 8 minutes on one modern GPU).
 
-1. the notebooks through papermill, their ``requires-cuda`` cells included (``utils.demo``'s quick sizes);
+1. the notebooks through papermill, their ``requires-cuda`` cells included (``utils.notebook.demo``'s quick sizes);
 2. the tests that only mean something on CUDA (``-k "cuda or tf32"``; they skip on a CPU);
 3. ``benchmark_amp`` on gpt-tiny and a larger example model in 32-true, 16-mixed and bf16-mixed,
    each with and without ``torch.compile``;
@@ -41,9 +41,9 @@ def torch_problem() -> str | None:
 
 
 if torch_problem() is None:  # the project's imports need a recent torch: say so rather than fail on them
-    from utils.models import example_model
+    from utils.models.examples import example_model
     from utils.training import PrecisionWarning, plan_memory, train
-    from utils.training.memory_plan import measured_peak_bytes
+    from utils.training.benchmark.memory_plan import measured_peak_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,7 +85,7 @@ def _ids(model, rows: int, seed: int = 0) -> torch.Tensor:
 
 
 def check_notebooks() -> tuple[str, str]:
-    from utils.demo import QUICK_PARAMETERS, run_notebooks
+    from utils.notebook.demo import QUICK_PARAMETERS, run_notebooks
 
     with tempfile.TemporaryDirectory() as run_dir:
         done = run_notebooks(Path(run_dir), QUICK_PARAMETERS, ROOT)

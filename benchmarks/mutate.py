@@ -73,12 +73,12 @@ class Mutant:
     regex: bool = False
 
 
-LOOP, CHECKPOINT = "utils/training/loop.py", "utils/training/checkpoint.py"
-PRECISION, TIER1 = "utils/training/precision.py", "utils/validation.py"
-CALLBACK = "utils/training/wandb_callback.py"
+LOOP, CHECKPOINT = "utils/training/loop/trainer.py", "utils/training/runs/checkpoint.py"
+PRECISION, TIER1 = "utils/training/amp/precision.py", "utils/tiers/tier1.py"
+CALLBACK = "utils/training/wandb_log/callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
-GUARDS, METRICS_LOG = "utils/training/guards.py", "utils/training/metrics_log.py"
-BATCHES, INTERRUPTS = "utils/training/batches.py", "utils/training/interrupts.py"
+GUARDS, METRICS_LOG = "utils/training/loop/guards.py", "utils/training/runs/metrics_log.py"
+BATCHES, INTERRUPTS = "utils/training/batches.py", "utils/training/loop/interrupts.py"
 
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------

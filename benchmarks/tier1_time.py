@@ -38,12 +38,12 @@ if name == "gpt2-small":
     from gpt2_small import GPT
     model = GPT()
 else:
-    from utils.models import example_model
+    from utils.models.examples import example_model
     model = example_model(name)
 if tier == 1:
-    from utils.validation import run_tier1 as run
+    from utils.tiers.tier1 import run_tier1 as run
 else:
-    from utils.analysis import run_tier2 as run
+    from utils.tiers.tier2 import run_tier2 as run
 t0 = time.perf_counter()
 report = run(model)
 seconds = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""torch.compile and TF32 switches: one home (utils.training.acceleration), used by train() and the benchmark."""
+"""torch.compile and TF32 switches: one home (utils.training.amp.acceleration), used by train() and the benchmark."""
 import re
 import subprocess
 import sys
@@ -6,9 +6,10 @@ import sys
 import pytest
 import torch
 
-from utils.models import example_model
-from utils.training import PrecisionWarning, acceleration, train
-from utils.training.acceleration import (
+from utils.models.examples import example_model
+from utils.training import PrecisionWarning, train
+from utils.training.amp import acceleration
+from utils.training.amp.acceleration import (
     compile_model,
     cpu_allocator_state,
     steady_cpu_allocator,
@@ -93,7 +94,7 @@ def test_the_benchmarks_fp32_row_says_whether_tf32_was_on():
 
 _MAPPED_BYTES = """
 import ctypes, sys, torch
-from utils.training.acceleration import _glibc, steady_cpu_allocator
+from utils.training.amp.acceleration import _glibc, steady_cpu_allocator
 
 class Mallinfo2(ctypes.Structure):
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.models import example_model
+from utils.models.examples import example_model
 from utils.training import (
     AmpBenchmark,
     Capabilities,
@@ -20,7 +20,7 @@ from utils.training import (
     scan_fp16_overflow,
 )
 from utils.training.benchmark import runner as runner_module
-from utils.training.benchmark.measure import (
+from utils.training.amp.measure import (
     StepClock,
     matmul_params,
     model_flops_per_step,

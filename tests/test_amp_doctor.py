@@ -16,7 +16,7 @@ import wandb_records
 import wandb_stand_in
 from torch import nn
 
-from utils.models import example_model
+from utils.models.examples import example_model
 from utils.training import (
     AmpWandbCallback,
     PrecisionWarning,
@@ -28,8 +28,8 @@ from utils.training import (
     scan_fp16_overflow,
     train,
 )
-from utils.training.keep_fp32 import KeptModules, select_modules, units_to_keep
-from utils.training.precision_report import make_fp16_hostile
+from utils.training.amp.keep_fp32 import KeptModules, select_modules, units_to_keep
+from utils.training.amp.precision_report import make_fp16_hostile
 
 matplotlib.use("Agg")
 

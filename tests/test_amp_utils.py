@@ -4,7 +4,7 @@ import itertools
 import pytest
 
 from utils.training import compute_effective_precision, resolve_precision
-from utils.training.precision import Capabilities
+from utils.training.amp.precision import Capabilities
 
 
 class TestComputeEffectivePrecision:

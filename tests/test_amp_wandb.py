@@ -21,7 +21,7 @@ import wandb_records
 from torch import nn
 
 from utils.training import AmpWandbCallback, PrecisionWarning, WandbWarning, init_wandb, train
-from utils.training.wandb_setup import choose_mode
+from utils.training.wandb_log.session import choose_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -304,7 +304,7 @@ def test_lightning_runs_the_callback_hooks(fake_wandb, tmp_path):
 
 # ---- init_wandb -----------------------------------------------------------------------------------
 def test_init_wandb_goes_offline_under_wandb_mode_and_says_how_to_sync(tmp_path, caplog):
-    caplog.set_level("INFO", logger="utils.training.wandb_setup")
+    caplog.set_level("INFO", logger="utils.training.wandb_log.session")
     with warnings.catch_warnings():
         warnings.simplefilter("error", WandbWarning)  # offline was asked for: no warning
         session = init_wandb("amp-tests", run_dir=tmp_path)
@@ -313,7 +313,7 @@ def test_init_wandb_goes_offline_under_wandb_mode_and_says_how_to_sync(tmp_path,
     assert session.offline_dir.parent == tmp_path / "wandb"
     assert session.message == (f"W&B: offline (WANDB_MODE=offline is set). The run is saved in {session.offline_dir}; "
                                f"upload it later with `wandb sync {session.offline_dir}`.")
-    ours = [r.getMessage() for r in caplog.records if r.name == "utils.training.wandb_setup"]
+    ours = [r.getMessage() for r in caplog.records if r.name == "utils.training.wandb_log.session"]
     assert ours == [session.message]
 
 
@@ -402,7 +402,7 @@ def fake_colab(monkeypatch, secrets, *, refuse=None):
 
 
 def test_on_colab_the_wandb_key_comes_from_colabs_secrets_unprinted(monkeypatch, capsys):
-    from utils.training.wandb_setup import colab_secret_key
+    from utils.training.wandb_log.session import colab_secret_key
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     fake_colab(monkeypatch, {"WANDB_API_KEY": "k" * 40})
@@ -413,7 +413,7 @@ def test_on_colab_the_wandb_key_comes_from_colabs_secrets_unprinted(monkeypatch,
 
 @pytest.mark.parametrize("refuse", ["missing", "access"])
 def test_without_the_secret_or_access_to_it_nothing_changes(monkeypatch, refuse):
-    from utils.training.wandb_setup import colab_secret_key
+    from utils.training.wandb_log.session import colab_secret_key
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     fake_colab(monkeypatch, {}, refuse=refuse)
@@ -421,7 +421,7 @@ def test_without_the_secret_or_access_to_it_nothing_changes(monkeypatch, refuse)
 
 
 def test_a_key_already_in_the_environment_wins_over_colabs_secret(monkeypatch):
-    from utils.training.wandb_setup import colab_secret_key
+    from utils.training.wandb_log.session import colab_secret_key
 
     monkeypatch.setenv("WANDB_API_KEY", "mine")
     fake_colab(monkeypatch, {"WANDB_API_KEY": "other"})

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from user_models import TransformerLM, TupleLM, tiny_gpt2
 
-from utils.analysis import (
+from utils.tiers.tier2 import (
     capture_attention,
     check_attention_patterns,
     check_batch_consistency,
@@ -20,7 +20,7 @@ from utils.analysis import (
     run_tier2,
     sdpa_attention_weights,
 )
-from utils.models import example_model
+from utils.models.examples import example_model
 
 matplotlib.use("Agg")
 
@@ -318,7 +318,7 @@ def test_substitution_shows_causality_and_its_absence():
 
 
 def test_substitution_fails_a_causal_lm_whose_earlier_positions_see_later_tokens():
-    from utils.tasks import TaskInfo
+    from utils.models.tasks import TaskInfo
 
     leaky = TaskInfo("causal-lm", "the config says so")
     check = check_token_substitution(TransformerLM().apply(_no_mask), batch_size=4, task=leaky)

@@ -6,9 +6,9 @@ import torch
 
 matplotlib.use("Agg")
 
-from utils.models import example_model  # noqa: E402
+from utils.models.examples import example_model  # noqa: E402
 from utils.training import train  # noqa: E402
-from utils.training.curves import plot_training_curves, read_metrics  # noqa: E402
+from utils.training.runs.curves import plot_training_curves, read_metrics  # noqa: E402
 
 
 @pytest.fixture(scope="module")

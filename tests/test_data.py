@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from utils.data import ByteTokenizer, CharTokenizer, load_corpus, make_lm_dataset, make_tokenizer
-from utils.models import example_model
+from utils.models.examples import example_model
 
 
 def test_default_corpus_is_pythons_own_english_docs():

@@ -17,15 +17,15 @@ import nbformat
 import pytest
 import torch
 
-from utils import demo
-from utils import notebook as nb
+from utils.notebook import demo
+from utils.notebook import cells as nb
 from utils.data import load_corpus
-from utils.models import example_model
-from utils.report import Check, Report
+from utils.models.examples import example_model
+from utils.tiers.report import Check, Report
 from utils.training import Capabilities, cli, init_wandb, resolve_precision, train
 from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
-from utils.training.precision import plan_for
-from utils.widgets import amp_toggle, explain, toggle_bundle
+from utils.training.amp.precision import plan_for
+from utils.notebook.widgets import amp_toggle, explain, toggle_bundle
 
 
 # ---- a report's headline counts what ran -----------------------------------------------------------
@@ -84,7 +84,7 @@ def test_a_slower_row_that_is_not_autos_pick_keeps_its_reason():
 
 
 def test_tier1_speed_check_says_when_the_plan_measured_slower_on_the_model(monkeypatch):
-    from utils import validation
+    from utils.tiers import tier1 as validation
 
     monkeypatch.setattr(validation, "_time_forwards", lambda model, inputs, plan, *a: {
         "latency_ms_median": {1: 1.0}, "latency_ms_p95": {1: 1.0},
@@ -118,7 +118,7 @@ def test_the_demo_saves_the_settings_it_ran_with_in_the_run_folder(tmp_path, mon
     (run_dir,) = tmp_path.iterdir()
     saved = json.loads((run_dir / demo.SETTINGS_FILE).read_text())
     assert saved["parameters"] == demo.QUICK_PARAMETERS
-    assert saved["command"] == "python -m utils.demo --quick"
+    assert saved["command"] == "python -m utils.notebook.demo --quick"
     assert saved["precision_plan"].startswith(resolve_precision("auto").name + " on cpu: ")
 
 
@@ -355,7 +355,7 @@ def test_the_readmes_python_snippet_calls_the_real_functions_with_their_real_sig
 
 
 def test_contributor_material_lives_in_contributing_not_in_the_readme():
-    for word in ("strict_json", "utils/lazy.py", "amp_utils", "model_io", "TrainArgs", "## Layout"):
+    for word in ("strict_json", "utils/common/", "amp_utils", "## Layout"):
         assert word not in README, word
         assert word in CONTRIBUTING, word
     assert "[CONTRIBUTING.md](CONTRIBUTING.md)" in README

@@ -11,10 +11,10 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from tests.test_ddp import WORLD, B, T, make_data
-from utils.models import example_model
+from utils.models.examples import example_model
 from utils.training import resolve_precision, train
-from utils.training.distributed import fsdp_units, mixed_precision_policy
-from utils.training.launch import launch
+from utils.training.parallel.distributed import fsdp_units, mixed_precision_policy
+from utils.training.parallel.launch import launch
 
 pytestmark = pytest.mark.filterwarnings("ignore::utils.training.PrecisionWarning")
 

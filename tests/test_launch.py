@@ -13,9 +13,9 @@ import torch
 import torch.distributed as dist
 
 from tests.test_ddp import WORLD, B, make_data, make_model
-from utils.training import launch as launching
+from utils.training.parallel import launch as launching
 from utils.training import train
-from utils.training.launch import WorkerError, launch
+from utils.training.parallel.launch import WorkerError, launch
 
 
 def run(devices=None, batch_size=B, **kw):
@@ -117,7 +117,7 @@ def test_a_parent_that_ran_openmp_threads_can_still_launch(tmp_path):
     """GNU OpenMP's thread pool does not survive a fork; a kernel has always run some ops before."""
     script = tmp_path / "after_openmp.py"
     script.write_text(
-        "import torch\nfrom utils.training.launch import launch\ntorch.set_num_threads(2)\n"
+        "import torch\nfrom utils.training.parallel.launch import launch\ntorch.set_num_threads(2)\n"
         "torch.nn.functional.layer_norm(torch.randn(64, 2000), (2000,))  # the parent's thread team exists\n"
         "def norm():\n    return float(torch.nn.functional.layer_norm(torch.ones(64, 2000), (2000,)).sum())\n"
         "print(launch(norm, num_processes=2))\n")

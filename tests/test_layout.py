@@ -18,21 +18,21 @@ def loaded_after(code: str) -> set[str]:
 
 
 def test_the_tiers_and_the_widget_do_not_load_the_loop():
-    loaded = loaded_after("import utils.validation, utils.widgets, utils.analysis")
-    assert {"utils.validation", "utils.widgets", "utils.analysis"} <= loaded
-    assert "utils.training.loop" not in loaded
+    loaded = loaded_after("import utils.tiers.tier1, utils.notebook.widgets, utils.tiers.tier2")
+    assert {"utils.tiers.tier1", "utils.notebook.widgets", "utils.tiers.tier2"} <= loaded
+    assert "utils.training.loop.trainer" not in loaded
     assert not any(m == "wandb" or m.startswith("wandb.") for m in loaded)
 
 
 def test_the_resolver_loads_neither_the_loop_nor_wandb():
     loaded = loaded_after("import utils.training; utils.training.resolve_precision")
-    assert "utils.training.precision" in loaded
-    assert not loaded & {"utils.training.loop", "utils.training.wandb_callback", "wandb", "matplotlib"}
+    assert "utils.training.amp.precision" in loaded
+    assert not loaded & {"utils.training.loop.trainer", "utils.training.wandb_log.callback", "wandb", "matplotlib"}
 
 
 def test_a_public_name_loads_its_module_on_first_use():
     loaded = loaded_after("import utils.training; utils.training.train")
-    assert "utils.training.loop" in loaded
+    assert "utils.training.loop.trainer" in loaded
 
 
 def test_an_unknown_name_is_an_attribute_error_naming_it():
@@ -53,8 +53,8 @@ def test_every_exported_name_resolves_to_its_module():
 def test_amp_utils_loads_by_file_path_with_the_seed_names():
     import importlib.util
 
-    from utils.training.precision import compute_effective_precision
-    from utils.training.wandb_callback import AmpWandbCallback
+    from utils.training.amp.precision import compute_effective_precision
+    from utils.training.wandb_log.callback import AmpWandbCallback
 
     spec = importlib.util.spec_from_file_location("seed_amp_utils", ROOT / "utils" / "training" / "amp_utils.py")
     module = importlib.util.module_from_spec(spec)

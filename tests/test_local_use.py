@@ -15,7 +15,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils.project import NOTEBOOKS
+from utils.notebook.project import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV = Path(sys.executable).parent.parent  # the venv running the tests (.venv/bin/python -> .venv)

@@ -9,10 +9,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from user_models import TransformerLM
 
-from utils.models import example_model
+from utils.models.examples import example_model
 from utils.training import PrecisionWarning, train
-from utils.training import loop as loop_module
-from utils.training.checkpoint import load_checkpoint
+from utils.training.loop import trainer as loop_module
+from utils.training.runs.checkpoint import load_checkpoint
 
 V, T = 64, 16
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from utils.training import PrecisionWarning, resolve_precision, train
-from utils.training.checkpoint import load_checkpoint
+from utils.training.runs.checkpoint import load_checkpoint
 
 V, T = 64, 16
 

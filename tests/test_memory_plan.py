@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from utils.training import MemoryPlan, find_batch_size, plan_memory, resolve_precision
-from utils.training.benchmark.measure import saved_tensor_bytes
-from utils.training.memory_plan import GPUS, measured_peak_bytes, training_step
+from utils.training.amp.measure import saved_tensor_bytes
+from utils.training.benchmark.memory_plan import GPUS, measured_peak_bytes, training_step
 
 matplotlib.use("Agg")
 
@@ -130,7 +130,7 @@ def test_measured_peak_is_cuda_only():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="only CUDA reports a measured peak")
 def test_the_plan_is_within_25_percent_of_the_measured_cuda_peak():
-    from utils.models import example_model
+    from utils.models.examples import example_model
 
     model = example_model("gpt-micro")
     batch = torch.randint(0, 256, (16, model.config.block_size + 1), generator=torch.Generator().manual_seed(0))

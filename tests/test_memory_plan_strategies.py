@@ -4,8 +4,8 @@ import pytest
 
 from tests.test_fsdp import B, make_data, make_model
 from utils.training import plan_memory, train
-from utils.training.launch import launch
-from utils.training.sharded_checkpoint import local_tensors
+from utils.training.parallel.launch import launch
+from utils.training.runs.sharded_checkpoint import local_tensors
 
 pytestmark = pytest.mark.filterwarnings("ignore::utils.training.PrecisionWarning")
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from utils.model_io import (
+from utils.models.calls import (
     DEFAULT_CONTEXT,
     find_context_length,
     find_hidden_size,
@@ -165,14 +165,14 @@ def test_preserved_state_restores_modes_and_grads():
 
 
 def test_model_io_is_the_old_name_of_model_calls():
-    import utils.model_calls
-    import utils.model_io
+    import utils.models.calls
+    import utils.models.calls
 
-    assert utils.model_io.predict is utils.model_calls.predict and utils.model_io.get_logits is get_logits
+    assert utils.models.calls.predict is utils.models.calls.predict and utils.models.calls.get_logits is get_logits
 
 
 def test_a_wrapper_shares_its_modules_calling_convention():
-    from utils.model_calls import model_call
+    from utils.models.calls import model_call
 
     class LM(nn.Module):
         def __init__(self):

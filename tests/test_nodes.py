@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from utils.training.launch import free_port
+from utils.training.parallel.launch import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 

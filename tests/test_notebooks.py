@@ -1,4 +1,4 @@
-"""The notebooks as files: valid, clean, thin, consistently pinned; their helpers in utils/notebook.py."""
+"""The notebooks as files: valid, clean, thin, consistently pinned; their helpers in utils/notebook/cells.py."""
 import ast
 import importlib.util
 import os
@@ -10,8 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils import notebook as nb
-from utils.project import NOTEBOOKS, REPO_REF, REPO_SLUG, colab_badge, colab_url
+from utils.notebook import cells as nb
+from utils.notebook.project import NOTEBOOKS, REPO_REF, REPO_SLUG, colab_badge, colab_url
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOKS = {name: nbformat.read(ROOT / "notebooks" / name, as_version=4) for name in NOTEBOOKS}
@@ -277,7 +277,7 @@ def test_use_settings_checks_the_task(tmp_path, monkeypatch):
 
 
 def test_load_settings_data_gives_a_classifier_labelled_topics(tmp_path, monkeypatch):
-    from utils.models import example_model
+    from utils.models.examples import example_model
 
     monkeypatch.setattr(nb, "_DONE", {})
     nb.use_settings(run_dir=str(tmp_path))

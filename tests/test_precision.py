@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from utils.training import Capabilities, PrecisionPlan, PrecisionWarning, resolve_precision
-from utils.training import precision as precision_module
-from utils.training.precision import ACCEPTED, ALIASES, CANONICAL, canonical_precision
+from utils.training.amp import precision as precision_module
+from utils.training.amp.precision import ACCEPTED, ALIASES, CANONICAL, canonical_precision
 
 CPU_BF16 = Capabilities(cpu_bf16=True)
 CPU_PLAIN = Capabilities(cpu_bf16=False)

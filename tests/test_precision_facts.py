@@ -5,7 +5,7 @@ import warnings
 import pytest
 import torch
 
-from utils.training.precision import (
+from utils.training.amp.precision import (
     CANONICAL,
     Capabilities,
     is_emulated,

@@ -7,12 +7,12 @@ import pytest
 import torch
 from user_models import NanoConfig, NanoGPT
 
-from utils import notebook as nb
-from utils import validation
-from utils.model_calls import input_spec
-from utils.models import example_model
-from utils.report import Check, run_checks
-from utils.validation import check_memory, check_numerical_stability, check_shapes, run_tier1, tier1_sizes
+from utils.notebook import cells as nb
+from utils.tiers import tier1 as validation
+from utils.models.calls import input_spec
+from utils.models.examples import example_model
+from utils.tiers.report import Check, run_checks
+from utils.tiers.tier1 import check_memory, check_numerical_stability, check_shapes, run_tier1, tier1_sizes
 
 
 def nano():

@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from utils.training import PrecisionWarning, train
-from utils.training import checkpoint as ckpt_io
-from utils.training.checkpoint import CheckpointWriteError, load_checkpoint
+from utils.training.runs import checkpoint as ckpt_io
+from utils.training.runs.checkpoint import CheckpointWriteError, load_checkpoint
 from utils.training.cli import exit_status, train_summary
-from utils.training.curves import read_metrics
-from utils.training.distributed import World
-from utils.training.guards import StepChecks
-from utils.training.metrics_log import repair
-from utils.training.precision import resolve_precision
+from utils.training.runs.curves import read_metrics
+from utils.training.parallel.distributed import World
+from utils.training.loop.guards import StepChecks
+from utils.training.runs.metrics_log import repair
+from utils.training.amp.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T = 64, 16
@@ -523,7 +523,7 @@ def test_a_full_disk_during_a_save_names_the_file_and_keeps_the_previous_checkpo
 
 
 def test_a_full_disk_during_a_metrics_write_names_the_file_and_leaves_no_partial_line(tmp_path, monkeypatch):
-    from utils.training import metrics_log
+    from utils.training.runs import metrics_log
 
     run(tiny(), data(), max_steps=2, log_every=1, run_dir=tmp_path)
     metrics = tmp_path / "metrics.jsonl"
@@ -570,7 +570,7 @@ def test_a_folder_that_refuses_new_files_is_one_message_naming_the_file(tmp_path
 
 def test_any_wandb_failure_at_init_disables_wandb_with_one_warning(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
-    from utils.training.wandb_setup import WandbWarning, init_wandb
+    from utils.training.wandb_log.session import WandbWarning, init_wandb
 
     def broken(**kw):
         raise PermissionError(errno.EACCES, "Permission denied", str(tmp_path / "wandb"))

@@ -7,7 +7,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from utils import notebook as nb
+from utils.notebook import cells as nb
 from utils.training import cli, train
 from utils.training.settings import TrainSettings
 

@@ -16,8 +16,8 @@ from task_models import (
 from torch import nn
 
 from utils.data import TOPIC_GROUPS, make_topic_dataset
-from utils.models import example_model
-from utils.tasks import (
+from utils.models.examples import example_model
+from utils.models.tasks import (
     BYTE_MASK_ID,
     detect_task,
     earlier_positions_unchanged,

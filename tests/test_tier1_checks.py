@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from utils.training import PrecisionWarning, resolve_precision
-from utils.validation import (
+from utils.tiers.tier1 import (
     check_gradient_flow,
     check_inference_speed,
     check_initialization,
@@ -259,7 +259,7 @@ def test_speed_reports_throughput_from_the_median_latency():
 
 
 def test_speed_fails_when_the_model_cannot_run():
-    from utils.validation import run_tier1
+    from utils.tiers.tier1 import run_tier1
 
     class Raises(TokenLM):
         def forward(self, ids):

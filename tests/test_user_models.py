@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from user_models import ClosureLM, ModelArgs, NanoConfig, NanoGPT, Transformer, tiny_gpt2
 
-from utils.analysis import run_tier2
-from utils.model_calls import (
+from utils.tiers.tier2 import run_tier2
+from utils.models.calls import (
     CONTEXT_SEARCH,
     check_context,
     find_context_length,
@@ -20,12 +20,12 @@ from utils.model_calls import (
     model_call,
     predict,
 )
-from utils.models import load_model, load_model_from_file
+from utils.models.examples import load_model, load_model_from_file
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, train
 from utils.training.batches import forward_loss, prepare_batch
 from utils.training.benchmark import runner as amp_benchmark_module
-from utils.training.benchmark.overflow_scan import scan_fp16_overflow
-from utils.validation import run_tier1
+from utils.training.amp.overflow_scan import scan_fp16_overflow
+from utils.tiers.tier1 import run_tier1
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 
@@ -337,7 +337,7 @@ def test_cli_a_file_with_a_syntax_error_is_its_file_line_and_error_in_one_messag
 
 
 def test_tier1_explains_a_last_position_model_it_cannot_pass_targets_to():
-    from utils.validation import check_shapes
+    from utils.tiers.tier1 import check_shapes
 
     check = check_shapes(ShortcutWithOtherName(), max_seq_len=8, batch_sizes=(2,))
     assert not check.passed
@@ -348,7 +348,7 @@ def test_tier1_explains_a_last_position_model_it_cannot_pass_targets_to():
 
 
 def test_tier1_names_where_it_looked_for_a_context_it_did_not_find():
-    from utils.validation import check_shapes
+    from utils.tiers.tier1 import check_shapes
 
     class Hidden(nn.Module):  # a 16-row table in a buffer: no attribute says so
         def __init__(self):

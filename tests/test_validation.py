@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from user_models import TransformerLM, TupleLM, tiny_gpt2
 
-from utils.models import example_model
-from utils.report import Check, Report, run_check
-from utils.training.precision import PrecisionWarning, resolve_precision
-from utils.validation import (
+from utils.models.examples import example_model
+from utils.tiers.report import Check, Report, run_check
+from utils.training.amp.precision import PrecisionWarning, resolve_precision
+from utils.tiers.tier1 import (
     check_gradient_flow,
     check_inference_speed,
     check_initialization,

@@ -3,7 +3,7 @@ import re
 import pytest
 
 from utils.training import Capabilities
-from utils.widgets import CHOICES, amp_toggle, explain, label_for
+from utils.notebook.widgets import CHOICES, amp_toggle, explain, label_for
 
 CPU_PLAIN = Capabilities(cpu_bf16=False)
 CPU_BF16 = Capabilities(cpu_bf16=True)
@@ -65,7 +65,7 @@ def test_the_toggle_and_every_settings_form_use_one_precision_vocabulary():
     import json
     from pathlib import Path
 
-    from utils.project import NOTEBOOKS
+    from utils.notebook.project import NOTEBOOKS
 
     root = Path(__file__).resolve().parents[1]
     for name in NOTEBOOKS:

@@ -322,7 +322,7 @@ def make_task_dataset(task: str, *, context: int, source=None, val_fraction: flo
         'which part of the Python reference a window comes from (4 classes: statements, expressions, data model, built-in types)'
 
     Args:
-        task: a task of :mod:`utils.tasks` (``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ...).
+        task: a task of :mod:`utils.models.tasks` (``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ...).
         source: the text, as :func:`load_corpus` takes it (default None: the bundled help topics).
         num_classes: a classifier's number of classes, checked against the labelled task's.
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from browser_lab import PLAYWRIGHT_MISSING, error_outputs, png_size, unexecuted_cells
 
-from utils.widgets import explain
+from utils.notebook.widgets import explain
 
 expect = pytest.importorskip("playwright.sync_api", reason=PLAYWRIGHT_MISSING).expect
 NOTEBOOK = "03_train_amp.ipynb"

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_calls import (
+from utils.models.calls import (
     TARGETS,
     call_with_targets,
     find_input_embedding,
@@ -104,7 +104,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = 
 
 
 def run_model(model: nn.Module, prepared: Prepared):
-    """Call the model on one prepared batch the way it takes it (see :func:`utils.model_calls.model_call`):
+    """Call the model on one prepared batch the way it takes it (see :func:`utils.models.calls.model_call`):
     a ``forward(idx, targets=None)`` model gets the targets too. Returns the raw output.
 
     Raises:
@@ -198,7 +198,7 @@ def check_token_ids(model: nn.Module, prepared: Prepared, argument: str) -> None
     model's input embedding.
 
     .. note:: Reads the batch on the host: used for validation batches (evaluation syncs anyway);
-        training steps use :class:`utils.training.guards.StepChecks`, which does not sync.
+        training steps use :class:`utils.training.loop.guards.StepChecks`, which does not sync.
     """
     emb = find_input_embedding(model)
     ids = prepared.input_ids

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from utils.model_calls import check_context, find_context_length, find_vocab_size
-from utils.tasks import (
+from utils.models.calls import check_context, find_context_length, find_vocab_size
+from utils.models.tasks import (
     CLASSIFIER,
     NON_TOKEN,
     TASKS,
@@ -42,9 +42,9 @@ from utils.tasks import (
     not_a_token_model_error,
     task_logits,
 )
-from utils.training.checkpoint import claim_run_dir, resolve_checkpoint_path
-from utils.training.distributed import World
-from utils.training.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
+from utils.training.runs.checkpoint import claim_run_dir, resolve_checkpoint_path
+from utils.training.parallel.distributed import World
+from utils.training.amp.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
 from utils.training.settings import STRATEGIES, TrainSettings
 
 PROG = "python -m utils.training"  # as usage and errors name the program
@@ -116,7 +116,7 @@ def _precision(text: str) -> str:
 
 
 def _model_spec(text: str) -> str:
-    from utils.models import parse_model_source
+    from utils.models.examples import parse_model_source
 
     try:
         parse_model_source(text)
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- shared: the model and the data --------------------------------------------------------------
 def build_model(spec: str, config: dict, class_name: str | None):
     """The model ``--model`` names; a failure in the user's own code becomes one message."""
-    from utils.models import load_model
+    from utils.models.examples import load_model
 
     try:
         return load_model(spec, class_name=class_name, config=config or None)
@@ -335,7 +335,7 @@ def _did_you_mean_file(spec: str) -> str:
 
 
 class _ModelChoice(logging.Handler):
-    """Collects what :func:`utils.models.load_model_from_file` logs about the class, builder or
+    """Collects what :func:`utils.models.examples.load_model_from_file` logs about the class, builder or
     instance it used, and why, for the summary."""
 
     def __init__(self):
@@ -347,7 +347,7 @@ class _ModelChoice(logging.Handler):
 
     @contextlib.contextmanager
     def listening(self):
-        logger = logging.getLogger("utils.models")
+        logger = logging.getLogger("utils.models.examples")
         level = logger.level
         logger.addHandler(self)
         logger.setLevel(logging.INFO)
@@ -416,7 +416,7 @@ def _start_wandb(opts: dict, config: dict, run_dir):
     """The W&B session (or None when disabled), its message printed."""
     if opts["wandb"] == "disabled":
         return None
-    from utils.training.wandb_setup import init_wandb
+    from utils.training.wandb_log.session import init_wandb
 
     session = init_wandb(opts["wandb_project"], config=config, mode=opts["wandb"], run_dir=run_dir)
     _say(session.message)
@@ -463,8 +463,8 @@ def check_resume(opts: dict, model, world: World) -> int:
     Raises:
         ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
     """
-    from utils.training.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
-    from utils.training.precision import resolve_precision
+    from utils.training.runs.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
+    from utils.training.amp.precision import resolve_precision
 
     path, state = load_checkpoint(opts["resume"])
     settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import find_vocab_size, get_logits, returns_loss
-from utils.tasks import (
+from utils.models.calls import find_vocab_size, get_logits, returns_loss
+from utils.models.tasks import (
     CAUSAL_LM,
     CLASSIFIER,
     MASKED_LM,
@@ -83,7 +83,7 @@ class Objective:
     """How to turn a batch into model inputs and aligned targets for one task.
 
     Attributes:
-        info: the model's task (see :func:`utils.tasks.detect_task`).
+        info: the model's task (see :func:`utils.models.tasks.detect_task`).
         vocab_size: for the random replacements of masking.
         model_name: the model's class name, for messages.
         mask_prob: share of positions a masked LM predicts (default 0.15).
@@ -194,11 +194,11 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
         'causal-lm'
 
     Args:
-        task: see :func:`utils.tasks.detect_task`.
+        task: see :func:`utils.models.tasks.detect_task`.
         mask_token_id: overrides the mask id (default: the config's, else the byte tokenizer's 255).
 
     Raises:
-        ValueError: as :func:`~utils.tasks.detect_task`, or a ``mask_token_id`` outside the vocabulary.
+        ValueError: as :func:`~utils.models.tasks.detect_task`, or a ``mask_token_id`` outside the vocabulary.
     """
     call = call or f"objective_for({type(model).__name__})"
     info = detect_task(model, task, call=call)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.distributed runs them)
+STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.parallel.distributed runs them)
 
 
 def check_strategy_name(strategy, call: str = "train") -> None:
@@ -51,7 +51,7 @@ class TrainSettings:
         overwrite: a fresh run into a folder that holds a run moves the old run aside (default
             False: an error that suggests resuming or a new folder).
         task: what the model predicts, which sets the objective on token ids (default None:
-            detected from its config and a probe; see :func:`utils.tasks.detect_task`): one of
+            detected from its config and a probe; see :func:`utils.models.tasks.detect_task`): one of
             ``"causal-lm"``, ``"masked-lm"``, ``"classifier"``, ``"seq2seq"``, ``"non-token"``.
         strategy: how several processes share the model (default ``"ddp"``: a full copy in each,
             gradients all-reduced); ``"fsdp"`` shards weights, gradients and optimizer state over
@@ -59,7 +59,7 @@ class TrainSettings:
 
     .. note::
         ``precision`` (default ``"auto"``) is a class attribute, not a field: the run's precision
-        is the plan :func:`~utils.training.precision.resolve_precision` returns, recorded on its own.
+        is the plan :func:`~utils.training.amp.precision.resolve_precision` returns, recorded on its own.
     """
 
     precision: ClassVar[str] = "auto"
@@ -100,7 +100,7 @@ class TrainSettings:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
         check_strategy_name(self.strategy)
-        from utils.tasks import TASKS  # the list of tasks lives with their detection
+        from utils.models.tasks import TASKS  # the list of tasks lives with their detection
 
         if self.task is not None and self.task not in TASKS:
             allowed = ", ".join(repr(t) for t in TASKS)

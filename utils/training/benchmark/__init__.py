@@ -1,26 +1,26 @@
 """The AMP benchmark: should AMP be on for this model, on this machine?
 
 - :mod:`~utils.training.benchmark.runner`: :func:`benchmark_amp` and its session, through ``train()``;
-- :mod:`~utils.training.benchmark.measure`: step clocks, saved-activation bytes, matmul ceilings, FLOPs;
+- :mod:`~utils.training.amp.measure`: step clocks, saved-activation bytes, matmul ceilings, FLOPs;
 - :mod:`~utils.training.benchmark.results`: :class:`AmpBenchmark` and its rows, as tables, JSON, plots;
-- :mod:`~utils.training.benchmark.overflow_scan`: :func:`scan_fp16_overflow`, fp16's range before training.
+- :mod:`~utils.training.amp.overflow_scan`: :func:`scan_fp16_overflow`, fp16's range before training.
 
-Names load on first use, so Tier 1 can use :mod:`~utils.training.benchmark.measure` without the loop.
+Names load on first use, so Tier 1 can use :mod:`~utils.training.amp.measure` without the loop.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from utils.lazy import lazy_exports
+from utils.common.lazy import lazy_exports
 
 _EXPORTS = {
     "AmpBenchmark": "utils.training.benchmark.results",
     "AmpRow": "utils.training.benchmark.results",
     "BenchmarkSession": "utils.training.benchmark.runner",
-    "Fp16Scan": "utils.training.benchmark.overflow_scan",
+    "Fp16Scan": "utils.training.amp.overflow_scan",
     "benchmark_amp": "utils.training.benchmark.runner",
-    "scan_fp16_overflow": "utils.training.benchmark.overflow_scan",
+    "scan_fp16_overflow": "utils.training.amp.overflow_scan",
 }
 __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers and linters
     "AmpBenchmark",
@@ -33,6 +33,6 @@ __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers a
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 
 if TYPE_CHECKING:
-    from utils.training.benchmark.overflow_scan import Fp16Scan, scan_fp16_overflow
+    from utils.training.amp.overflow_scan import Fp16Scan, scan_fp16_overflow
     from utils.training.benchmark.results import AmpBenchmark, AmpRow
     from utils.training.benchmark.runner import BenchmarkSession, benchmark_amp

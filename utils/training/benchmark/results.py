@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 from torch.utils.benchmark import Measurement, TaskSpec
 
-from utils.strict_json import json_safe as _json_safe
-from utils.training.benchmark.overflow_scan import Fp16Scan
+from utils.common.strict_json import json_safe as _json_safe
+from utils.training.amp.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
 NOISE_BOUND = 0.10  # a row whose runs' IQR / median stays above this is ``noisy``: no speed verdict
@@ -366,7 +366,7 @@ class AmpBenchmark:
     def plot(self):
         """A matplotlib ``Figure``: step time (median of the runs, whiskers from the fastest to the slowest
         run) and memory, side by side."""
-        from utils.report import new_figure
+        from utils.tiers.report import new_figure
 
         names = [r.precision for r in self.rows]
         fig = new_figure(11, 4)

@@ -19,8 +19,8 @@ import importlib.util
 import sys
 import warnings
 
-from utils.training.precision import ALIASES, FACTS, PrecisionPlan, canonical_precision
-from utils.training.wandb_setup import WandbWarning, import_wandb
+from utils.training.amp.precision import ALIASES, FACTS, PrecisionPlan, canonical_precision
+from utils.training.wandb_log.session import WandbWarning, import_wandb
 
 STEP_KEY = "trainer/global_step"  # Lightning's WandbLogger steps its charts by this metric
 

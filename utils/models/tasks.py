@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.model_calls import (
+from utils.models.calls import (
     find_logits_network,
     find_vocab_size,
     get_logits,
@@ -194,7 +194,7 @@ def find_num_classes(model: nn.Module) -> int | None:
         value = _config_value(model, name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    from utils.model_calls import model_device
+    from utils.models.calls import model_device
 
     with preserved_state(model), torch.no_grad():
         model.eval()
@@ -236,8 +236,8 @@ class LogitsNetwork:
 
 def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
     """The module to read logits from: ``model``, unless its forward returns its own loss
-    (:func:`~utils.model_calls.returns_loss`); then the network it wraps (an attribute whose module
-    maps token ids to logits, see :func:`~utils.model_calls.find_logits_network`).
+    (:func:`~utils.models.calls.returns_loss`); then the network it wraps (an attribute whose module
+    maps token ids to logits, see :func:`~utils.models.calls.find_logits_network`).
 
     Example::
 
@@ -294,7 +294,7 @@ def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
 def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
     """Per-position logits of ``model`` on token ids ``(B, T)``, called as its task needs: an
     encoder-decoder with decoder inputs (see :func:`call_inputs`), any other model through
-    :func:`utils.model_calls.predict` (which knows the calling conventions)."""
+    :func:`utils.models.calls.predict` (which knows the calling conventions)."""
     if info is None or info.task != SEQ2SEQ:
         return predict(model, ids)
     args, kwargs = call_inputs(ids, info)
@@ -355,7 +355,7 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
 
     Args:
         task: None (default): detect it. Else one of :data:`TASKS`.
-        vocab_size, max_seq_len: for the probe, as :func:`utils.model_calls.input_spec` takes them.
+        vocab_size, max_seq_len: for the probe, as :func:`utils.models.calls.input_spec` takes them.
         call: how the caller was called, repeated in errors (default ``detect_task(<class>)``).
 
     Raises:

@@ -2,7 +2,7 @@
 
 Example::
 
-    >>> __getattr__, __dir__ = lazy_exports(__name__, {"train": "utils.training.loop"})   # doctest: +SKIP
+    >>> __getattr__, __dir__ = lazy_exports(__name__, {"train": "utils.training.loop.trainer"})   # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """`make demo`: run the four notebooks with papermill on this machine and say what they found.
 
-Run as ``python -m utils.demo [--quick]``. Writes ``runs/<timestamp>/``: the settings it ran with
+Run as ``python -m utils.notebook.demo [--quick]``. Writes ``runs/<timestamp>/``: the settings it ran with
 (``demo_settings.json``), the executed notebooks, ``metrics.jsonl``, the plots as PNG, the benchmark
 as markdown and JSON, and the offline W&B run.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from utils.notebook import find_repo_root, new_run_dir
-from utils.project import NOTEBOOKS
+from utils.notebook.cells import find_repo_root, new_run_dir
+from utils.notebook.project import NOTEBOOKS
 from utils.training.benchmark.results import AmpBenchmark
-from utils.training.curves import read_metrics
-from utils.training.precision import resolve_precision
+from utils.training.runs.curves import read_metrics
+from utils.training.amp.precision import resolve_precision
 from utils.training.settings import TrainSettings
 
 # Sized for a 2-core CPU: a few minutes in all. A Colab user gets the notebooks' own defaults.
@@ -74,7 +74,7 @@ def save_settings(run_dir: Path, parameters: dict, quick: bool, plan) -> Path:
     cells skipped, so a run folder says how it was made."""
     path = Path(run_dir) / SETTINGS_FILE
     path.write_text(json.dumps({
-        "command": "python -m utils.demo" + (" --quick" if quick else ""), "parameters": parameters,
+        "command": "python -m utils.notebook.demo" + (" --quick" if quick else ""), "parameters": parameters,
         "precision_plan": plan.describe(), "torch": torch.__version__,
         "skipped_cells": [] if torch.cuda.is_available() else ["requires-cuda"],
     }, indent=2) + "\n")

@@ -19,7 +19,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
-from utils.training.precision import PrecisionWarning
+from utils.training.amp.precision import PrecisionWarning
 
 ADVICE = ("Use precision='bf16-mixed' where the hardware supports bf16 (fp32's range, no loss scale); "
           "or keep the overflowing modules in fp32 (train(..., keep_fp32='auto'), or their names); "

@@ -15,7 +15,7 @@ import html
 import warnings
 from dataclasses import dataclass, field
 
-from utils.training.precision import PrecisionPlan, canonical_precision, resolve_precision
+from utils.training.amp.precision import PrecisionPlan, canonical_precision, resolve_precision
 
 # Button label → the request the resolver receives. The labels are the resolver's own names, the
 # ones the notebooks' Settings form offers: one vocabulary (the legacy fp32/bf16/fp16 are accepted too).

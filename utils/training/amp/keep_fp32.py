@@ -24,8 +24,8 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from utils.training.benchmark.overflow_scan import scan_fp16_overflow
-from utils.training.precision import PrecisionPlan, PrecisionWarning
+from utils.training.amp.overflow_scan import scan_fp16_overflow
+from utils.training.amp.precision import PrecisionPlan, PrecisionWarning
 
 _GLOB = set("*?[")
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.model_calls import find_input_embedding, get_attentions, input_spec, preserved_state
-from utils.report import Check, Report, new_figure, run_checks
-from utils.tasks import (
+from utils.models.calls import find_input_embedding, get_attentions, input_spec, preserved_state
+from utils.tiers.report import Check, Report, new_figure, run_checks
+from utils.models.tasks import (
     CAUSAL_LM,
     TaskInfo,
     call_inputs,
@@ -68,7 +68,7 @@ def run_tier2(
 
     Args:
         model: maps token ids ``(B, T)`` to logits (a tensor, tuple, dict or ``ModelOutput``).
-        vocab_size, max_seq_len: default None: found from the model (see ``utils.model_calls.input_spec``).
+        vocab_size, max_seq_len: default None: found from the model (see ``utils.models.calls.input_spec``).
         device: default None: where the model already is. Otherwise the model is moved there.
         seq_len: the length analyzed (default ``min(max_seq_len, 32)``).
         batch_size: sequences per check (default 2; the consistency check uses at least 3).
@@ -76,7 +76,7 @@ def run_tier2(
         trained: whether the model has been trained, which decides whether uniform attention heads
             fail (see :func:`check_attention_patterns`). Default None: inferred by :func:`looks_trained`.
         seed: for the random inputs and noise (default 0).
-        task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`).
+        task: what the model predicts (default None: detected, see :func:`utils.models.tasks.detect_task`).
             For a masked LM, a classifier or an encoder-decoder, seeing later tokens is reported as
             the property it is, not as a defect.
         progress: show a ``tqdm.auto`` bar naming the check being run (default True).
@@ -658,7 +658,7 @@ def _per_token_effects(y: torch.Tensor, y2: torch.Tensor, where: torch.Tensor) -
     after = torch.arange(y.shape[1])[None, :] >= where.cpu()[:, None]  # (B, T)
     flipped = (y2.argmax(-1) != y.argmax(-1)).cpu()  # (B, T)
     return {
-        # The causality probe's reading (utils.tasks); None when every change was at position 0.
+        # The causality probe's reading (utils.models.tasks); None when every change was at position 0.
         "earlier_positions_unchanged": earlier_positions_unchanged(y, y2, where),
         "top1_flipped": float(flipped[after].float().mean()),
     }

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.model_calls import (
+from utils.models.calls import (
     CONTEXT_SEARCH,
     input_spec,
     model_call,
@@ -33,10 +33,10 @@ from utils.model_calls import (
     preserved_state,
     short_logits_error,
 )
-from utils.report import Check, Report, new_figure, run_checks
-from utils.tasks import TaskInfo, detect_task, logits_network, task_logits
-from utils.training.benchmark.measure import runs_natively, saved_tensor_bytes, synchronize
-from utils.training.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
+from utils.tiers.report import Check, Report, new_figure, run_checks
+from utils.models.tasks import TaskInfo, detect_task, logits_network, task_logits
+from utils.training.amp.measure import runs_natively, saved_tensor_bytes, synchronize
+from utils.training.amp.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 _MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
@@ -119,16 +119,16 @@ def run_tier1(
         max_seq_len: default None: the model's context length, or 64 when it has none.
         device: default None: where the model already is. Otherwise the model is moved there.
         precision: the AMP plan to compare with fp32, through
-            :func:`~utils.training.precision.resolve_precision` (default ``"auto"``).
+            :func:`~utils.training.amp.precision.resolve_precision` (default ``"auto"``).
         batch_sizes: batch sizes for shapes, memory and speed (default ``(1, 2, 4)``).
         figures: draw matplotlib figures (default True).
         seed: for the random inputs (default 0).
-        task: what the model predicts (default None: detected, see :func:`utils.tasks.detect_task`);
+        task: what the model predicts (default None: detected, see :func:`utils.models.tasks.detect_task`);
             an encoder-decoder is called with the ids shifted right as its decoder inputs.
         progress: show a ``tqdm.auto`` bar naming the check being run (default True).
 
     A model whose forward returns its own loss (``loss = model(seq)``) is checked through the
-    network it wraps (see :func:`utils.tasks.logits_network`), and the report says so.
+    network it wraps (see :func:`utils.models.tasks.logits_network`), and the report says so.
 
     Raises:
         ValueError: the model takes no token ids, or a bad size, precision or task; it returns a

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from utils.model_calls import find_input_embedding
+from utils.models.calls import find_input_embedding
 from utils.training.batches import IGNORE_INDEX, check_id_dtype
 
 # fp16's smallest subnormal: a loss scale below it cannot bring any gradient back into range.

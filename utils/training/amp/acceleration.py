@@ -24,7 +24,7 @@ import warnings
 import torch
 from torch import nn
 
-from utils.training.precision import PrecisionWarning
+from utils.training.amp.precision import PrecisionWarning
 
 TF32_MIN_CAPABILITY = (8, 0)  # Ampere (A100, RTX 30xx) and later have TF32 tensor cores
 

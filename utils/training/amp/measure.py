@@ -21,10 +21,10 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from utils.model_calls import find_hidden_size, find_num_layers, preserved_state
+from utils.models.calls import find_hidden_size, find_num_layers, preserved_state
 from utils.training.batches import move_to
 from utils.training.objectives import objective_loss_fn
-from utils.training.precision import Capabilities, PrecisionPlan
+from utils.training.amp.precision import Capabilities, PrecisionPlan
 
 
 def synchronize(device: torch.device) -> None:
@@ -211,7 +211,7 @@ def model_flops_per_step(model: nn.Module, tokens: int, seq_len: int) -> float:
     ``12 × layers × width × seq_len`` per token (PaLM's appendix B, as nanoGPT's ``estimate_mfu``).
 
     The attention term needs the layer count and width from the model's config
-    (:func:`~utils.model_calls.find_num_layers`, :func:`~utils.model_calls.find_hidden_size`: ``n_layer`` /
+    (:func:`~utils.models.calls.find_num_layers`, :func:`~utils.models.calls.find_hidden_size`: ``n_layer`` /
     ``num_hidden_layers``, ``n_embd`` / ``hidden_size`` / ``d_model``); without them it is left out.
     """
     layers, width = find_num_layers(model), find_hidden_size(model)

@@ -10,7 +10,7 @@ Example::
 
 A step's peak is predicted as weights + gradients + optimizer state + autocast's weight copies +
 ``batch_size`` × (the activations one sample saves for backward, measured with
-:func:`~utils.training.benchmark.measure.saved_tensor_bytes` at the batch's sequence length, + the
+:func:`~utils.training.amp.measure.saved_tensor_bytes` at the batch's sequence length, + the
 model output's gradient, counted twice in fp32: the largest transient of backward for a language model).
 
 .. note::
@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from utils.training.batches import prepare_batch
-from utils.training.benchmark.measure import saved_tensor_bytes, tensor_bytes
-from utils.training.benchmark.overflow_scan import _float_tensors
-from utils.training.distributed import fsdp_units
+from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
+from utils.training.amp.overflow_scan import _float_tensors
+from utils.training.parallel.distributed import fsdp_units
 from utils.training.objectives import objective_loss_fn
-from utils.training.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
+from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class MemoryPlan:
 
     def plot(self):
         """A matplotlib ``Figure``: the largest batch size per GPU, one bar group per precision."""
-        from utils.report import new_figure
+        from utils.tiers.report import new_figure
 
         fig = new_figure(9, 4)
         ax = fig.subplots()
@@ -390,7 +390,7 @@ def training_step(model: nn.Module, data: torch.Tensor, precision, device=None):
     Args:
         model: a float32 model; data: a LongTensor (N, T) of token ids with N >= 2 × the sizes tried.
     """
-    from utils.training.loop import train  # the loop is only needed when a step is actually run
+    from utils.training.loop.trainer import train  # the loop is only needed when a step is actually run
 
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 

@@ -16,7 +16,7 @@ import os
 import warnings
 from pathlib import Path
 
-from utils.training.checkpoint import METRICS, write_error
+from utils.training.runs.checkpoint import METRICS, write_error
 
 
 def repair(path: Path, keep: int | None = None) -> int:

@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from utils.data import head
-from utils.tasks import TASKS
-from utils.training.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
+from utils.models.tasks import TASKS
+from utils.training.amp.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
 from utils.training.settings import TrainSettings
-from utils.training.wandb_setup import WandbWarning, init_wandb
+from utils.training.wandb_log.session import WandbWarning, init_wandb
 
 WANDB_MODES = ("auto", "offline", "online", "disabled")  # auto: online when logged in, else offline
 NOTEBOOK_MAX_STEPS = 300  # a notebook trains for a set number of steps; train() itself defaults to epochs
@@ -109,7 +109,7 @@ class Settings:
     extra: dict = field(default_factory=dict)
     model_config: dict = field(default_factory=dict)  # the model's (or its config object's) arguments
     class_name: str | None = None  # which class, builder or instance of a model file
-    task: str | None = None  # what the model predicts; None: detected (see utils.tasks.detect_task)
+    task: str | None = None  # what the model predicts; None: detected (see utils.models.tasks.detect_task)
     sizes: dict = field(default_factory=lambda: dict(CELL_SIZES["any"]))  # CELL_SIZES for this runtime and model
     auto: frozenset = frozenset()  # the settings given as "auto", which fit_settings_to_model may resize
 
@@ -192,7 +192,7 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
             or of its config object's fields (``{"n_layer": 2}`` for ``GPT(GPTConfig)``); empty: none.
         class_name: which class, builder function or instance of the model file; empty: found.
         task: what the model predicts: ``"auto"`` (detected from its config and a probe) or one of
-            :data:`utils.tasks.TASKS`; it picks the data (labelled topics for a classifier) and the
+            :data:`utils.models.tasks.TASKS`; it picks the data (labelled topics for a classifier) and the
             objective (masked LM for a bidirectional model).
         extra: any other settings of the notebook, kept in ``Settings.extra``.
 
@@ -280,7 +280,7 @@ def load_settings_model():
 
         >>> model = remember("model", load_settings_model())     # doctest: +SKIP
     """
-    from utils.models import load_model
+    from utils.models.examples import load_model
 
     cfg = need("settings")
     return load_model(cfg.model_source, class_name=cfg.class_name, config=cfg.model_config or None)
@@ -302,8 +302,8 @@ def load_settings_data(model, max_context: int = 128):
             whose classes do not fit the labelled task.
     """
     from utils.data import make_task_dataset
-    from utils.model_calls import find_context_length
-    from utils.tasks import CLASSIFIER, NON_TOKEN, detect_task, find_num_classes, not_a_token_model_error
+    from utils.models.calls import find_context_length
+    from utils.models.tasks import CLASSIFIER, NON_TOKEN, detect_task, find_num_classes, not_a_token_model_error
 
     info = detect_task(model, need("settings").task, call="Settings task")
     if info.task == NON_TOKEN:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from utils.training.settings import TrainSettings
-from utils.training.sharded_checkpoint import (
+from utils.training.runs.sharded_checkpoint import (
     load_shards,
     local_tensors,
     prune,
@@ -72,7 +72,7 @@ def epoch_batches(batches, epoch: int, start: int, resume_rng, epoch_rng):
     """This epoch's batches from batch ``start`` on, the RNG replayed so that a resumed DataLoader
     reshuffles as the uninterrupted run did. Returns ``(iterator, RNG state at the epoch's start)``."""
     from utils.training.batches import TensorBatches
-    from utils.training.distributed import set_sampler_epoch
+    from utils.training.parallel.distributed import set_sampler_epoch
 
     if isinstance(batches, TensorBatches):  # its order depends on (seed, epoch) alone
         if resume_rng is not None:
@@ -329,7 +329,7 @@ def check_precision(path, state: dict, plan) -> bool:
     Raises:
         ValueError: the weights would change dtype (a ``-true`` half precision on one side).
     """
-    from utils.training.precision import PrecisionWarning, precision_facts
+    from utils.training.amp.precision import PrecisionWarning, precision_facts
 
     saved = state.get("precision")
     if saved is None or saved == plan.name:

@@ -3,7 +3,7 @@ hands rank 0's return value back to the kernel.
 
 Example::
 
-    >>> from utils.training.launch import launch
+    >>> from utils.training.parallel.launch import launch
     >>> result = launch(train, model, ids, num_processes=2, max_steps=20, run_dir="runs/ddp")  # doctest: +SKIP
     >>> result.final_loss, result.checkpoint_path                                    # doctest: +SKIP
     (4.71, 'runs/ddp/checkpoints/latest.pt')
@@ -83,7 +83,7 @@ def check_launch(num_processes, call: str = "launch", argument: str = "num_proce
                          f"one of several (RANK={os.environ['RANK']!r}): call the function directly there.")
     if "fork" not in mp.get_all_start_methods():
         raise ValueError(f"{call}({argument}={num_processes}) needs the 'fork' start method, which this platform lacks: use torchrun "
-                         f"from a shell (see utils.training.distributed.torchrun_command).")
+                         f"from a shell (see utils.training.parallel.distributed.torchrun_command).")
 
 
 def launch(fn, *args, num_processes: int = 2, **kwargs):

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from utils.model_calls import find_logits_network, returns_loss
-from utils.training import checkpoint as ckpt_io
-from utils.training import distributed
-from utils.training.acceleration import compile_model, tf32_matmuls
+from utils.models.calls import find_logits_network, returns_loss
+from utils.training.runs import checkpoint as ckpt_io
+from utils.training.parallel import distributed
+from utils.training.amp.acceleration import compile_model, tf32_matmuls
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -33,15 +33,15 @@ from utils.training.batches import (
     move_to,
     prepare_batch,
 )
-from utils.training.checkpoint import Checkpointer
-from utils.training.guards import StepChecks
-from utils.training.interrupts import StopSignals
-from utils.training.keep_fp32 import KeptModules, plan_keep_fp32
-from utils.training.launch import progress_bar, train_on
-from utils.training.metrics_log import MetricsLog
+from utils.training.runs.checkpoint import Checkpointer
+from utils.training.loop.guards import StepChecks
+from utils.training.loop.interrupts import StopSignals
+from utils.training.amp.keep_fp32 import KeptModules, plan_keep_fp32
+from utils.training.parallel.launch import progress_bar, train_on
+from utils.training.runs.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
-from utils.training.precision import PrecisionPlan, resolve_precision
-from utils.training.scale_health import ScaleHealth
+from utils.training.amp.precision import PrecisionPlan, resolve_precision
+from utils.training.amp.scale_health import ScaleHealth
 from utils.training.settings import TrainSettings
 
 
@@ -497,12 +497,12 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         keep_fp32: modules to run in fp32 under autocast: names, glob patterns (``"*.ln_f"``) or
             ``nn.Module`` types, or ``"auto"`` (under ``16-mixed``, those :func:`scan_fp16_overflow`
             flags on the first batch). The plan's ``reason`` names them; the model is left as it
-            was when the call returns. See :mod:`utils.training.keep_fp32`.
+            was when the call returns. See :mod:`utils.training.amp.keep_fp32`.
         scaler_kwargs: GradScaler settings (``init_scale``, ``growth_factor``, ``backoff_factor``,
             ``growth_interval``), see :meth:`PrecisionPlan.make_scaler`.
         compile: ``torch.compile`` the model in place (default False); True, or a dict of
             ``torch.compile`` options such as ``{"backend": "eager"}``. The first step compiles.
-            See :func:`~utils.training.acceleration.compile_model`.
+            See :func:`~utils.training.amp.acceleration.compile_model`.
         tf32: let fp32 matmuls use TF32 on CUDA GPUs of compute capability >= 8.0 (default False);
             elsewhere it warns and is ignored. The flags are restored when the run ends.
         checkpoint_minutes: also checkpoint when this many minutes of wall time passed since the
@@ -510,7 +510,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         overwrite: a fresh run into a folder that holds a run moves the old run aside into
             ``run_dir/replaced-<time>/`` (default False: an error).
         task: what the model predicts, which sets the objective on token ids (default None:
-            detected, see :func:`utils.tasks.detect_task`): ``"causal-lm"`` the next token;
+            detected, see :func:`utils.models.tasks.detect_task`): ``"causal-lm"`` the next token;
             ``"masked-lm"`` 15% of positions hidden, loss on those only; ``"seq2seq"`` the window
             rebuilt from a corrupted copy through ``labels``; ``"classifier"`` needs
             ``(inputs, labels)`` batches. Ignored with ``loss_fn``. ``result.objective`` says which ran.
@@ -519,7 +519,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         devices: processes to train in (default None: this one, or torchrun's). ``devices=2`` from
             a notebook forks two processes that run this call under DDP (one per GPU; gloo
             processes on a CPU), returns rank 0's result and leaves the trained weights in ``model``.
-            See :func:`utils.training.launch.launch` (CUDA must not be initialised in the kernel yet).
+            See :func:`utils.training.parallel.launch.launch` (CUDA must not be initialised in the kernel yet).
         strategy: ``"ddp"`` (default) or ``"fsdp"``: weights, gradients and AdamW state sharded over
             the processes with FSDP2 (``fully_shard`` per block, parameters gathered in the plan's
             autocast dtype, gradients reduced in fp32). Also valid in one process.
@@ -551,7 +551,7 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
         sharded so a step's ``batch_size × world_size`` samples are those one process would draw),
         metrics are averaged over ranks, and rank 0 alone logs, runs ``callbacks`` and writes
         ``run_dir``. A checkpoint resumes on any number of processes with the same global batch.
-        See :mod:`utils.training.distributed`.
+        See :mod:`utils.training.parallel.distributed`.
     """
     call = dict(locals())  # every argument, for the processes train_on forks
     args = TrainSettings(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,

@@ -35,7 +35,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.training import launch
+from utils.training.parallel import launch
 from utils.training.batches import TensorBatches
 from utils.training.settings import check_strategy_name
 
@@ -227,9 +227,9 @@ class World:
             teardown(owned, device, barrier=finished)
 
     def check_resume(self, path, state: dict, batch_size: int, tensor_data: bool) -> None:
-        """Alias of :func:`utils.training.checkpoint.check_world` for this world (kept one release):
+        """Alias of :func:`utils.training.runs.checkpoint.check_world` for this world (kept one release):
         every resume check lives in ``checkpoint.py``."""
-        from utils.training.checkpoint import check_world
+        from utils.training.runs.checkpoint import check_world
 
         check_world(path, state, batch_size, self.world_size, tensor_data)
 

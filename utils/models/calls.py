@@ -228,7 +228,7 @@ def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int
             raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
     vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     if vocab is None:
-        from utils.tasks import not_a_token_model_error  # tasks builds on this module
+        from utils.models.tasks import not_a_token_model_error  # tasks builds on this module
 
         raise not_a_token_model_error(model, call)
     if max_seq_len is not None:
@@ -496,7 +496,7 @@ def check_context(model: nn.Module, seq_len: int, context_from: str, how: str, f
 
     Args:
         forward: ``forward(model, ids) -> logits``, how the caller calls the model (default
-            :func:`predict`; an encoder-decoder needs :func:`utils.tasks.task_logits` with its task).
+            :func:`predict`; an encoder-decoder needs :func:`utils.models.tasks.task_logits` with its task).
 
     Raises:
         ValueError: the forward failed (the model's own error is chained as the cause).
