@@ -29,9 +29,9 @@ import torch
 from benchmarks.loop_overhead import run_plain  # the independent hand-written loop
 from utils.models.examples import example_model
 from utils.training import PrecisionWarning, steady_cpu_allocator
+from utils.training.amp.precision import cpu_has_native_bf16
 from utils.training.benchmark.results import MIN_RUNS, NOISE_BOUND, run_timing
 from utils.training.benchmark.runner import BenchmarkSession
-from utils.training.amp.precision import cpu_has_native_bf16
 
 
 def parse(argv):

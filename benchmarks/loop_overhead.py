@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from utils.models.calls import get_logits
 from utils.models.examples import example_model
 from utils.training import PrecisionWarning, resolve_precision, train
-from utils.training.batches import TensorBatches
 from utils.training.amp.measure import StepClock
 from utils.training.amp.precision import cpu_has_native_bf16
+from utils.training.batches import TensorBatches
 
 
 def run_ours(factory, init, data, plan, args, n_steps):

@@ -19,7 +19,6 @@ from utils.training import (
     resolve_precision,
     scan_fp16_overflow,
 )
-from utils.training.benchmark import runner as runner_module
 from utils.training.amp.measure import (
     StepClock,
     matmul_params,
@@ -28,6 +27,7 @@ from utils.training.amp.measure import (
     saved_tensor_bytes,
     state_bytes,
 )
+from utils.training.benchmark import runner as runner_module
 from utils.training.benchmark.results import NOISE_BOUND, AmpRow, compare_to_baseline
 from utils.training.benchmark.runner import BenchmarkSession
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from torch import nn
 from user_models import TransformerLM, TupleLM, tiny_gpt2
 
+from utils.models.examples import example_model
 from utils.tiers.tier2 import (
     capture_attention,
     check_attention_patterns,
@@ -20,7 +21,6 @@ from utils.tiers.tier2 import (
     run_tier2,
     sdpa_attention_weights,
 )
-from utils.models.examples import example_model
 
 matplotlib.use("Agg")
 

@@ -19,8 +19,8 @@ import wandb_records
 from utils.data import load_corpus
 from utils.training import cli, resolve_precision
 from utils.training.benchmark.results import AmpBenchmark
-from utils.training.runs.checkpoint import load_checkpoint
 from utils.training.parallel.distributed import torchrun_command
+from utils.training.runs.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--model", "example:gpt-micro", "--model-config", '{"n_layer": 1, "n_embd": 32}', "--context", "32",

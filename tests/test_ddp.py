@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from utils.models.examples import example_model
 from utils.training import PrecisionWarning, train
-from utils.training.runs import checkpoint as ckpt_io
 from utils.training.batches import TensorBatches
 from utils.training.parallel.distributed import ShardedTensorBatches, World, torchrun_command
+from utils.training.runs import checkpoint as ckpt_io
 
 ROOT = Path(__file__).resolve().parents[1]
 B, T, WORLD = 4, 16, 2  # per-rank batch, sequence length, processes

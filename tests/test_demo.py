@@ -4,9 +4,9 @@ import warnings
 
 import torch
 
+from utils.models.examples import example_model
 from utils.notebook import demo
 from utils.notebook.demo import CPU_PARAMETERS, QUICK_PARAMETERS, summary
-from utils.models.examples import example_model
 from utils.training import resolve_precision, train
 from utils.training.benchmark.results import AmpBenchmark, AmpRow
 from utils.training.settings import TrainSettings

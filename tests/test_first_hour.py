@@ -17,15 +17,15 @@ import nbformat
 import pytest
 import torch
 
-from utils.notebook import demo
-from utils.notebook import cells as nb
 from utils.data import load_corpus
 from utils.models.examples import example_model
+from utils.notebook import cells as nb
+from utils.notebook import demo
+from utils.notebook.widgets import amp_toggle, explain, toggle_bundle
 from utils.tiers.report import Check, Report
 from utils.training import Capabilities, cli, init_wandb, resolve_precision, train
-from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 from utils.training.amp.precision import plan_for
-from utils.notebook.widgets import amp_toggle, explain, toggle_bundle
+from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 
 
 # ---- a report's headline counts what ran -----------------------------------------------------------

@@ -17,12 +17,12 @@ from handwritten_models import (
 from torch import nn
 from user_models import TransformerLM, TupleLM
 
-from utils.tiers.tier2 import capture_attention, check_attention_patterns, run_tier2, softmax_attention
 from utils.models.calls import check_context, find_logits_network, returns_loss
 from utils.models.tasks import detect_task, task_logits
+from utils.tiers.tier1 import run_tier1
+from utils.tiers.tier2 import capture_attention, check_attention_patterns, run_tier2, softmax_attention
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, suite_loss_fn, train
 from utils.training.batches import OwnLossError
-from utils.tiers.tier1 import run_tier1
 
 DATA = torch.randint(0, 64, (16, 17), generator=torch.Generator().manual_seed(0))  # windows of 16 + 1
 

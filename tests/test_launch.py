@@ -13,8 +13,8 @@ import torch
 import torch.distributed as dist
 
 from tests.test_ddp import WORLD, B, make_data, make_model
-from utils.training.parallel import launch as launching
 from utils.training import train
+from utils.training.parallel import launch as launching
 from utils.training.parallel.launch import WorkerError, launch
 
 

@@ -166,7 +166,6 @@ def test_preserved_state_restores_modes_and_grads():
 
 def test_model_io_is_the_old_name_of_model_calls():
     import utils.models.calls
-    import utils.models.calls
 
     assert utils.models.calls.predict is utils.models.calls.predict and utils.models.calls.get_logits is get_logits
 

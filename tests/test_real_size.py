@@ -7,10 +7,10 @@ import pytest
 import torch
 from user_models import NanoConfig, NanoGPT
 
-from utils.notebook import cells as nb
-from utils.tiers import tier1 as validation
 from utils.models.calls import input_spec
 from utils.models.examples import example_model
+from utils.notebook import cells as nb
+from utils.tiers import tier1 as validation
 from utils.tiers.report import Check, run_checks
 from utils.tiers.tier1 import check_memory, check_numerical_stability, check_shapes, run_tier1, tier1_sizes
 

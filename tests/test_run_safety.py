@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from utils.training import PrecisionWarning, train
+from utils.training.amp.precision import resolve_precision
+from utils.training.cli import exit_status, train_summary
+from utils.training.loop.guards import StepChecks
+from utils.training.parallel.distributed import World
 from utils.training.runs import checkpoint as ckpt_io
 from utils.training.runs.checkpoint import CheckpointWriteError, load_checkpoint
-from utils.training.cli import exit_status, train_summary
 from utils.training.runs.curves import read_metrics
-from utils.training.parallel.distributed import World
-from utils.training.loop.guards import StepChecks
 from utils.training.runs.metrics_log import repair
-from utils.training.amp.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 V, T = 64, 16

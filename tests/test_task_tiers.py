@@ -15,9 +15,9 @@ from task_models import (
     tiny_vit,
 )
 
-from utils.tiers.tier2 import run_tier2
 from utils.models.examples import example_model
 from utils.tiers.tier1 import check_gradient_flow, run_tier1
+from utils.tiers.tier2 import run_tier2
 
 HEALTHY = {
     "bidirectional-mlm": BidirectionalMLM,

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from utils.training import PrecisionWarning, resolve_precision
 from utils.tiers.tier1 import (
     check_gradient_flow,
     check_inference_speed,
@@ -18,6 +17,7 @@ from utils.tiers.tier1 import (
     check_numerical_stability,
     check_shapes,
 )
+from utils.training import PrecisionWarning, resolve_precision
 
 V, CONTEXT = 32, 8
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 from user_models import ClosureLM, ModelArgs, NanoConfig, NanoGPT, Transformer, tiny_gpt2
 
-from utils.tiers.tier2 import run_tier2
 from utils.models.calls import (
     CONTEXT_SEARCH,
     check_context,
@@ -21,11 +20,12 @@ from utils.models.calls import (
     predict,
 )
 from utils.models.examples import load_model, load_model_from_file
+from utils.tiers.tier1 import run_tier1
+from utils.tiers.tier2 import run_tier2
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, train
+from utils.training.amp.overflow_scan import scan_fp16_overflow
 from utils.training.batches import forward_loss, prepare_batch
 from utils.training.benchmark import runner as amp_benchmark_module
-from utils.training.amp.overflow_scan import scan_fp16_overflow
-from utils.tiers.tier1 import run_tier1
 
 USER_MODELS = Path(__file__).with_name("user_models.py")
 

@@ -11,7 +11,6 @@ from user_models import TransformerLM, TupleLM, tiny_gpt2
 
 from utils.models.examples import example_model
 from utils.tiers.report import Check, Report, run_check
-from utils.training.amp.precision import PrecisionWarning, resolve_precision
 from utils.tiers.tier1 import (
     check_gradient_flow,
     check_inference_speed,
@@ -21,6 +20,7 @@ from utils.tiers.tier1 import (
     check_shapes,
     run_tier1,
 )
+from utils.training.amp.precision import PrecisionWarning, resolve_precision
 
 matplotlib.use("Agg")
 

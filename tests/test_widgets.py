@@ -2,8 +2,8 @@ import re
 
 import pytest
 
-from utils.training import Capabilities
 from utils.notebook.widgets import CHOICES, amp_toggle, explain, label_for
+from utils.training import Capabilities
 
 CPU_PLAIN = Capabilities(cpu_bf16=False)
 CPU_BF16 = Capabilities(cpu_bf16=True)

@@ -303,7 +303,13 @@ def load_settings_data(model, max_context: int = 128):
     """
     from utils.data import make_task_dataset
     from utils.models.calls import find_context_length
-    from utils.models.tasks import CLASSIFIER, NON_TOKEN, detect_task, find_num_classes, not_a_token_model_error
+    from utils.models.tasks import (
+        CLASSIFIER,
+        NON_TOKEN,
+        detect_task,
+        find_num_classes,
+        not_a_token_model_error,
+    )
 
     info = detect_task(model, need("settings").task, call="Settings task")
     if info.task == NON_TOKEN:

@@ -19,9 +19,9 @@ import torch
 
 from utils.notebook.cells import find_repo_root, new_run_dir
 from utils.notebook.project import NOTEBOOKS
+from utils.training.amp.precision import resolve_precision
 from utils.training.benchmark.results import AmpBenchmark
 from utils.training.runs.curves import read_metrics
-from utils.training.amp.precision import resolve_precision
 from utils.training.settings import TrainSettings
 
 # Sized for a 2-core CPU: a few minutes in all. A Colab user gets the notebooks' own defaults.

@@ -33,8 +33,8 @@ from utils.models.calls import (
     preserved_state,
     short_logits_error,
 )
-from utils.tiers.report import Check, Report, new_figure, run_checks
 from utils.models.tasks import TaskInfo, detect_task, logits_network, task_logits
+from utils.tiers.report import Check, Report, new_figure, run_checks
 from utils.training.amp.measure import runs_natively, saved_tensor_bytes, synchronize
 from utils.training.amp.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 

@@ -79,10 +79,6 @@ __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name loads on first use
     from utils.training.amp.acceleration import steady_cpu_allocator
     from utils.training.amp.overflow_scan import scan_fp16_overflow
-    from utils.training.benchmark.results import AmpBenchmark
-    from utils.training.benchmark.runner import benchmark_amp
-    from utils.training.loop.trainer import Trainer, TrainResult, evaluate, train
-    from utils.training.benchmark.memory_plan import MemoryPlan, find_batch_size, plan_memory
     from utils.training.amp.precision import (
         Capabilities,
         PrecisionPlan,
@@ -92,6 +88,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     )
     from utils.training.amp.precision_report import PrecisionReport, compare_precisions
     from utils.training.amp.scale_health import ScaleHealth
+    from utils.training.benchmark.memory_plan import MemoryPlan, find_batch_size, plan_memory
+    from utils.training.benchmark.results import AmpBenchmark
+    from utils.training.benchmark.runner import benchmark_amp
+    from utils.training.loop.trainer import Trainer, TrainResult, evaluate, train
     from utils.training.settings import TrainSettings
     from utils.training.wandb_log.callback import AmpWandbCallback
     from utils.training.wandb_log.session import WandbSession, WandbWarning, init_wandb

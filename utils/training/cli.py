@@ -42,9 +42,9 @@ from utils.models.tasks import (
     not_a_token_model_error,
     task_logits,
 )
-from utils.training.runs.checkpoint import claim_run_dir, resolve_checkpoint_path
-from utils.training.parallel.distributed import World
 from utils.training.amp.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
+from utils.training.parallel.distributed import World
+from utils.training.runs.checkpoint import claim_run_dir, resolve_checkpoint_path
 from utils.training.settings import STRATEGIES, TrainSettings
 
 PROG = "python -m utils.training"  # as usage and errors name the program
@@ -463,8 +463,8 @@ def check_resume(opts: dict, model, world: World) -> int:
     Raises:
         ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
     """
-    from utils.training.runs.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
     from utils.training.amp.precision import resolve_precision
+    from utils.training.runs.checkpoint import check_precision, check_resume, check_sharding, load_checkpoint
 
     path, state = load_checkpoint(opts["resume"])
     settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from utils.models.calls import find_hidden_size, find_num_layers, preserved_state
+from utils.training.amp.precision import Capabilities, PrecisionPlan
 from utils.training.batches import move_to
 from utils.training.objectives import objective_loss_fn
-from utils.training.amp.precision import Capabilities, PrecisionPlan
 
 
 def synchronize(device: torch.device) -> None:

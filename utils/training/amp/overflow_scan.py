@@ -19,8 +19,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from utils.models.calls import model_device
 from utils.common.strict_json import json_safe
+from utils.models.calls import model_device
 from utils.training.batches import move_to, run_model
 from utils.training.objectives import objective_for
 

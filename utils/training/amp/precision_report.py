@@ -19,11 +19,11 @@ import torch
 from torch import nn
 
 from utils.models.calls import model_device
-from utils.training.batches import move_to
-from utils.training.amp.overflow_scan import _float_tensors, scan_fp16_overflow
 from utils.training.amp.keep_fp32 import units_to_keep
-from utils.training.objectives import objective_loss_fn
+from utils.training.amp.overflow_scan import _float_tensors, scan_fp16_overflow
 from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, resolve_precision
+from utils.training.batches import move_to
+from utils.training.objectives import objective_loss_fn
 
 FP16_LOSS_SCALE = 2.0**10  # a scale a GradScaler often settles near; the fp16 backward sees it too
 

@@ -34,12 +34,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from utils.training.batches import prepare_batch
 from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
 from utils.training.amp.overflow_scan import _float_tensors
-from utils.training.parallel.distributed import fsdp_units
+from utils.training.amp.precision import (
+    PrecisionPlan,
+    PrecisionWarning,
+    canonical_precision,
+    resolve_precision,
+)
+from utils.training.batches import prepare_batch
 from utils.training.objectives import objective_loss_fn
-from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
+from utils.training.parallel.distributed import fsdp_units
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from utils.training.amp.acceleration import cpu_allocator_state, tf32_decision, uncompile
-from utils.training.batches import TensorBatches, as_batches, prepare_batch
+from utils.training.amp.keep_fp32 import KeptModules, select_modules, units_to_keep
 from utils.training.amp.measure import (
     StepClock,
     linear_shapes,
@@ -35,6 +35,13 @@ from utils.training.amp.measure import (
     state_checksum,
 )
 from utils.training.amp.overflow_scan import Fp16Scan, scan_fp16_overflow
+from utils.training.amp.precision import (
+    PrecisionPlan,
+    PrecisionWarning,
+    canonical_precision,
+    resolve_precision,
+)
+from utils.training.batches import TensorBatches, as_batches, prepare_batch
 from utils.training.benchmark.results import (
     BASELINE,
     MIN_RUNS,
@@ -43,9 +50,7 @@ from utils.training.benchmark.results import (
     AmpRow,
     compare_to_baseline,
 )
-from utils.training.amp.keep_fp32 import KeptModules, select_modules, units_to_keep
 from utils.training.loop.trainer import evaluate, train
-from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, canonical_precision, resolve_precision
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
 COMPILED = "+compile"  # suffix of a row run under torch.compile: "bf16-mixed+compile"

@@ -21,9 +21,10 @@ import torch
 from torch import nn
 
 from utils.models.calls import find_logits_network, returns_loss
-from utils.training.runs import checkpoint as ckpt_io
-from utils.training.parallel import distributed
 from utils.training.amp.acceleration import compile_model, tf32_matmuls
+from utils.training.amp.keep_fp32 import KeptModules, plan_keep_fp32
+from utils.training.amp.precision import PrecisionPlan, resolve_precision
+from utils.training.amp.scale_health import ScaleHealth
 from utils.training.batches import (
     IGNORE_INDEX,
     TensorBatches,
@@ -33,15 +34,14 @@ from utils.training.batches import (
     move_to,
     prepare_batch,
 )
-from utils.training.runs.checkpoint import Checkpointer
 from utils.training.loop.guards import StepChecks
 from utils.training.loop.interrupts import StopSignals
-from utils.training.amp.keep_fp32 import KeptModules, plan_keep_fp32
-from utils.training.parallel.launch import progress_bar, train_on
-from utils.training.runs.metrics_log import MetricsLog
 from utils.training.objectives import Objective, objective_for
-from utils.training.amp.precision import PrecisionPlan, resolve_precision
-from utils.training.amp.scale_health import ScaleHealth
+from utils.training.parallel import distributed
+from utils.training.parallel.launch import progress_bar, train_on
+from utils.training.runs import checkpoint as ckpt_io
+from utils.training.runs.checkpoint import Checkpointer
+from utils.training.runs.metrics_log import MetricsLog
 from utils.training.settings import TrainSettings
 
 

@@ -35,8 +35,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.training.parallel import launch
 from utils.training.batches import TensorBatches
+from utils.training.parallel import launch
 from utils.training.settings import check_strategy_name
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
