@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from utils.common.checks import check_int
+
 _TEXT_SUFFIXES = (".txt", ".md", ".rst", ".csv", ".json", ".py", ".html", ".tex")
 
 
@@ -207,8 +209,7 @@ def make_lm_dataset(text: str, tokenizer, context: int, val_fraction: float = 0.
             each split (the tokens needed and given are named).
     """
     call = f"make_lm_dataset(..., context={context!r}, val_fraction={val_fraction!r})"
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise ValueError(f"{call}: context must be a positive int.")
+    check_int("context", context, minimum=1, call=call, rule="a positive int", message="{call}: {name} must be {rule}.")
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"{call}: val_fraction must be in [0, 1).")
     ids = tokenizer.encode(text).long()  # (n_tokens,)
@@ -279,8 +280,7 @@ def make_topic_dataset(tokenizer=None, context: int = 64, val_fraction: float = 
         ValueError: a bad ``context`` or ``val_fraction``.
     """
     call = f"make_topic_dataset(context={context!r}, val_fraction={val_fraction!r})"
-    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
-        raise ValueError(f"{call}: context must be a positive int.")
+    check_int("context", context, minimum=1, call=call, rule="a positive int", message="{call}: {name} must be {rule}.")
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"{call}: val_fraction must be in (0, 1).")
     from pydoc_data.topics import topics

@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from utils.common.checks import check_int
+
 _CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len",
                   "max_seq_length", "context_length", "max_len", "seq_len")
 _LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
@@ -224,8 +226,8 @@ def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int
             ids: the message says what it takes), or a size is not a positive int.
     """
     for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
+        check_int(name, value, minimum=1, optional=True, call=call, rule="a positive int or None",
+                  message="{call}: {name}={value!r} must be {rule}.")
     vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     if vocab is None:
         from utils.models.tasks import not_a_token_model_error  # tasks builds on this module

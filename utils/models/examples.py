@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.common.checks import is_int, is_number
+
 log = logging.getLogger(__name__)
 
 # ----------------------------------------------------------------------------------------------
@@ -225,11 +227,9 @@ def _config_problems(config) -> list[str]:
     problems = []
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
-        if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        if f.type == "int" and not is_int(value, minimum=1):
             problems.append(f"{f.name}={value!r} must be a positive int")
-        elif f.type == "float" and (
-            isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0
-        ):
+        elif f.type == "float" and not is_number(value, minimum=0.0, below=1.0):
             problems.append(f"{f.name}={value!r} must be a float in [0, 1)")
         elif f.type == "bool" and not isinstance(value, bool):
             problems.append(f"{f.name}={value!r} must be True or False")

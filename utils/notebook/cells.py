@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from utils.common.checks import check_int
 from utils.data import head
 from utils.models.tasks import TASKS
 from utils.training.amp.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
@@ -115,10 +116,7 @@ class Settings:
 
 
 def _positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= 1, or 'auto' for this "
-                         f"runtime's size.")
-    return value
+    return check_int(name, value, minimum=1, rule="an integer >= 1, or 'auto' for this runtime's size")
 
 
 def _on_cuda() -> bool:

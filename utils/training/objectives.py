@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.common.checks import NOT_ALLOWED, check_int
 from utils.models.calls import find_vocab_size, get_logits, returns_loss
 from utils.models.tasks import (
     CAUSAL_LM,
@@ -204,10 +205,8 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
     info = detect_task(model, task, call=call)
     vocab = find_vocab_size(model)
     if mask_token_id is not None:
-        if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not (
-                0 <= mask_token_id < (vocab or mask_token_id + 1)):
-            raise ValueError(f"{call}: mask_token_id={mask_token_id!r} is not allowed: it must be an id in "
-                             f"0..{(vocab or 1) - 1}, the model's vocabulary.")
+        check_int("mask_token_id", mask_token_id, minimum=0, maximum=vocab - 1 if vocab else None, call=call,
+                  rule=f"an id in 0..{(vocab or 1) - 1}, the model's vocabulary", message="{call}: " + NOT_ALLOWED)
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
     return Objective(info, vocab, type(model).__name__, own_loss=returns_loss(model))
 

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from utils.common.checks import check_int, check_number
+
 STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.parallel.distributed runs them)
 
 
@@ -85,18 +87,13 @@ class TrainSettings:
         """Every bad value is a ``ValueError`` naming the argument and what is allowed."""
         for name, low in (("epochs", 1), ("batch_size", 1), ("grad_accum_steps", 1), ("log_every", 1),
                           ("warmup_steps", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ValueError(f"{name}={value!r} is not allowed: it must be an integer >= {low}.")
+            check_int(name, getattr(self, name), minimum=low)
         for name in ("max_steps", "checkpoint_every"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name}={value!r} is not allowed: it must be None or an integer >= 1.")
+            check_int(name, getattr(self, name), minimum=1, optional=True)
         if not (isinstance(self.lr, (int, float)) and self.lr > 0):
             raise ValueError(f"lr={self.lr!r} is not allowed: it must be a number > 0.")
-        minutes = self.checkpoint_minutes
-        if minutes is not None and (isinstance(minutes, bool) or not isinstance(minutes, (int, float)) or not minutes > 0):
-            raise ValueError(f"checkpoint_minutes={minutes!r} is not allowed: it must be None or a number > 0.")
+        check_number("checkpoint_minutes", self.checkpoint_minutes, above=0, optional=True,
+                     rule="None or a number > 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
         check_strategy_name(self.strategy)

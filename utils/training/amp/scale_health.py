@@ -19,6 +19,7 @@ import warnings
 from collections import deque
 from dataclasses import dataclass, field
 
+from utils.common.checks import check_int
 from utils.training.amp.precision import PrecisionWarning
 
 ADVICE = ("Use precision='bf16-mixed' where the hardware supports bf16 (fp32's range, no loss scale); "
@@ -60,8 +61,7 @@ class ScaleHealth:
     _recent: deque = field(init=False, repr=False)
 
     def __post_init__(self):
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
-            raise ValueError(f"ScaleHealth(window={self.window!r}) is not allowed: it must be an integer >= 1.")
+        check_int("window", self.window, minimum=1, message="ScaleHealth({name}={value!r}) is not allowed: it must be {rule}.")
         if not 0 <= self.threshold <= 1:
             raise ValueError(f"ScaleHealth(threshold={self.threshold!r}) is not allowed: it must be between 0 and 1.")
         self._recent = deque(maxlen=self.window)

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from utils.common.checks import check_int
 from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
 from utils.training.amp.overflow_scan import _float_tensors
 from utils.training.amp.precision import (
@@ -125,8 +126,7 @@ class MemoryPlan:
 
     def peak_bytes(self, precision: str, batch_size: int) -> int:
         """Predicted peak of a training step at ``batch_size`` (what the module note leaves out excepted)."""
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"peak_bytes(batch_size={batch_size!r}): batch_size must be an integer >= 1.")
+        check_int("batch_size", batch_size, minimum=1, message="peak_bytes({name}={value!r}): {name} must be {rule}.")
         row = self.row(precision)
         return row.fixed_bytes + math.ceil(batch_size * row.bytes_per_sample)
 
@@ -366,8 +366,7 @@ def find_batch_size(step, start: int, *, min_size: int = 1) -> int:
         RuntimeError: even ``min_size`` runs out of memory (the last error is its cause).
     """
     for name, value in (("start", start), ("min_size", min_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"find_batch_size({name}={value!r}): {name} must be an integer >= 1.")
+        check_int(name, value, minimum=1, message="find_batch_size({name}={value!r}): {name} must be {rule}.")
     if start < min_size:
         raise ValueError(f"find_batch_size(start={start}, min_size={min_size}): start must be >= min_size.")
     size = start

@@ -21,6 +21,7 @@ import warnings
 import torch
 from torch import nn
 
+from utils.common.checks import check_int, check_number
 from utils.training.amp.acceleration import cpu_allocator_state, tf32_decision, uncompile
 from utils.training.amp.keep_fp32 import KeptModules, select_modules, units_to_keep
 from utils.training.amp.measure import (
@@ -57,8 +58,7 @@ COMPILED = "+compile"  # suffix of a row run under torch.compile: "bf16-mixed+co
 
 
 def _check_int(name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise ValueError(f"benchmark_amp({name}={value!r}): {name} must be an integer >= {low}.")
+    check_int(name, value, minimum=low, message="benchmark_amp({name}={value!r}): {name} must be {rule}.")
 
 
 def _as_factory(model_factory):
@@ -418,8 +418,8 @@ def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=2
         When ``16-mixed`` is requested, :func:`scan_fp16_overflow` runs first on one batch.
     """
     _check_int("repeats", repeats, 1)
-    if isinstance(max_seconds, bool) or not isinstance(max_seconds, (int, float)) or not max_seconds >= 0:
-        raise ValueError(f"benchmark_amp(max_seconds={max_seconds!r}): max_seconds must be a number >= 0.")
+    check_number("max_seconds", max_seconds, minimum=0, rule="a number >= 0",
+                 message="benchmark_amp({name}={value!r}): {name} must be {rule}.")
     session = BenchmarkSession(model_factory, data, precisions=precisions, steps=steps, warmup=warmup,
                                batch_size=batch_size, device=device, lr=lr, loss_fn=loss_fn,
                                eval_data=eval_data, loss_tolerance=loss_tolerance, compile=compile,

@@ -32,6 +32,8 @@ from multiprocessing.connection import wait
 
 import torch
 
+from utils.common.checks import check_int
+
 GRACE_S = 10.0  # after a failure or an interrupt: how long the other ranks get to stop on their own
 _relay = None  # in a launched child: the pipe rank 0 sends progress through
 _weights: dict | None = None  # in a launched child: the trained weights, when the model no longer holds them
@@ -66,8 +68,8 @@ def check_launch(num_processes, call: str = "launch", argument: str = "num_proce
             machine, or (on a CPU) more than its cores; CUDA already initialised in this process;
             already inside a launched or torchrun process.
     """
-    if isinstance(num_processes, bool) or not isinstance(num_processes, int) or num_processes < 1:
-        raise ValueError(f"{call}({argument}={num_processes!r}) is not allowed: it must be an integer >= 1.")
+    check_int(argument, num_processes, minimum=1, call=call,
+              message="{call}({name}={value!r}) is not allowed: it must be {rule}.")
     if torch.cuda.is_available() and num_processes > torch.cuda.device_count():
         raise ValueError(f"{call}({argument}={num_processes}) is not allowed: this machine has "
                          f"{torch.cuda.device_count()} GPU(s); use at most that many, one process per GPU.")
