@@ -152,16 +152,6 @@ def run_checks(title: str, checks: list[tuple[str, Callable[[], Check]]], progre
     return results
 
 
-def new_figure(width: float = 6.4, height: float = 3.6):
-    """A ``matplotlib.figure.Figure`` outside pyplot: nothing is shown, nothing global is kept open.
-
-    matplotlib is imported here, so ``utils`` imports without it.
-    """
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), layout="constrained")
-
-
 def _format(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}" if math.isfinite(value) else str(value)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.common.figures import new_figure
 from utils.models.calls import (
     CONTEXT_SEARCH,
     input_spec,
@@ -34,7 +35,7 @@ from utils.models.calls import (
     short_logits_error,
 )
 from utils.models.tasks import TaskInfo, detect_task, logits_network, task_logits
-from utils.tiers.report import Check, Report, new_figure, run_checks
+from utils.tiers.report import Check, Report, run_checks
 from utils.training.amp.measure import runs_natively, saved_tensor_bytes, synchronize
 from utils.training.amp.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from utils.common.figures import new_figure
 from utils.models.calls import find_input_embedding, get_attentions, input_spec, preserved_state
 from utils.models.tasks import (
     CAUSAL_LM,
@@ -37,7 +38,7 @@ from utils.models.tasks import (
     logits_network,
     task_logits,
 )
-from utils.tiers.report import Check, Report, new_figure, run_checks
+from utils.tiers.report import Check, Report, run_checks
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask",

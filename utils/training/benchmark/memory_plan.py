@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from utils.common.checks import check_int
+from utils.common.figures import new_figure
 from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
 from utils.training.amp.overflow_scan import _float_tensors
 from utils.training.amp.precision import (
@@ -233,8 +234,6 @@ class MemoryPlan:
 
     def plot(self):
         """A matplotlib ``Figure``: the largest batch size per GPU, one bar group per precision."""
-        from utils.tiers.report import new_figure
-
         fig = new_figure(9, 4)
         ax = fig.subplots()
         width = 0.8 / max(len(self.rows), 1)

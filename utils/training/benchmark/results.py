@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from torch.utils.benchmark import Measurement, TaskSpec
 
+from utils.common.figures import new_figure
 from utils.common.strict_json import json_safe as _json_safe
 from utils.training.amp.overflow_scan import Fp16Scan
 
@@ -366,8 +367,6 @@ class AmpBenchmark:
     def plot(self):
         """A matplotlib ``Figure``: step time (median of the runs, whiskers from the fastest to the slowest
         run) and memory, side by side."""
-        from utils.tiers.report import new_figure
-
         names = [r.precision for r in self.rows]
         fig = new_figure(11, 4)
         ax_time, ax_mem = fig.subplots(1, 2)
