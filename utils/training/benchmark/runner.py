@@ -52,6 +52,7 @@ from utils.training.benchmark.results import (
     compare_to_baseline,
 )
 from utils.training.loop.trainer import evaluate, train
+from utils.training.settings import TrainSettings
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
 COMPILED = "+compile"  # suffix of a row run under torch.compile: "bf16-mixed+compile"
@@ -111,8 +112,8 @@ class BenchmarkSession:
     """
 
     def __init__(self, model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5,
-                 batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, loss_tolerance=0.05,
-                 keep_fp32=None, compile=False, compile_options=None, tf32=False):
+                 batch_size=TrainSettings.batch_size, device=None, lr=TrainSettings.lr, loss_fn=None,
+                 eval_data=None, loss_tolerance=0.05, keep_fp32=None, compile=False, compile_options=None, tf32=False):
         for name, value, low in (("steps", steps, 1), ("warmup", warmup, 0), ("batch_size", batch_size, 1)):
             _check_int(name, value, low)
         self.compile_axis = _compile_axis(compile)
@@ -353,8 +354,8 @@ class BenchmarkSession:
 
 
 def benchmark_amp(model_factory, data, *, precisions=DEFAULT_PRECISIONS, steps=20, warmup=5, repeats=3,
-                  batch_size=16, device=None, lr=3e-4, loss_fn=None, eval_data=None, log_to_wandb=False,
-                  loss_tolerance=0.05, keep_fp32=None, max_seconds=60.0, compile=False, compile_options=None,
+                  batch_size=TrainSettings.batch_size, device=None, lr=TrainSettings.lr, loss_fn=None,
+                  eval_data=None, log_to_wandb=False, loss_tolerance=0.05, keep_fp32=None, max_seconds=60.0, compile=False, compile_options=None,
                   tf32=False, progress=False) -> AmpBenchmark:
     """Train the same model from the same weights on the same batches in each precision; compare.
 
