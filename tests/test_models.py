@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from utils.models.calls import find_context_length, find_vocab_size
-from utils.models.examples import GistDownloadError, example_model, load_model_from_file, load_model_from_gist
+from utils.models.examples import example_model
+from utils.models.gist import GistDownloadError, load_model_from_gist
+from utils.models.user_file import load_model_from_file
 
 
 @pytest.mark.parametrize("name, vocab, context, out_shape", [
@@ -345,7 +347,7 @@ def test_gist_raw_url_on_another_host_is_refused(server):
 # ---- load_model: the one dispatcher for notebook settings and CLI flags -------------------------
 
 def test_load_model_builds_examples_by_name():
-    from utils.models.examples import load_model
+    from utils.models.sources import load_model
 
     assert load_model("example").config.n_embd == 256  # gpt-tiny, the reference
     assert load_model("example:gpt-micro").config.vocab_size == 256
@@ -353,7 +355,7 @@ def test_load_model_builds_examples_by_name():
 
 
 def test_load_model_reads_a_file(tmp_path):
-    from utils.models.examples import load_model
+    from utils.models.sources import load_model
 
     path = tmp_path / "mine.py"
     path.write_text("import torch\nclass Mine(torch.nn.Module):\n    def __init__(self, d=3):\n"
@@ -364,7 +366,7 @@ def test_load_model_reads_a_file(tmp_path):
 def test_load_model_rejects_anything_else_with_the_forms():
     import re
 
-    from utils.models.examples import load_model
+    from utils.models.sources import load_model
 
     with pytest.raises(ValueError, match=re.escape("load_model(source='resnet'): 'resnet' is not a model source: use 'example', 'example:NAME'")):
         load_model("resnet")

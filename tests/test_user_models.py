@@ -19,7 +19,8 @@ from utils.models.calls import (
     model_call,
     predict,
 )
-from utils.models.examples import load_model, load_model_from_file
+from utils.models.sources import load_model
+from utils.models.user_file import load_model_from_file
 from utils.tiers.tier1 import run_tier1
 from utils.tiers.tier2 import run_tier2
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, train

@@ -278,7 +278,7 @@ def load_settings_model():
 
         >>> model = remember("model", load_settings_model())     # doctest: +SKIP
     """
-    from utils.models.examples import load_model
+    from utils.models.sources import load_model
 
     cfg = need("settings")
     return load_model(cfg.model_source, class_name=cfg.class_name, config=cfg.model_config or None)

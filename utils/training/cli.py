@@ -116,7 +116,7 @@ def _precision(text: str) -> str:
 
 
 def _model_spec(text: str) -> str:
-    from utils.models.examples import parse_model_source
+    from utils.models.sources import parse_model_source
 
     try:
         parse_model_source(text)
@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
 # ---- shared: the model and the data --------------------------------------------------------------
 def build_model(spec: str, config: dict, class_name: str | None):
     """The model ``--model`` names; a failure in the user's own code becomes one message."""
-    from utils.models.examples import load_model
+    from utils.models.sources import load_model
 
     try:
         return load_model(spec, class_name=class_name, config=config or None)
@@ -335,7 +335,7 @@ def _did_you_mean_file(spec: str) -> str:
 
 
 class _ModelChoice(logging.Handler):
-    """Collects what :func:`utils.models.examples.load_model_from_file` logs about the class, builder or
+    """Collects what :func:`utils.models.user_file.load_model_from_file` logs about the class, builder or
     instance it used, and why, for the summary."""
 
     def __init__(self):
@@ -347,7 +347,7 @@ class _ModelChoice(logging.Handler):
 
     @contextlib.contextmanager
     def listening(self):
-        logger = logging.getLogger("utils.models.examples")
+        logger = logging.getLogger("utils.models.user_file")
         level = logger.level
         logger.addHandler(self)
         logger.setLevel(logging.INFO)
