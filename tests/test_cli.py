@@ -202,7 +202,7 @@ def test_bench_compares_fp32_with_every_mixed_precision_of_the_device_by_default
         seen["precisions"] = precisions
         raise SystemExit(0)  # what was asked is all this test needs
 
-    monkeypatch.setattr("utils.training.benchmark_amp", fake_benchmark)
+    monkeypatch.setattr("utils.training.cli.benchmark_amp", fake_benchmark)  # as the command line calls it
     base = ["bench", "--model", "example:gpt-micro", "--data", str(text_file), "--context", "16"]
     with pytest.raises(SystemExit):
         cli.main([*base, "--device", "cpu"])

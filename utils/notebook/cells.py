@@ -9,17 +9,22 @@ Example::
 
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import torch
+from IPython.display import Image, Markdown, display
+
 from utils.common.checks import check_int
 from utils.data import head
+from utils.models.calls import find_context_length
+from utils.models.sources import load_model
 from utils.models.tasks import TASKS
 from utils.training.amp.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
+from utils.training.inputs import JSON_EXAMPLE, NotAJsonObject, json_object, model_task, task_data
 from utils.training.settings import TrainSettings
 from utils.training.wandb_log.session import WandbWarning, init_wandb
 
@@ -120,8 +125,6 @@ def _positive_int(name: str, value) -> int:
 
 
 def _on_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -157,21 +160,13 @@ def new_run_dir(base="runs") -> Path:
     return path
 
 
-def _json_object(name: str, text) -> dict:
-    if isinstance(text, dict):
-        return dict(text)
-    if not str(text).strip():
-        return {}
+def _json_setting(name: str, text) -> dict:
     try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        value, why = None, f" ({e})"
-    else:
-        why = ""
-    if not isinstance(value, dict):
-        raise ValueError(f"{name}={text!r} is not allowed: it must be a JSON object such as "
-                         f"'{{\"n_layer\": 2}}', or empty{why}.")
-    return value
+        return json_object(text)
+    except NotAJsonObject as e:
+        why = f" ({e.reason})" if e.reason else ""
+        raise ValueError(f"{name}={text!r} is not allowed: it must be a JSON object such as {JSON_EXAMPLE}, "
+                         f"or empty{why}.") from None
 
 
 def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_size=AUTO, model_source=AUTO,
@@ -207,7 +202,7 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
         raise ValueError(f"wandb_mode={wandb_mode!r} is not allowed. Use one of {', '.join(map(repr, WANDB_MODES))}.")
     if not isinstance(model_source, str) or not model_source.strip():
         raise ValueError(f"model_source={model_source!r} is not allowed: use 'example', a .py file path, or a gist id/URL.")
-    config = _json_object("model_config", model_config)
+    config = _json_setting("model_config", model_config)
     if task != "auto" and task not in TASKS:
         raise ValueError(f"task={task!r} is not allowed: use 'auto' (detected) or one of {', '.join(map(repr, TASKS))}.")
     folder = new_run_dir() if not run_dir else Path(run_dir)
@@ -278,8 +273,6 @@ def load_settings_model():
 
         >>> model = remember("model", load_settings_model())     # doctest: +SKIP
     """
-    from utils.models.sources import load_model
-
     cfg = need("settings")
     return load_model(cfg.model_source, class_name=cfg.class_name, config=cfg.model_config or None)
 
@@ -299,23 +292,9 @@ def load_settings_data(model, max_context: int = 128):
         ValueError: the model takes no token ids (the message says what it takes), or a classifier
             whose classes do not fit the labelled task.
     """
-    from utils.data import make_task_dataset
-    from utils.models.calls import find_context_length
-    from utils.models.tasks import (
-        CLASSIFIER,
-        NON_TOKEN,
-        detect_task,
-        find_num_classes,
-        not_a_token_model_error,
-    )
-
-    info = detect_task(model, need("settings").task, call="Settings task")
-    if info.task == NON_TOKEN:
-        raise not_a_token_model_error(model, "3. Model")
+    info = model_task(model, need("settings").task, call="Settings task", model_call="3. Model")
     context = min(find_context_length(model) or max_context, max_context)
-    classes = find_num_classes(model) if info.task == CLASSIFIER else None
-    data = make_task_dataset(info.task, context=context, num_classes=classes)
-    return data._replace(description=f"{info.describe()}: {data.description}")
+    return task_data(model, info, context=context)
 
 
 def cuda_missing(what: str) -> str:
@@ -326,8 +305,6 @@ def cuda_missing(what: str) -> str:
 
         >>> if not (skipped := cuda_missing("10. fp16 on the GPU")): ...   # doctest: +SKIP
     """
-    import torch
-
     if torch.cuda.is_available():
         return ""
     return (f"Skipped {what}: this runtime has no CUDA GPU (torch.cuda.is_available() is False). "
@@ -395,13 +372,9 @@ def save_figure(fig, name: str) -> Path:
 
 def show_figure(fig, name: str) -> None:
     """Save ``fig`` to the run folder and display it as an image (works headless and in any frontend)."""
-    from IPython.display import Image, display
-
     display(Image(filename=str(save_figure(fig, name))))
 
 
 def show_markdown(text: str) -> None:
     """Display markdown in the notebook."""
-    from IPython.display import Markdown, display
-
     display(Markdown(text))
