@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch.utils.benchmark import Measurement, TaskSpec
 
 from utils.common.figures import new_figure
-from utils.common.strict_json import json_safe as _json_safe
+from utils.common.strict_json import json_safe
 from utils.training.amp.overflow_scan import Fp16Scan
 
 BASELINE = "32-true"
@@ -252,7 +252,7 @@ class AmpBenchmark:
 
     def to_dict(self) -> dict:
         """Everything, JSON-safe (non-finite floats become None)."""
-        return _json_safe({
+        return json_safe({
             "device": self.device, "settings": self.settings, "notes": list(self.notes),
             "rows": [dataclasses.asdict(r) for r in self.rows],
             "fp16_scan": self.fp16_scan.to_dict() if self.fp16_scan else None,
@@ -407,13 +407,13 @@ class AmpBenchmark:
 
         started = run is None and wandb.run is None
         run = run or wandb.run or wandb.init(project="amp-benchmark", job_type="benchmark", config=self.settings)
-        rows = [[_json_safe(", ".join(r.requested) if c == "requested" else getattr(r, c)) for c in _TABLE_COLUMNS]
+        rows = [[json_safe(", ".join(r.requested) if c == "requested" else getattr(r, c)) for c in _TABLE_COLUMNS]
                 for r in self.rows]
         run.log({"amp_benchmark": wandb.Table(columns=list(_TABLE_COLUMNS), data=rows)})
         for r in self.rows:
             for key in ("step_time_s", "throughput", "speedup", "activation_bytes", "peak_memory_bytes",
                         "memory_reduction_pct", "final_loss", "eval_loss", "loss_delta", "eval_accuracy", "mfu"):
-                value = _json_safe(getattr(r, key))
+                value = json_safe(getattr(r, key))
                 if value is not None:
                     run.summary[f"amp/{r.precision}/{key}"] = value
         if started:
