@@ -11,6 +11,7 @@ from user_models import TransformerLM
 
 from utils.models.examples import example_model
 from utils.training import PrecisionWarning, train
+from utils.training.loop import meter as meter_module
 from utils.training.loop import trainer as loop_module
 from utils.training.runs.checkpoint import load_checkpoint
 
@@ -375,7 +376,8 @@ def test_model_without_trainable_parameters_is_an_error():
 def test_throughput_excludes_validation_time(monkeypatch):
     """On a clock the test controls: each training forward takes 1 s, each validation batch 10 s."""
     clock = [0.0]
-    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    for module in (loop_module, meter_module):  # the run's clock and the log window's
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class TimedEval(TinyLM):
         def forward(self, x):

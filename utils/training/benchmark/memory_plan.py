@@ -43,6 +43,7 @@ from utils.training.amp.precision import (
     resolve_precision,
 )
 from utils.training.batches import prepare_batch
+from utils.training.loop.train import train
 from utils.training.objectives import objective_loss_fn
 from utils.training.parallel.distributed import fsdp_units
 
@@ -395,8 +396,6 @@ def training_step(model: nn.Module, data: torch.Tensor, precision, device=None):
     Args:
         model: a float32 model; data: a LongTensor (N, T) of token ids with N >= 2 × the sizes tried.
     """
-    from utils.training.loop.trainer import train  # the loop is only needed when a step is actually run
-
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def step(batch_size: int) -> None:

@@ -50,7 +50,8 @@ from utils.training.benchmark.results import (
     AmpRow,
     compare_to_baseline,
 )
-from utils.training.loop.trainer import evaluate, train
+from utils.training.loop.evaluate import evaluate
+from utils.training.loop.train import train
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
 COMPILED = "+compile"  # suffix of a row run under torch.compile: "bf16-mixed+compile"
