@@ -11,11 +11,14 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+import math
 import time
 
 import torch
 
 from utils.training.amp.scale_health import ScaleHealth
+from utils.training.parallel.launch import progress_bar
 
 
 class StepMeter:
@@ -60,9 +63,12 @@ class StepMeter:
         """This epoch's mean step loss over every rank (a collective), or None before its first step."""
         return float(world.mean(self.epoch_loss)) / self.epoch_steps if self.epoch_steps else None
 
-    def pause(self, seconds: float) -> None:
-        """``seconds`` of validation: out of the throughput, and the window's clock starts again."""
-        self.eval_s += seconds
+    @contextlib.contextmanager
+    def paused(self):
+        """Validation: its time is left out of the throughput, and the window's clock starts again after it."""
+        t0 = time.perf_counter()
+        yield
+        self.eval_s += time.perf_counter() - t0
         self.t0 = time.perf_counter()
 
 
@@ -97,3 +103,26 @@ class ScaleWatch:
 
     def metrics(self) -> dict:
         return {} if self.health is None else {"scale_health": self.health.status, "skip_rate": self.health.skip_rate}
+
+
+def step_record(position, window: dict, lr: float, grad_norm: torch.Tensor, scales: ScaleWatch) -> dict:
+    """The record of a log step (a line of metrics.jsonl, and what ``on_step_end`` receives)."""
+    return {"type": "step", "step": position.global_step, "epoch": position.current_epoch, "loss": window["loss"],
+            "lr": lr, "grad_norm": float(grad_norm), "loss_scale": scales.scale, "skipped": bool(scales.skipped),
+            "skipped_steps": position.skipped_steps, "tokens_per_s": window["tokens_per_s"], **scales.metrics()}
+
+
+def run_bar(settings, batches, initial: int, show: bool, precision: str):
+    """The run's progress bar, counting optimizer steps (a length only when the data has one)."""
+    return progress_bar(total=total_steps(settings, batches), initial=initial, disable=not (settings.progress and show),
+                        desc=f"train [{precision}]", unit="step")
+
+
+def total_steps(settings, batches) -> int | None:
+    """The steps the run will take (None: a data loader without a length)."""
+    if settings.max_steps is not None:
+        return settings.max_steps
+    try:
+        return settings.epochs * math.ceil(len(batches) / settings.grad_accum_steps)
+    except TypeError:
+        return None

@@ -90,6 +90,39 @@ class RunPosition:
         self.epoch_rng, self.resume_rng = state.get("epoch_rng"), state["rng"]
         self.resumed = True
 
+    def step_taken(self, micro_batches: int, skipped: bool) -> None:
+        """An optimizer step is whole: its micro-batches are consumed, a skipped one counted."""
+        self.skipped_steps += skipped
+        self.batch_in_epoch += micro_batches
+        self.mid_step = False
+
+    def records_kept(self) -> int | None:
+        """The lines of metrics.jsonl a resumed run keeps (its records); None for a fresh run."""
+        return len(self.history) + len(self.epoch_records) if self.resumed else None
+
+    def done(self, settings) -> bool:
+        """The run has taken its ``max_steps``, or, without them, its ``epochs``."""
+        if settings.max_steps is not None:
+            return self.global_step >= settings.max_steps
+        return self.current_epoch >= settings.epochs
+
+    def owes_final_validation(self, settings) -> bool:
+        """Resumed from a checkpoint saved before the run's final validation was recorded: run it now."""
+        last = self.epoch_records[-1]["step"] if self.epoch_records else -1
+        return self.done(settings) and self.resumed and last < self.global_step
+
+    def is_best(self, record: dict) -> bool:
+        """An epoch record whose validation loss beats every earlier one."""
+        val = record.get("val_loss")
+        return val is not None and (self.best_val_loss is None or val < self.best_val_loss)
+
+    def end_epoch(self, complete: bool, best_val_loss: float | None) -> None:
+        """After the epoch's record: a complete epoch moves the data position to the next one's start."""
+        if complete:
+            self.current_epoch, self.batch_in_epoch = self.current_epoch + 1, 0
+        if best_val_loss is not None:
+            self.best_val_loss = best_val_loss
+
     def epoch_iter(self, batches):
         """The batches left in this epoch (see :func:`epoch_batches`)."""
         it, self.epoch_rng = epoch_batches(batches, self.current_epoch, self.batch_in_epoch,

@@ -168,8 +168,9 @@ def start(trainer: Trainer, resume_from) -> None:
     path, state = load_checkpoint(resume_from)
     check_resume(path, state, trainer.settings, world_size=trainer.world.world_size,
                  tensor_data=isinstance(trainer.batches, TensorBatches), plan=trainer.precision)
-    if state.get("sharded"):  # the weights and optimizer are in the shard folder: read into this run's shards
-        state = {**state, **load_shards(path, state, into=trainer.state_dict())}
+    if state.get("sharded"):  # the weights and optimizer are in the shard folder, in DCP's layout
+        model_state, optim_state = distributed.weights_state(trainer.model, trainer.optimizer, sharded=True)
+        state = {**state, **load_shards(path, state, into={"model": model_state, "optimizer": optim_state})}
     try:
         trainer.load_state_dict(state)
     except ValueError as e:

@@ -22,11 +22,10 @@ from utils.training.batches import forward_loss, move_to, prepare_batch
 from utils.training.loop.evaluate import evaluate
 from utils.training.loop.guards import StepChecks
 from utils.training.loop.interrupts import StopSignals
-from utils.training.loop.meter import ScaleWatch, StepMeter
+from utils.training.loop.meter import ScaleWatch, StepMeter, run_bar, step_record
 from utils.training.loop.position import RunPosition, rng_state
 from utils.training.objectives import Objective, objective_for
 from utils.training.parallel.distributed import World, full_tensor, load_weights_state, weights_state
-from utils.training.parallel.launch import progress_bar
 from utils.training.runs.checkpoint import Checkpointer
 from utils.training.runs.metrics_log import MetricsLog
 from utils.training.settings import TrainSettings
@@ -92,8 +91,7 @@ class Trainer:
     resume needs. Records go through ``log`` (:class:`MetricsLog`), checkpoints through ``checkpoints``
     (:class:`Checkpointer`), per-step checks through ``checks`` (:class:`StepChecks`)."""
 
-    global_step, current_epoch = _position_field("global_step"), _position_field("current_epoch")
-    skipped_steps = _position_field("skipped_steps")
+    global_step, current_epoch, skipped_steps = map(_position_field, ("global_step", "current_epoch", "skipped_steps"))
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, settings: TrainSettings,
                  loss_fn=None, callbacks=(), run_dir=None, world: World | None = None,
@@ -105,8 +103,7 @@ class Trainer:
         self.objective = objective if objective is not None or loss_fn is not None else objective_for(model)
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log = MetricsLog(self.run_dir, callbacks, self.world.is_rank_zero)  # rank 0 alone logs
-        self.checkpoints = Checkpointer(self.run_dir, self.world, settings.checkpoint_every,
-                                        settings.checkpoint_minutes)
+        self.checkpoints = Checkpointer(self.run_dir, self.world, settings.checkpoint_every, settings.checkpoint_minutes)
         self.checks, self.stop = StepChecks(model, plan), StopSignals(lambda: self.checkpoints.saving)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.position, self.meter = RunPosition(), StepMeter(plan.device)
@@ -125,13 +122,14 @@ class Trainer:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue from ``state`` (a :meth:`state_dict`, or a checkpoint's): the next step is the one
-        the uninterrupted run took. A saved scaler state is loaded only where this run has a GradScaler.
+        the uninterrupted run took. A saved scaler state is loaded only where this run has a GradScaler;
+        weights read from a sharded checkpoint (``state["sharded"]``) are in DCP's layout.
 
         Raises:
             ValueError: the weights do not fit the model, or the optimizer state the optimizer.
         """
-        load_weights_state(self.model, self.optimizer, state["model"], state["optimizer"],
-                           sharded=self.world.strategy == "fsdp")
+        dcp_layout = self.world.strategy == "fsdp" or bool(state.get("sharded"))  # read from shards: DCP's layout
+        load_weights_state(self.model, self.optimizer, state["model"], state["optimizer"], sharded=dcp_layout)
         self.scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
@@ -186,82 +184,55 @@ class Trainer:
         skipped = self.scales.after_update(self.scaler, self.global_step)
         if self.scales.scale is None:  # no scaler to absorb a non-finite step: remember it, on the device
             self.checks.observe_step(self.global_step, step_loss, grad_norm)
+        else:  # every step skipped, the scale collapsing: no progress
+            self.checks.observe_skip(skipped, self.scales.scale, self.global_step)
         if not skipped:
             self.scheduler.step()
         self.meter.add_step(step_loss, grad_norm)
-        self.position.skipped_steps += skipped
-        self.position.batch_in_epoch += n
-        self.position.mid_step = False  # from here on the state is one whole step: safe to save
+        self.position.step_taken(n, skipped)  # from here on the state is one whole step: safe to save
         return n
 
     def _after_step(self) -> None:
-        """Checks, log, checkpoint and stop signals, at the step boundary."""
-        if self.scales.scale is not None:
-            self.checks.observe_skip(self.scales.skipped, self.scales.scale, self.global_step)
-        if self.bar is not None:
-            self.bar.update(1)
-        log_step = self.global_step % self.settings.log_every == 0 or self._done()
+        """Log, checkpoint and stop signals, at the step boundary."""
+        self.bar.update(1)
+        log_step = self.global_step % self.settings.log_every == 0 or self.position.done(self.settings)
         if log_step:
             self._log_step()
         if self.checkpoints.due(self.global_step, log_step):
             self.save()
-        if self._stop_now(log_step):
+        if self.stop.agreed(self.world, self.precision.device, can_agree=log_step):
             raise StopAtBoundary
 
-    def _stop_now(self, can_agree: bool) -> bool:
-        """A stop signal arrived. Under torchrun the ranks agree on it at log steps (a collective there
-        already), so that all stop after the same step: one rank alone would leave the others waiting."""
-        if not self.world.is_distributed:
-            return self.stop.requested is not None
-        flag = torch.tensor(int(self.stop.requested is not None), device=self.precision.device)
-        return can_agree and bool(self.world.max(flag))
-
-    # ---- logging -----------------------------------------------------------------------------------
+    # ---- log steps, epoch ends and the loop -------------------------------------------------------
     def _log_step(self) -> None:
         self.checks.verify(self.world, self.checkpoints.last_good(), self.settings.lr)  # so every rank stops
-        window = self.meter.read_window(self.world)
-        metrics = {"type": "step", "step": self.global_step, "epoch": self.current_epoch, "loss": window["loss"],
-                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(self.meter.grad_norm),
-                   "loss_scale": self.scales.scale, "skipped": bool(self.scales.skipped),
-                   "skipped_steps": self.skipped_steps, "tokens_per_s": window["tokens_per_s"],
-                   **self.scales.metrics()}
+        metrics = step_record(self.position, self.meter.read_window(self.world), self.optimizer.param_groups[0]["lr"],
+                              self.meter.grad_norm, self.scales)
         self.position.history.append(metrics)
         self.log.write(metrics)
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+        self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
         self.log.call("on_step_end", self, metrics)
-
-    def _validate(self) -> dict:
-        t_eval = time.perf_counter()
-        val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.settings.batch_size,
-                       loss_fn=self.loss_fn, task=self.objective)
-        self.meter.pause(time.perf_counter() - t_eval)  # throughput counts training time only
-        self.log.call("on_validation_end", self, val)
-        return val
 
     def _end_epoch(self, complete: bool) -> None:
         if self.meter.steps:  # every epoch ends on a logged step
             self._log_step()
         pos = self.position
         record = {"type": "epoch", "epoch": pos.current_epoch, "step": pos.global_step, "complete": complete,
-                  "train_loss": self.meter.epoch_mean(self.world), **(self._validate() if self.val_batches else {})}
-        is_best = record.get("val_loss") is not None and (pos.best_val_loss is None or record["val_loss"] < pos.best_val_loss)
+                  "train_loss": self.meter.epoch_mean(self.world)}
+        if self.val_batches is not None:
+            with self.meter.paused():  # throughput counts training time only
+                val = evaluate(self.model, self.val_batches, self.precision, batch_size=self.settings.batch_size,
+                               loss_fn=self.loss_fn, task=self.objective)
+            record.update(val)
+            self.log.call("on_validation_end", self, val)
+        is_best = pos.is_best(record)
         pos.epoch_records.append(record)
         self.log.write(record)
         pos.mid_step = True  # the record is in, the position not yet moved: an interrupt saves nothing
         self.log.call("on_train_epoch_end", self, self.model)  # current_epoch: the one that ended
-        if complete:
-            pos.current_epoch, pos.batch_in_epoch = pos.current_epoch + 1, 0
-        if is_best:
-            pos.best_val_loss = record["val_loss"]
+        pos.end_epoch(complete, record["val_loss"] if is_best else None)
         pos.mid_step = False
         self.save(best=is_best)
-
-    # ---- the loop ----------------------------------------------------------------------------------
-    def _done(self) -> bool:
-        if self.settings.max_steps is not None:
-            return self.global_step >= self.settings.max_steps
-        return self.current_epoch >= self.settings.epochs
 
     def _run_epoch(self) -> bool:
         """Train until the epoch ends or the run is done; True when the epoch ran to its end."""
@@ -269,7 +240,7 @@ class Trainer:
         batches = self.position.epoch_iter(self.batches)
         while n := self._step(batches):
             self._after_step()
-            if n == self.settings.grad_accum_steps and self._done():
+            if n == self.settings.grad_accum_steps and self.position.done(self.settings):
                 return False
         return True
 
@@ -277,14 +248,13 @@ class Trainer:
         self.log.call("on_train_start", self)
         self.model.train()
         self.meter.new_window()
-        last = self.position.epoch_records[-1]["step"] if self.position.epoch_records else -1
-        if self._done() and self.position.resumed and last < self.global_step:
-            self._end_epoch(complete=False)  # stopped during its final validation: run it now
-        while not self._done():
+        if self.position.owes_final_validation(self.settings):
+            self._end_epoch(complete=False)
+        while not self.position.done(self.settings):
             complete = self._run_epoch()
-            if complete or self._done():
+            if complete or self.position.done(self.settings):
                 self._end_epoch(complete)
-            if self._stop_now(can_agree=True):  # every rank ends its epoch at the same step
+            if self.stop.agreed(self.world, self.precision.device, can_agree=True):  # all ranks end the epoch alike
                 raise StopAtBoundary
         if self.meter.steps:
             self._log_step()
@@ -292,13 +262,10 @@ class Trainer:
     def fit(self) -> TrainResult:
         t0, interrupted = time.perf_counter(), False
         self.checkpoints.prepare(overwrite=self.settings.overwrite)
-        self.bar = progress_bar(total=total_steps(self.settings, self.batches), initial=self.global_step,
-                                disable=not (self.settings.progress and self.world.is_rank_zero),
-                                desc=f"train [{self.precision.name}]", unit="step")
+        self.bar = run_bar(self.settings, self.batches, self.global_step, self.world.is_rank_zero, self.precision.name)
         try:
             with self.stop:
-                self.log.open(keep=len(self.position.history) + len(self.position.epoch_records)
-                              if self.position.resumed else None)
+                self.log.open(keep=self.position.records_kept())
                 try:
                     self._train()
                 except (KeyboardInterrupt, StopAtBoundary):
@@ -315,12 +282,3 @@ class Trainer:
         self.log.call("on_train_end", self, result)
         return result
 
-
-def total_steps(settings: TrainSettings, batches) -> int | None:
-    """The steps the run will take, for the progress bar (None: a data loader without a length)."""
-    if settings.max_steps is not None:
-        return settings.max_steps
-    try:
-        return settings.epochs * math.ceil(len(batches) / settings.grad_accum_steps)
-    except TypeError:
-        return None

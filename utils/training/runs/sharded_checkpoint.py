@@ -17,7 +17,7 @@ one plain process (2 → 1, 1 → 2).
 Example::
 
     >>> save_shards(trainer.state_dict(), Path("runs/fsdp/checkpoints"), "shards-000008-2", True)  # doctest: +SKIP
-    >>> load_shards(Path("runs/fsdp/checkpoints/latest.pt"), head, into=trainer.state_dict())     # doctest: +SKIP
+    >>> load_shards(Path("runs/fsdp/checkpoints/latest.pt"), head, into=weights)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -69,7 +69,8 @@ def save_shards(state: dict, folder: Path, name: str, is_rank_zero: bool) -> Pat
 
 def load_shards(head_path: Path, head: dict, into: dict) -> dict:
     """Read the shards a head names into ``into["model"]`` and ``into["optimizer"]`` (this run's
-    sharded state, which DCP fills in place, resharded for this run); returns ``into``.
+    sharded state, which DCP fills in place, resharded for this run); returns the two as
+    ``{"model": ..., "optimizer": ...}``.
 
     Raises:
         ValueError: the shard folder is missing or its files do not fit this model.
@@ -84,7 +85,7 @@ def load_shards(head_path: Path, head: dict, into: dict) -> dict:
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise ValueError(f"Checkpoint {str(head_path)!r}: its shards {str(shards)!r} do not fit this model "
                          f"and optimizer, or are corrupt ({type(e).__name__}: {str(e)[:300]}).") from e
-    return {**into, **state}
+    return state
 
 
 def prune(folder: Path, keep: set[str], heads=()) -> None:
