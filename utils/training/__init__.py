@@ -7,7 +7,8 @@ Where each part lives:
 
 - :mod:`~utils.training.amp.precision`: the resolver and every precision fact;
 - :mod:`~utils.training.settings`: the training settings and their defaults;
-- :mod:`~utils.training.loop.train`, :mod:`~utils.training.loop.trainer`, :mod:`~utils.training.batches`, :mod:`~utils.training.runs.checkpoint`,
+- :mod:`~utils.training.loop.train`, :mod:`~utils.training.loop.trainer`, :mod:`~utils.training.batches`,
+  :mod:`~utils.training.runs.checkpoint`,
   :mod:`~utils.training.parallel.distributed`: the loop, its batches, its checkpoints, torchrun;
 - :mod:`~utils.training.wandb_log.session`, :mod:`~utils.training.wandb_log.callback`: W&B;
 - :mod:`utils.training.benchmark`: the AMP benchmark;

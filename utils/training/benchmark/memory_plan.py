@@ -46,6 +46,7 @@ from utils.training.batches import prepare_batch
 from utils.training.loop.train import train
 from utils.training.objectives import objective_loss_fn
 from utils.training.parallel.distributed import fsdp_units
+from utils.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -402,8 +403,8 @@ def training_step(model: nn.Module, data: torch.Tensor, precision, device=None):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PrecisionWarning)
-                train(model, data[: 2 * batch_size], precision=precision, device=device, max_steps=2,
-                      batch_size=batch_size, progress=False, log_every=1)
+                train(model, data[: 2 * batch_size], precision=precision, device=device,
+                      settings=TrainSettings(max_steps=2, batch_size=batch_size, progress=False, log_every=1))
         finally:
             model.to("cpu").float().load_state_dict(initial)
 
