@@ -85,13 +85,14 @@ def _position_field(name: str) -> property:
 class Trainer:
     """The stepping of a run. Callbacks receive it as ``trainer`` and may read ``model``, ``optimizer``,
     ``scheduler``, ``scaler``, ``precision`` (the plan), ``settings``, ``global_step``, ``current_epoch``,
-    ``skipped_steps`` and ``run_dir``; ``net`` is what runs forward (the model, or its DDP wrapper under
+    ``skipped_steps``, ``scale_health`` and ``run_dir``; ``net`` is what runs forward (the model, or its DDP wrapper under
     torchrun) and ``world`` the processes of the run. Its counters and records are ``position``
     (:class:`RunPosition`), its sums ``meter`` (:class:`StepMeter`); :meth:`state_dict` is everything a
     resume needs. Records go through ``log`` (:class:`MetricsLog`), checkpoints through ``checkpoints``
     (:class:`Checkpointer`), per-step checks through ``checks`` (:class:`StepChecks`)."""
 
     global_step, current_epoch, skipped_steps = map(_position_field, ("global_step", "current_epoch", "skipped_steps"))
+    scale_health = property(lambda self: self.scales.health, doc="The run's ScaleHealth under 16-mixed, else None.")
 
     def __init__(self, model, plan, optimizer, scheduler, scaler, batches, val_batches, settings: TrainSettings,
                  loss_fn=None, callbacks=(), run_dir=None, world: World | None = None,
@@ -110,7 +111,6 @@ class Trainer:
         self.scales, self.bar = ScaleWatch(scaler, settings.lr), None
         self.keep_fp32 = list(keep_fp32)  # modules train() runs in fp32 under autocast
 
-    # ---- the state a checkpoint holds ------------------------------------------------------------
     def state_dict(self) -> dict:
         """Everything a resume needs: weights, optimizer, scheduler, scaler, RNG, data position, counters
         and records (under FSDP this process's shards of the weights and optimizer)."""
