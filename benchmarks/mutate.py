@@ -73,7 +73,9 @@ class Mutant:
     regex: bool = False
 
 
-LOOP, CHECKPOINT = "utils/training/loop/trainer.py", "utils/training/runs/checkpoint.py"
+LOOP, POSITION = "utils/training/loop/trainer.py", "utils/training/loop/position.py"
+CHECKPOINT = "utils/training/runs/checkpoint.py"
+METER, EVALUATE = "utils/training/loop/meter.py", "utils/training/loop/evaluate.py"
 PRECISION, TIER1 = "utils/training/amp/precision.py", "utils/tiers/tier1.py"
 CALLBACK = "utils/training/wandb_log/callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
@@ -83,25 +85,25 @@ BATCHES, INTERRUPTS = "utils/training/batches.py", "utils/training/loop/interrup
 MUTANTS = [
     # -- the training loop: the bug classes of issue 19 first ----------------------------------
     Mutant("no-unscale", LOOP, r"\n\s*self\.scaler\.unscale_\(self\.optimizer\)", "", "loop", regex=True),
-    Mutant("ignore-max-grad-norm", LOOP, "self.args.max_grad_norm or math.inf", "math.inf", "loop"),
-    Mutant("clip-at-1-always", LOOP, "self.args.max_grad_norm or math.inf", "1.0", "loop"),
-    Mutant("no-restore-scaler", CHECKPOINT, 'trainer.scaler.load_state_dict(state["scaler"])', "pass", "loop"),
-    Mutant("restore-scale-not-tracker", CHECKPOINT, 'trainer.scaler.load_state_dict(state["scaler"])',
-           'trainer.scaler.load_state_dict({**state["scaler"], "_growth_tracker": 0})', "loop"),
-    Mutant("no-restore-scheduler", CHECKPOINT, 'trainer.scheduler.load_state_dict(state["scheduler"])', "pass",
+    Mutant("ignore-max-grad-norm", LOOP, "self.settings.max_grad_norm or math.inf", "math.inf", "loop"),
+    Mutant("clip-at-1-always", LOOP, "self.settings.max_grad_norm or math.inf", "1.0", "loop"),
+    Mutant("no-restore-scaler", LOOP, 'self.scaler.load_state_dict(state["scaler"])', "pass", "loop"),
+    Mutant("restore-scale-not-tracker", LOOP, 'self.scaler.load_state_dict(state["scaler"])',
+           'self.scaler.load_state_dict({**state["scaler"], "_growth_tracker": 0})', "loop"),
+    Mutant("no-restore-scheduler", LOOP, 'self.scheduler.load_state_dict(state["scheduler"])', "pass",
            "loop"),
-    Mutant("no-restore-skipped-steps", CHECKPOINT, 'state.get("skipped_steps", 0)', "0", "loop"),
-    Mutant("no-restore-rng", CHECKPOINT,  # the TensorBatches path: its order is (seed, epoch); dropout is not
+    Mutant("no-restore-skipped-steps", POSITION, 'state.get("skipped_steps", 0)', "0", "loop"),
+    Mutant("no-restore-rng", POSITION,  # the TensorBatches path: its order is (seed, epoch); dropout is not
            r"if resume_rng is not None:\n(\s*)set_rng_state\(resume_rng\)\n(\s*)return batches\.epoch",
            r"if resume_rng is not None:\n\1pass\n\2return batches.epoch", "loop", regex=True),
-    Mutant("scheduler-steps-on-skipped", LOOP, r"if not self\._skipped:\n\s*self\.scheduler\.step\(\)",
+    Mutant("scheduler-steps-on-skipped", LOOP, r"if not skipped:\n\s*self\.scheduler\.step\(\)",
            "self.scheduler.step()", "loop", regex=True),
-    Mutant("skips-never-counted", LOOP, "self._skipped = new_scale < self.scale", "self._skipped = False", "loop"),
-    Mutant("accumulation-not-averaged", LOOP, "loss = loss / self.args.grad_accum_steps", "loss = loss", "loop"),
-    Mutant("accuracy-of-the-last-batch", LOOP, "correct += ((logits.argmax(-1) == targets) & mask).sum()",
+    Mutant("skips-never-counted", METER, "self.skipped = new_scale < self.scale", "self.skipped = False", "loop"),
+    Mutant("accumulation-not-averaged", LOOP, "loss = loss / accum", "loss = loss", "loop"),
+    Mutant("accuracy-of-the-last-batch", EVALUATE, "correct += ((logits.argmax(-1) == targets) & mask).sum()",
            "correct = ((logits.argmax(-1) == targets) & mask).sum()", "evaluation"),
-    Mutant("throughput-counts-validation", LOOP, "trainer.tokens_done / max(wall - trainer.eval_s, 1e-9)",
-           "trainer.tokens_done / max(wall, 1e-9)", "evaluation"),
+    Mutant("throughput-counts-validation", LOOP, "meter.tokens_done / max(wall - meter.eval_s, 1e-9)",
+           "meter.tokens_done / max(wall, 1e-9)", "evaluation"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
     Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
            "if False:", "tier1", regex=True),
@@ -164,7 +166,7 @@ MUTANTS = [
            "return bool(log_step and minutes and time.monotonic() - self._last_save >= 60 * minutes)",
            "return False", "safety"),
     Mutant("save-does-not-restart-the-clock", CHECKPOINT,
-           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*shards = None)", r"\1", "safety",
+           r"\n\s*self\._last_save = time\.monotonic\(\)(\n\s*self\.saving = True)", r"\1", "safety",
            regex=True),
     Mutant("checkpoint-minutes-checked-off-log-steps", CHECKPOINT, "return bool(log_step and minutes and",
            "return bool(minutes and", "safety"),

@@ -249,7 +249,7 @@ def test_dataloader_without_distributed_sampler_warns():
 def test_dataloader_checkpoint_on_another_world_size_is_an_error():
     state = {"args": {"batch_size": 4}, "world_size": 2}
     with pytest.raises(ValueError, match=re.escape("'c.pt' was trained by 2 process(es), this run has 4: only tensor data")):
-        World(0, 4).check_resume("c.pt", state, batch_size=2, tensor_data=False)
+        ckpt_io.check_world("c.pt", state, batch_size=2, world_size=4, tensor_data=False)
 
 
 if __name__ == "__main__":  # run by torchrun from the `ddp` fixture

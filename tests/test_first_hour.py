@@ -23,7 +23,7 @@ from utils.notebook import cells as nb
 from utils.notebook import demo
 from utils.notebook.widgets import amp_toggle, explain, toggle_bundle
 from utils.tiers.report import Check, Report
-from utils.training import Capabilities, cli, init_wandb, resolve_precision, train
+from utils.training import Capabilities, TrainSettings, cli, init_wandb, resolve_precision, train
 from utils.training.amp.precision import plan_for
 from utils.training.benchmark.results import AmpBenchmark, AmpRow, compare_to_baseline
 
@@ -343,7 +343,9 @@ def test_the_readmes_python_snippet_calls_the_real_functions_with_their_real_sig
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in namespace:
             fn = namespace[node.func.id]
-            inspect.signature(fn).bind(*node.args, **{k.arg: k.value for k in node.keywords})  # TypeError if not
+            bound = inspect.signature(fn).bind(*node.args, **{k.arg: k.value for k in node.keywords})  # TypeError if not
+            if fn is train:  # its **overrides are TrainSettings fields
+                assert set(bound.arguments.get("overrides", {})) <= {f.name for f in dataclasses.fields(TrainSettings)}
         if isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name):
             fn = namespace[node.value.func.id]
             returns[node.targets[0].id] = typing.get_type_hints(fn).get("return")

@@ -10,8 +10,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from user_models import TransformerLM
 
 from utils.models.examples import example_model
-from utils.training import PrecisionWarning, train
+from utils.training import PrecisionWarning, Trainer, TrainSettings, resolve_precision, train
+from utils.training.batches import as_batches
+from utils.training.loop import meter as meter_module
 from utils.training.loop import trainer as loop_module
+from utils.training.loop.train import default_optimizer
 from utils.training.runs.checkpoint import load_checkpoint
 
 V, T = 64, 16
@@ -375,7 +378,8 @@ def test_model_without_trainable_parameters_is_an_error():
 def test_throughput_excludes_validation_time(monkeypatch):
     """On a clock the test controls: each training forward takes 1 s, each validation batch 10 s."""
     clock = [0.0]
-    monkeypatch.setattr(loop_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    for module in (loop_module, meter_module):  # the run's clock and the log window's
+        monkeypatch.setattr(module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
 
     class TimedEval(TinyLM):
         def forward(self, x):
@@ -387,3 +391,38 @@ def test_throughput_excludes_validation_time(monkeypatch):
     assert result.wall_time_s == 2 + 4 * 10  # 2 training steps, 4 validation batches
     assert result.tokens_per_second == pytest.approx(16 * T / 2)  # 16 sequences of T tokens in 2 s of training
     assert [h["tokens_per_s"] for h in result.history] == pytest.approx([8 * T, 8 * T])
+
+
+# ---- the Trainer owns its state ---------------------------------------------------------------------
+def make_trainer(model, precision, max_steps):
+    """A Trainer as train() builds one (no run folder), on the same data and settings."""
+    settings = TrainSettings(max_steps=max_steps, batch_size=8, warmup_steps=4, progress=False, log_every=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PrecisionWarning)  # fp16 on a CPU; init_scale under 32-true
+        plan = resolve_precision(precision, "cpu")
+        scaler = plan.make_scaler(init_scale=2.0**8)
+    optimizer = default_optimizer(model, settings.lr, settings.weight_decay, "cpu")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup_steps))
+    batches = as_batches(data(), settings.batch_size, settings.seed, "train_data")
+    return Trainer(model, plan, optimizer, scheduler, scaler, batches, None, settings)
+
+
+@pytest.mark.parametrize("precision", ["32-true", "16-mixed"])
+def test_a_trainer_loaded_from_anothers_state_dict_continues_to_the_uninterrupted_runs_weights(precision):
+    torch.manual_seed(5)
+    straight = make_trainer(tiny(), precision, max_steps=6)
+    straight.fit()  # 6 steps, over the end of the first epoch (8 batches of 8), dropout on
+    torch.manual_seed(5)
+    first = make_trainer(tiny(), precision, max_steps=3)
+    first.fit()
+    state = first.state_dict()
+    torch.manual_seed(123)  # another RNG state, and other initial weights: load_state_dict must restore both
+    second = make_trainer(tiny(seed=9), precision, max_steps=6)
+    second.load_state_dict(state)
+    assert (second.global_step, second.position.batch_in_epoch) == (3, 3)
+    second.fit()
+    assert second.global_step == 6
+    for (name, a), b in zip(straight.model.state_dict().items(), second.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert second.scaler.state_dict() == straight.scaler.state_dict()  # the scale and its growth tracker
+    assert second.optimizer.param_groups[0]["lr"] == straight.optimizer.param_groups[0]["lr"]

@@ -21,7 +21,7 @@ from torch import nn
 from utils.training import PrecisionWarning, train
 from utils.training.amp.precision import resolve_precision
 from utils.training.cli import exit_status, train_summary
-from utils.training.loop.guards import StepChecks
+from utils.training.loop.guards import StepChecks, all_finite
 from utils.training.parallel.distributed import World
 from utils.training.runs import checkpoint as ckpt_io
 from utils.training.runs.checkpoint import CheckpointWriteError, load_checkpoint
@@ -127,10 +127,10 @@ def test_a_non_finite_step_not_yet_logged_is_never_saved(tmp_path):
 
 def test_all_finite_sees_one_nan_among_many_tensors():
     tensors = [torch.ones(5), torch.ones(3, dtype=torch.bfloat16), torch.ones(2)]
-    assert ckpt_io.all_finite(tensors)
+    assert all_finite(tensors)
     tensors[2][1] = float("nan")
-    assert not ckpt_io.all_finite(tensors)
-    assert ckpt_io.all_finite([torch.full((4,), 6e4, dtype=torch.float16)])  # large but finite: no overflow
+    assert not all_finite(tensors)
+    assert all_finite([torch.full((4,), 6e4, dtype=torch.float16)])  # large but finite: no overflow
 
 
 def test_checkpoint_minutes_saves_when_that_much_time_passed_since_the_last_save(tmp_path, monkeypatch):
@@ -138,9 +138,9 @@ def test_checkpoint_minutes_saves_when_that_much_time_passed_since_the_last_save
     monkeypatch.setattr(ckpt_io, "time", types.SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
     saved, save = [], ckpt_io.Checkpointer.save
 
-    def recording_save(self, trainer, best=False):
-        saved.append(trainer.global_step)
-        save(self, trainer, best)
+    def recording_save(self, state, best=False):
+        saved.append(state["global_step"])
+        save(self, state, best)
 
     monkeypatch.setattr(ckpt_io.Checkpointer, "save", recording_save)
 
@@ -159,7 +159,7 @@ def test_checkpoint_minutes_is_read_at_log_steps_only(tmp_path, monkeypatch):
     monkeypatch.setattr(ckpt_io, "time", types.SimpleNamespace(monotonic=lambda: clock[0], strftime=time.strftime))
     saved, save = [], ckpt_io.Checkpointer.save
     monkeypatch.setattr(ckpt_io.Checkpointer, "save",
-                        lambda self, trainer, best=False: (saved.append(trainer.global_step), save(self, trainer, best)))
+                        lambda self, state, best=False: (saved.append(state["global_step"]), save(self, state, best)))
 
     def one_minute_a_step(model, batch):
         clock[0] += 60.0

@@ -7,7 +7,8 @@ Where each part lives:
 
 - :mod:`~utils.training.amp.precision`: the resolver and every precision fact;
 - :mod:`~utils.training.settings`: the training settings and their defaults;
-- :mod:`~utils.training.loop.trainer`, :mod:`~utils.training.batches`, :mod:`~utils.training.runs.checkpoint`,
+- :mod:`~utils.training.loop.train`, :mod:`~utils.training.loop.trainer`, :mod:`~utils.training.batches`,
+  :mod:`~utils.training.runs.checkpoint`,
   :mod:`~utils.training.parallel.distributed`: the loop, its batches, its checkpoints, torchrun;
 - :mod:`~utils.training.wandb_log.session`, :mod:`~utils.training.wandb_log.callback`: W&B;
 - :mod:`utils.training.benchmark`: the AMP benchmark;
@@ -37,7 +38,7 @@ _EXPORTS = {
     "benchmark_amp": "utils.training.benchmark.runner",
     "compute_effective_precision": "utils.training.amp.precision",
     "compare_precisions": "utils.training.amp.precision_report",
-    "evaluate": "utils.training.loop.trainer",
+    "evaluate": "utils.training.loop.evaluate",
     "find_batch_size": "utils.training.benchmark.memory_plan",
     "init_wandb": "utils.training.wandb_log.session",
     "plan_memory": "utils.training.benchmark.memory_plan",
@@ -45,7 +46,7 @@ _EXPORTS = {
     "scan_fp16_overflow": "utils.training.amp.overflow_scan",
     "steady_cpu_allocator": "utils.training.amp.acceleration",
     "suite_loss_fn": "utils.training.objectives",
-    "train": "utils.training.loop.trainer",
+    "train": "utils.training.loop.train",
 }
 __all__ = [  # = the keys of _EXPORTS (a test checks); written out for readers and linters
     "AmpBenchmark",
@@ -91,7 +92,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each name load
     from utils.training.benchmark.memory_plan import MemoryPlan, find_batch_size, plan_memory
     from utils.training.benchmark.results import AmpBenchmark
     from utils.training.benchmark.runner import benchmark_amp
-    from utils.training.loop.trainer import Trainer, TrainResult, evaluate, train
+    from utils.training.loop.evaluate import evaluate
+    from utils.training.loop.train import train
+    from utils.training.loop.trainer import Trainer, TrainResult
     from utils.training.settings import TrainSettings
     from utils.training.wandb_log.callback import AmpWandbCallback
     from utils.training.wandb_log.session import WandbSession, WandbWarning, init_wandb

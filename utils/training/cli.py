@@ -41,17 +41,13 @@ from utils.training.amp.precision import mixed_precisions_here, resolve_precisio
 from utils.training.benchmark.runner import benchmark_amp
 from utils.training.cli_options import BENCH_MODEL, PROG, TRAIN_DEFAULTS, build_parser
 from utils.training.inputs import model_task, task_data
-from utils.training.loop.trainer import train
+from utils.training.loop.train import train
 from utils.training.parallel.distributed import World
 from utils.training.runs.checkpoint import (
-    check_precision,
-    check_sharding,
+    check_resume,
     claim_run_dir,
     load_checkpoint,
     resolve_checkpoint_path,
-)
-from utils.training.runs.checkpoint import (
-    check_resume as check_checkpoint_resume,  # cli.check_resume wraps it
 )
 from utils.training.settings import TrainSettings
 from utils.training.wandb_log.callback import AmpWandbCallback
@@ -262,21 +258,29 @@ def train_options(args: argparse.Namespace) -> dict:
     return opts
 
 
-def check_resume(opts: dict, model, world: World) -> int:
-    """Every check ``train()`` makes on a resume, made before anything is written; the step it resumes from.
+def train_settings(opts: dict) -> TrainSettings:
+    """The command line's options as the :class:`TrainSettings` ``train()`` and the resume checks take."""
+    return TrainSettings(epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
+                         lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
+                         checkpoint_every=opts["checkpoint_every"], seed=opts["seed"], log_every=opts["log_every"],
+                         progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
+                         task=opts["task"],  # as given: train() detects the rest as the API does, and says
+                                             # "stated with task=" only when it was
+                         strategy=opts["strategy"])
+
+
+def resumed_step(resume, settings: TrainSettings, precision, device, model, world: World) -> int:
+    """The step ``resume`` continues from, after every check ``train()`` makes on a resume
+    (:func:`~utils.training.runs.checkpoint.check_resume`), made before anything is written.
 
     Raises:
         ValueError: the checkpoint is damaged, does not fit the model, or was trained with other settings.
     """
-    path, state = load_checkpoint(opts["resume"])
-    settings = TrainSettings(max_steps=opts["max_steps"], epochs=opts["epochs"], batch_size=opts["batch_size"],
-                             grad_accum_steps=opts["grad_accum"], seed=opts["seed"])
-    check_checkpoint_resume(path, state, settings, world.world_size, tensor_data=True)  # the CLI's data are tensors
-    check_sharding(path, state, opts["strategy"])
-    plan = resolve_precision(opts["precision"], world.default_device(opts["device"]))
+    path, state = load_checkpoint(resume)
+    plan = resolve_precision(precision, world.default_device(device))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # train() warns once, when it resumes
-        check_precision(path, state, plan)
+        check_resume(path, state, settings, world_size=world.world_size, tensor_data=True, plan=plan)  # tensor data
     if state.get("sharded"):  # the shards are read by every process in train(): DCP checks them there
         return state["global_step"]
     try:
@@ -322,7 +326,9 @@ def run_train(args: argparse.Namespace) -> int:
     train_ids, val_ids, context, _ = load_data(opts["data"], model, opts["context"], opts["val_fraction"],
                                                opts["task"])
     opts["context"] = context
-    step = check_resume(opts, model, world) if opts["resume"] is not None else None
+    settings = train_settings(opts)
+    step = (resumed_step(opts["resume"], settings, opts["precision"], opts["device"], model, world)
+            if opts["resume"] is not None else None)
     run_dir = Path(opts["run_dir"])
     callbacks = [CommandFile(opts)]
     if world.is_rank_zero:
@@ -334,15 +340,8 @@ def run_train(args: argparse.Namespace) -> int:
     if session is not None:
         callbacks.append(AmpWandbCallback(precision=opts["precision"]))
     try:
-        result = train(model, train_ids, val_data=val_ids, precision=opts["precision"], device=opts["device"],
-                       epochs=opts["epochs"], max_steps=opts["max_steps"], batch_size=opts["batch_size"],
-                       lr=opts["lr"], grad_accum_steps=opts["grad_accum"], warmup_steps=opts["warmup_steps"],
-                       callbacks=callbacks, run_dir=run_dir, checkpoint_every=opts["checkpoint_every"],
-                       resume_from=opts["resume"], seed=opts["seed"], log_every=opts["log_every"],
-                       progress=opts["progress"], checkpoint_minutes=opts["checkpoint_minutes"],
-                       task=opts["task"],  # as given: train() detects the rest as the API does, and says
-                                           # "stated with task=" only when it was
-                       strategy=opts["strategy"])
+        result = train(model, train_ids, val_data=val_ids, settings=settings, precision=opts["precision"],
+                       device=opts["device"], callbacks=callbacks, run_dir=run_dir, resume_from=opts["resume"])
     finally:
         if session is not None:
             session.finish()

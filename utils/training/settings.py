@@ -10,10 +10,12 @@ Example::
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from utils.common.checks import check_int, check_number
+from utils.models.tasks import TASKS  # the list of tasks lives with their detection
 
 STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.parallel.distributed runs them)
 
@@ -29,8 +31,9 @@ def check_strategy_name(strategy, call: str = "train") -> None:
 class TrainSettings:
     """A training run's settings, with their defaults.
 
-    ``train(batch_size=...)`` and friends default to these fields; ``python -m utils.training
-    train`` derives its option defaults from them; the notebooks' settings cell and ``make demo``
+    ``train(model, data, settings=TrainSettings(...), **overrides)`` trains with them (each override
+    a field name, applied on top; see :func:`settings_with`); ``python -m utils.training train``
+    derives its option defaults from them and hands ``train()`` one of these; the notebooks' settings cell and ``make demo``
     start from them (a test keeps the notebooks' literal values equal).
 
     Args:
@@ -97,8 +100,36 @@ class TrainSettings:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
         check_strategy_name(self.strategy)
-        from utils.models.tasks import TASKS  # the list of tasks lives with their detection
-
         if self.task is not None and self.task not in TASKS:
             allowed = ", ".join(repr(t) for t in TASKS)
             raise ValueError(f"task={self.task!r} is not allowed: use one of {allowed}, or None to detect it.")
+
+
+def settings_with(settings: TrainSettings | None, overrides: dict, *, call: str = "train",
+                  others: tuple[str, ...] = ()) -> TrainSettings:
+    """``settings`` (default ``TrainSettings()``) with ``overrides`` applied on top (``dataclasses.replace``).
+
+    Example::
+
+        >>> settings_with(TrainSettings(batch_size=32), {"max_steps": 200}).batch_size
+        32
+
+    Args:
+        overrides: field names of :class:`TrainSettings` and their values.
+        call: the function the overrides were passed to, for the error.
+        others: the call's own keyword arguments, also offered as a "did you mean".
+
+    Raises:
+        TypeError: ``settings`` is not a TrainSettings, or an override is not one of its fields; the
+            message names it, the closest allowed name, and where the fields are listed.
+    """
+    if settings is not None and not isinstance(settings, TrainSettings):
+        raise TypeError(f"{call}(settings={settings!r}) is not allowed: pass a TrainSettings or None.")
+    names = [f.name for f in fields(TrainSettings)]
+    for name in overrides:
+        if name not in names:
+            close = difflib.get_close_matches(name, [*names, *others], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"{call}() got an unexpected keyword argument {name!r}.{hint} Its settings are the "
+                            f"fields of TrainSettings (utils/training/settings.py): {', '.join(names)}.")
+    return replace(settings if settings is not None else TrainSettings(), **overrides)

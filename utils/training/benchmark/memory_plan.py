@@ -45,8 +45,10 @@ from utils.training.amp.precision import (
     resolve_precision,
 )
 from utils.training.batches import prepare_batch
+from utils.training.loop.train import train
 from utils.training.objectives import objective_loss_fn
 from utils.training.parallel.distributed import fsdp_units
+from utils.training.settings import TrainSettings
 
 log = logging.getLogger(__name__)
 
@@ -393,16 +395,14 @@ def training_step(model: nn.Module, data: torch.Tensor, precision, device=None):
     Args:
         model: a float32 model; data: a LongTensor (N, T) of token ids with N >= 2 × the sizes tried.
     """
-    from utils.training.loop.trainer import train  # the loop is only needed when a step is actually run
-
     initial = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
 
     def step(batch_size: int) -> None:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", PrecisionWarning)
-                train(model, data[: 2 * batch_size], precision=precision, device=device, max_steps=2,
-                      batch_size=batch_size, progress=False, log_every=1)
+                train(model, data[: 2 * batch_size], precision=precision, device=device,
+                      settings=TrainSettings(max_steps=2, batch_size=batch_size, progress=False, log_every=1))
         finally:
             model.to("cpu").float().load_state_dict(initial)
 

@@ -51,7 +51,8 @@ from utils.training.benchmark.results import (
     AmpRow,
     compare_to_baseline,
 )
-from utils.training.loop.trainer import evaluate, train
+from utils.training.loop.evaluate import evaluate
+from utils.training.loop.train import train
 from utils.training.settings import TrainSettings
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
@@ -253,11 +254,11 @@ class BenchmarkSession:
         try:
             with warnings.catch_warnings():  # tf32 where it cannot apply: the row's reason says so
                 warnings.simplefilter("ignore", PrecisionWarning)
-                result = train(model, self.data, precision=plan, max_steps=self.warmup + self.steps,
-                               batch_size=self.batch_size, lr=self.lr, loss_fn=self.loss_fn, callbacks=[clock],
-                               log_every=1, progress=False, seed=0, tf32=self.tf32,
-                               compile=self.compile_options if row.compile else False,
-                               keep_fp32=self.keep.get(precision))
+                settings = TrainSettings(max_steps=self.warmup + self.steps, batch_size=self.batch_size, lr=self.lr,
+                                         log_every=1, progress=False, seed=0)
+                result = train(model, self.data, settings=settings, precision=plan, loss_fn=self.loss_fn,
+                               callbacks=[clock], tf32=self.tf32, keep_fp32=self.keep.get(precision),
+                               compile=self.compile_options if row.compile else False)
             uncompile(model)  # the same module may serve the next row, which may not compile
             times = clock.step_times()
             self.first_step.setdefault(precision, times[0])

@@ -4,7 +4,8 @@
 - token ids outside the model's vocabulary (checked on the host when the batch is on the CPU, as
   loaded data usually is; tracked on the device otherwise);
 - a batch with no target to learn from (every target ``IGNORE_INDEX``);
-- a run that makes no progress: under a GradScaler, every step skipped until the scale is under a floor.
+- a run that makes no progress: under a GradScaler, every step skipped until the scale is under a floor;
+- before a save: weights and optimizer state that are not all finite (one host sync).
 
 Example::
 
@@ -19,6 +20,7 @@ import torch
 
 from utils.models.calls import find_input_embedding
 from utils.training.batches import IGNORE_INDEX, check_id_dtype
+from utils.training.runs.sharded_checkpoint import local_tensors
 
 # fp16's smallest subnormal: a loss scale below it cannot bring any gradient back into range.
 SCALE_FLOOR = 2.0 ** -24
@@ -99,6 +101,27 @@ class StepChecks:
                 f"max_grad_norm=1.0. {last_good}"
             )
 
+    # ---- before a checkpoint is written --------------------------------------------------------
+    def before_save(self, model, optimizer, world, step: int, last_good: str, lr: float) -> None:
+        """A bad step not logged yet (this process's view), then every weight and optimizer value
+        finite (under FSDP each rank checks its shards and all agree): else nothing may be saved.
+
+        Raises:
+            ValueError: a bad batch not logged yet.
+            FloatingPointError: a non-finite step not logged yet, or non-finite weights or optimizer state.
+        """
+        self.verify(None, last_good, lr)
+        optimizer_values = [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
+        ok = all_finite(local_tensors([*model.parameters(), *optimizer_values]))
+        if world.strategy == "fsdp" and world.is_distributed:
+            ok = not bool(world.max(torch.tensor(float(not ok), device=self.bad_step.device)))
+        if not ok:
+            raise FloatingPointError(
+                f"The weights or optimizer state are not finite at step {step} in {self.precision}: not saved. "
+                f"{last_good} Likely causes: a learning rate too high (lr={lr}) or activations that overflow; "
+                f"try a lower lr or max_grad_norm=1.0."
+            )
+
     def _check_range(self, low: int, high: int, where: str) -> None:
         if low < 0 or high >= self.vocab:
             bad = high if high >= self.vocab else low
@@ -106,3 +129,19 @@ class StepChecks:
                 f"{self.argument} holds token id {bad}, outside the model's vocabulary: its input embedding "
                 f"has {self.vocab} rows (ids 0..{self.vocab - 1}). Check the tokenizer's vocab_size. Found {where}."
             )
+
+
+def all_finite(tensors) -> bool:
+    """True when every float tensor is finite: one max-abs per device group, then ONE host sync.
+
+    .. note:: Called before each save only; the steps themselves never sync for it.
+    """
+    groups: dict = {}
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            groups.setdefault((t.device, t.dtype), []).append(t.detach())
+    flags = []
+    for ts in groups.values():
+        norms = torch._foreach_norm(ts, float("inf"))  # max |x|: NaN or inf propagates, no overflow
+        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
+    return bool(torch.stack(flags).all()) if flags else True

@@ -16,6 +16,8 @@ from __future__ import annotations
 import signal
 import threading
 
+import torch
+
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -42,6 +44,14 @@ class StopSignals:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._previous.clear()
+
+    def agreed(self, world, device, can_agree: bool) -> bool:
+        """A stop signal arrived. Under torchrun the ranks agree on it where ``can_agree`` (the log
+        steps, a collective there already), so that all stop after the same step: one rank alone
+        would leave the others waiting."""
+        if not world.is_distributed:
+            return self.requested is not None
+        return can_agree and bool(world.max(torch.tensor(int(self.requested is not None), device=device)))
 
     def _handle(self, signum, frame) -> None:
         name = signal.Signals(signum).name

@@ -31,6 +31,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
@@ -40,7 +46,6 @@ from utils.training.parallel import launch
 from utils.training.settings import check_strategy_name
 
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
-_GROUPS_CREATED = 0  # by init_process_group in this process; the same count on every rank
 
 
 class ShardedTensorBatches(TensorBatches):
@@ -226,13 +231,6 @@ class World:
             trainer.net = unwrap(trainer.net)  # the wrapper must be gone before teardown
             teardown(owned, device, barrier=finished)
 
-    def check_resume(self, path, state: dict, batch_size: int, tensor_data: bool) -> None:
-        """Alias of :func:`utils.training.runs.checkpoint.check_world` for this world (kept one release):
-        every resume check lives in ``checkpoint.py``."""
-        from utils.training.runs.checkpoint import check_world
-
-        check_world(path, state, batch_size, self.world_size, tensor_data)
-
 
 def torchrun_command(args: list[str], nproc: int) -> list[str]:
     """The argv of ``torchrun --standalone --nproc_per_node=nproc`` with this interpreter, e.g. from a
@@ -278,10 +276,10 @@ def init_process_group(world: World, device: torch.device) -> bool:
         return True
     store, _, _ = next(dist.rendezvous("env://", world.rank, world.world_size))
     # torch names every new default group alike, and a torchrun job's store outlives the group: a
-    # second train() in the same job would read the first group's stale addresses. Fresh keys each time.
-    global _GROUPS_CREATED
-    _GROUPS_CREATED += 1
-    store = dist.PrefixStore(f"utils.training/group{_GROUPS_CREATED}", store)
+    # second train() in the same job would read the first group's stale addresses. Fresh keys each time,
+    # counted by the store itself: every rank adds 1, so the k-th group's adds all return ((k-1)W, kW].
+    group = (store.add("utils.training/groups", 1) - 1) // world.world_size
+    store = dist.PrefixStore(f"utils.training/group{group + 1}", store)
     dist.init_process_group(backend, store=store, rank=world.rank, world_size=world.world_size)
     return True
 
@@ -378,6 +376,32 @@ def full_state_dict(model: nn.Module) -> dict:
     rank calls it; rank 0 receives them, the others an empty dict), the plain ``state_dict`` otherwise."""
     if not isinstance(model, FSDPModule):
         return {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def weights_state(model: nn.Module, optimizer: torch.optim.Optimizer, sharded: bool) -> tuple[dict, dict]:
+    r"""``(model state, optimizer state)``: each process's shards (``DTensor``) under FSDP, as
+    ``torch.distributed.checkpoint`` saves and loads them; the plain ``state_dict()``\ s otherwise."""
+    if sharded:
+        return get_state_dict(model, optimizer)
+    return model.state_dict(), optimizer.state_dict()
+
+
+def load_weights_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict, optim_state: dict,
+                       sharded: bool) -> None:
+    """The inverse of :func:`weights_state`.
+
+    Raises:
+        ValueError: the weights do not fit the model, or the optimizer state the optimizer.
+    """
+    if sharded:
+        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+        return
+    try:
+        model.load_state_dict(model_state)
+    except RuntimeError as e:
+        raise ValueError(f"does not fit this model: {e}") from e
+    try:
+        optimizer.load_state_dict(optim_state)
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"has optimizer state that does not fit: {e}") from e

@@ -1,11 +1,14 @@
-"""Checkpoints that survive a stopped Colab session: what goes in one, when it is written, how it is
-checked when read back, and whether it may resume this run. Every resume compatibility check lives here.
+"""Checkpoints that survive a stopped Colab session: the file format (written atomically, read back
+with its CRC and structure checked), when one is written, and whether it may resume this run. Every
+resume compatibility check lives here. What goes in one is the trainer's business
+(``Trainer.state_dict()``): this module receives and returns dicts.
 
 Example::
 
     >>> ckpt = Checkpointer("runs/demo", World(), every_minutes=10)          # doctest: +SKIP
-    >>> ckpt.prepare(fresh=True, overwrite=False)  # refuses a folder that holds a run  # doctest: +SKIP
-    >>> ckpt.save(trainer)                          # finite state only, atomic          # doctest: +SKIP
+    >>> ckpt.prepare(overwrite=False)       # refuses a folder that holds a run   # doctest: +SKIP
+    >>> ckpt.save(trainer.state_dict())     # atomic                             # doctest: +SKIP
+    >>> path, state = load_checkpoint("runs/demo")   # CRC and structure checked  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ from __future__ import annotations
 import errno
 import os
 import pickle
-import random
 import shutil
 import tempfile
 import time
@@ -23,14 +25,9 @@ from pathlib import Path
 
 import torch
 
+from utils.training.amp.precision import PrecisionWarning, precision_facts
+from utils.training.runs.sharded_checkpoint import prune, save_shards, shard_folder_name
 from utils.training.settings import TrainSettings
-from utils.training.runs.sharded_checkpoint import (
-    load_shards,
-    local_tensors,
-    prune,
-    save_shards,
-    shard_folder_name,
-)
 
 FORMAT = "amp-transformer-checkpoint/1"
 REQUIRED = ("format", "model", "optimizer", "scheduler", "scaler", "rng", "position", "global_step")
@@ -51,45 +48,6 @@ SCHEMA = {
 class CheckpointWriteError(OSError):
     """A checkpoint or metrics file could not be written (full disk, read-only folder); the previous
     checkpoint is intact and no partial file is left."""
-
-
-# ---- RNG ---------------------------------------------------------------------------------------
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def epoch_batches(batches, epoch: int, start: int, resume_rng, epoch_rng):
-    """This epoch's batches from batch ``start`` on, the RNG replayed so that a resumed DataLoader
-    reshuffles as the uninterrupted run did. Returns ``(iterator, RNG state at the epoch's start)``."""
-    from utils.training.batches import TensorBatches
-    from utils.training.parallel.distributed import set_sampler_epoch
-
-    if isinstance(batches, TensorBatches):  # its order depends on (seed, epoch) alone
-        if resume_rng is not None:
-            set_rng_state(resume_rng)
-        return batches.epoch(epoch, start), epoch_rng
-    set_sampler_epoch(batches, epoch)
-    if resume_rng is not None and start > 0 and epoch_rng is not None:
-        set_rng_state(epoch_rng)
-        it = iter(batches)
-        for _ in range(start):  # a sampler draws its seed at the first next(): replay, don't jump
-            next(it)
-        set_rng_state(resume_rng)
-        return it, epoch_rng
-    if resume_rng is not None:
-        set_rng_state(resume_rng)
-    at_start = rng_state()  # before iter(): a DataLoader draws its seed there
-    return iter(batches), at_start
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -146,26 +104,6 @@ def sweep_temp_files(folder: Path) -> list[Path]:
     for p in stale:
         p.unlink(missing_ok=True)
     return stale
-
-
-def all_finite(tensors) -> bool:
-    """True when every float tensor is finite: one max-abs per device group, then ONE host sync.
-
-    .. note:: Called before each save only; the steps themselves never sync for it.
-    """
-    groups: dict = {}
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
-            groups.setdefault((t.device, t.dtype), []).append(t.detach())
-    flags = []
-    for ts in groups.values():
-        norms = torch._foreach_norm(ts, float("inf"))  # max |x|: NaN or inf propagates, no overflow
-        flags.append(torch.isfinite(torch.stack(norms)).all().cpu())
-    return bool(torch.stack(flags).all()) if flags else True
-
-
-def _optimizer_tensors(optimizer) -> list:
-    return [v for s in optimizer.state.values() for v in s.values() if isinstance(v, torch.Tensor)]
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -280,14 +218,14 @@ def check_world(path, state: dict, batch_size: int, world_size: int, tensor_data
         )
 
 
-def check_args(path, state: dict, args) -> None:
+def check_args(path, state: dict, settings: TrainSettings) -> None:
     """Settings that fix the data position must match (batch_size: :func:`check_world`)."""
     saved = state.get("args", {})
     for name in ("grad_accum_steps", "seed"):
-        if name in saved and saved[name] != getattr(args, name):
+        if name in saved and saved[name] != getattr(settings, name):
             raise ValueError(
                 f"Checkpoint {str(path)!r} was trained with {name}={saved[name]!r}, but this call has "
-                f"{name}={getattr(args, name)!r}; the data position would not match. Pass {name}={saved[name]!r}."
+                f"{name}={getattr(settings, name)!r}; the data position would not match. Pass {name}={saved[name]!r}."
             )
 
 
@@ -308,32 +246,37 @@ def check_steps(path, state: dict, max_steps: int | None) -> None:
         )
 
 
-def check_resume(path, state: dict, args, world_size: int, tensor_data: bool) -> None:
-    """Every check of the run's settings against a checkpoint, before anything is loaded or written:
-    the global batch (:func:`check_world`), the data position (:func:`check_args`) and the steps left
-    (:func:`check_steps`).
+def check_resume(path, state: dict, settings: TrainSettings, *, world_size: int, tensor_data: bool, plan) -> None:
+    """Every check of a run against the checkpoint it resumes, before anything is loaded or written:
+    the global batch (:func:`check_world`), the data position (:func:`check_args`), the steps left
+    (:func:`check_steps`), the strategy (:func:`check_sharding`) and the precision (:func:`check_precision`,
+    which warns when it changes soundly).
+
+    Args:
+        settings: the run's settings; ``world_size``: its processes; ``tensor_data``: its data is a
+            tensor (resharded exactly on another world size); ``plan``: its ``PrecisionPlan``.
 
     Raises:
         ValueError: naming the setting, its value and the one the checkpoint needs.
     """
-    check_world(path, state, args.batch_size, world_size, tensor_data)
-    check_args(path, state, args)
-    check_steps(path, state, args.max_steps)
+    check_world(path, state, settings.batch_size, world_size, tensor_data)
+    check_args(path, state, settings)
+    check_steps(path, state, settings.max_steps)
+    check_sharding(path, state, settings.strategy)
+    check_precision(path, state, plan)
 
 
-def check_precision(path, state: dict, plan) -> bool:
+def check_precision(path, state: dict, plan) -> None:
     """Resuming in another precision is sound while the weights keep their dtype (32-true and the
-    ``-mixed`` precisions all hold fp32 weights): it warns, and says what happens to the scaler state.
-    Returns whether the saved scaler state is to be loaded.
+    ``-mixed`` precisions all hold fp32 weights): it warns, and says what happens to the scaler state
+    (a saved one is loaded only where this run has a GradScaler).
 
     Raises:
         ValueError: the weights would change dtype (a ``-true`` half precision on one side).
     """
-    from utils.training.amp.precision import PrecisionWarning, precision_facts
-
     saved = state.get("precision")
     if saved is None or saved == plan.name:
-        return True
+        return
     then = precision_facts(saved).param_dtype  # "-true" halves hold the weights in half, the rest fp32
     if then != plan.param_dtype:
         raise ValueError(
@@ -347,7 +290,6 @@ def check_precision(path, state: dict, plan) -> bool:
     warnings.warn(f"Checkpoint {str(path)!r} was trained in precision={saved!r}; resuming in {plan.name!r}: "
                   f"{scaler}. The weights and optimizer state carry over unchanged.", PrecisionWarning,
                   stacklevel=4)
-    return bool(state.get("scaler")) and plan.use_scaler
 
 
 # ---- the run folder ----------------------------------------------------------------------------
@@ -387,7 +329,7 @@ def claim_run_dir(run_dir, overwrite: bool, argument: str = "run_dir") -> Path |
 
 
 class Checkpointer:
-    """Where and when a run's checkpoints are written, and how one is restored.
+    """Where and when a run's checkpoints are written, and which is the last good one.
 
     Example::
 
@@ -435,78 +377,46 @@ class Checkpointer:
         return (f"The last good checkpoint is {self.path} (step {self.step})." if self.path else
                 "No checkpoint was saved before it.")
 
-    def save(self, trainer, best: bool = False) -> None:
-        """Save ``trainer``'s state to ``latest.pt`` (and ``best.pt``) if every weight and optimizer
-        value is finite.
+    def resumed_from(self, path, step: int) -> None:
+        """The run continues the checkpoint ``path`` of step ``step``: the last good one so far."""
+        self.path, self.step = str(path), step
+
+    def save(self, state: dict, best: bool = False) -> None:
+        """Write ``state`` (what ``Trainer.state_dict()`` returns) to ``latest.pt`` (and ``best.pt``),
+        atomically; under FSDP every rank first writes its shards of the model and optimizer into a
+        folder of their own, which the head names. The caller checks first that ``state`` is finite.
 
         Raises:
-            FloatingPointError: a non-finite step not logged yet, or non-finite weights or optimizer
-                state; nothing is written.
-            ValueError: a bad batch not logged yet (see :class:`StepChecks`); nothing is written.
             CheckpointWriteError: the disk is full or the folder read-only; the previous file is intact.
         """
         if self.folder is None:
             return
-        trainer.checks.verify(None, self.last_good(), trainer.args.lr)  # a bad step not yet logged
-        if not _finite_everywhere(trainer):
-            raise FloatingPointError(
-                f"The weights or optimizer state are not finite at step {trainer.global_step} in "
-                f"{trainer.precision.name}: not saved. {self.last_good()} Likely causes: a learning rate too "
-                f"high (lr={trainer.args.lr}) or activations that overflow; try a lower lr or max_grad_norm=1.0."
-            )
         self._last_save = time.monotonic()
-        shards = None
         self.saving = True
         try:
-            if self.world.strategy == "fsdp":  # every rank writes its shards, then rank 0 the head
-                self.saves += 1
-                while (self.folder / shard_folder_name(trainer.global_step, self.saves)).exists():
-                    self.saves += 1  # a resumed run saving again at its checkpoint's step
-                name = shard_folder_name(trainer.global_step, self.saves)
-                try:
-                    shards = save_shards(trainer, self.folder, name).name
-                except OSError as e:
-                    raise write_error(self.folder / name, e) from e
+            shards = self._save_shards(state) if self.world.strategy == "fsdp" else None
             if self.world.is_rank_zero:  # rank 0 writes; the others only note where
-                state = state_of(trainer, shards)
-                save_atomic(state, self.folder / LATEST)
+                head = {"format": FORMAT, **state, "sharded": shards}
+                if shards is not None:  # the model and optimizer live in the shard folder
+                    head.update(model={}, optimizer={"state": {}, "param_groups": []})
+                save_atomic(head, self.folder / LATEST)
                 if best:
-                    save_atomic(state, self.folder / BEST)
+                    save_atomic(head, self.folder / BEST)
                 prune(self.folder, keep={shards}, heads=[self.folder / BEST])  # what no head names
         finally:
             self.saving = False
-        self.path, self.step = str(self.folder / LATEST), trainer.global_step
+        self.resumed_from(self.folder / LATEST, state["global_step"])
 
-    def restore(self, trainer, resume_from) -> None:
-        """Load a checkpoint into ``trainer`` after every compatibility check.
-
-        Raises:
-            ValueError: the file is damaged, or does not fit this model, data position or precision.
-        """
-        path, state = load_checkpoint(resume_from)
-        check_resume(path, state, trainer.args, trainer.world.world_size, trainer.tensor_data)
-        check_sharding(path, state, trainer.world.strategy)
-        load_scaler = check_precision(path, state, trainer.precision)
-        if state.get("sharded"):
-            load_shards(trainer, path, state)
-        else:
-            _load_full(trainer, path, state)
-        trainer.scheduler.load_state_dict(state["scheduler"])
-        if load_scaler and trainer.scaler.is_enabled():
-            trainer.scaler.load_state_dict(state["scaler"])
-        _load_position(trainer, state)
-        self.path, self.step = str(path), state["global_step"]
-
-
-def _load_full(trainer, path: Path, state: dict) -> None:
-    try:
-        trainer.model.load_state_dict(state["model"])
-    except RuntimeError as e:
-        raise ValueError(f"Checkpoint {str(path)!r} does not fit this model: {e}") from e
-    try:
-        trainer.optimizer.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError) as e:
-        raise ValueError(f"Checkpoint {str(path)!r} has optimizer state that does not fit: {e}") from e
+    def _save_shards(self, state: dict) -> str:
+        """Every rank writes its shards into a folder no earlier save of the run used; its name."""
+        self.saves += 1
+        while (self.folder / shard_folder_name(state["global_step"], self.saves)).exists():
+            self.saves += 1  # a resumed run saving again at its checkpoint's step
+        name = shard_folder_name(state["global_step"], self.saves)
+        try:
+            return save_shards(state, self.folder, name, self.world.is_rank_zero).name
+        except OSError as e:
+            raise write_error(self.folder / name, e) from e
 
 
 def check_sharding(path, state: dict, strategy: str) -> None:
@@ -522,43 +432,3 @@ def check_sharding(path, state: dict, strategy: str) -> None:
             f"process); resuming it with strategy='fsdp' is not supported. Resume it with strategy='ddp', or "
             f"start the FSDP run afresh. (A sharded checkpoint resumes with either strategy.)"
         )
-
-
-def _finite_everywhere(trainer) -> bool:
-    """Every weight and optimizer value finite; under FSDP each rank checks its shards and all agree."""
-    tensors = local_tensors([*trainer.model.parameters(), *_optimizer_tensors(trainer.optimizer)])
-    ok = all_finite(tensors)
-    if trainer.world.strategy != "fsdp" or not trainer.world.is_distributed:
-        return ok
-    bad = trainer.world.max(torch.tensor(float(not ok), device=trainer.precision.device))
-    return not bool(bad)
-
-
-def _load_position(trainer, state: dict) -> None:
-    """The counters, the data position and the records of a checkpoint, back into the trainer."""
-    if trainer.scaler.is_enabled():
-        trainer.scale = trainer.scaler.get_scale()
-    trainer.global_step, trainer.skipped_steps = state["global_step"], state.get("skipped_steps", 0)
-    trainer.current_epoch, trainer.batch_in_epoch = state["position"]["epoch"], state["position"]["batch"]
-    trainer.best_val_loss = state.get("best_val_loss")
-    trainer.history, trainer.epoch_records = list(state.get("history", [])), list(state.get("epochs", []))
-    trainer.epoch_rng, trainer.resume_rng = state.get("epoch_rng"), state["rng"]
-    trainer.resumed = True
-
-
-def state_of(trainer, shards: str | None = None) -> dict:
-    """Everything a resume needs, in the ``SCHEMA`` layout; with ``shards`` (FSDP) the model and
-    optimizer live in that folder of DCP shards, and the head holds the rest."""
-    sharded = shards is not None
-    return {
-        "format": FORMAT, "model": {} if sharded else trainer.model.state_dict(), "sharded": shards,
-        "optimizer": {"state": {}, "param_groups": []} if sharded else trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "scaler": trainer.scaler.state_dict(), "rng": rng_state(), "epoch_rng": trainer.epoch_rng,
-        "position": {"epoch": trainer.current_epoch, "batch": trainer.batch_in_epoch},  # global batches
-        "world_size": trainer.world.world_size,
-        "global_step": trainer.global_step, "skipped_steps": trainer.skipped_steps,
-        "precision": trainer.precision.name, "best_val_loss": trainer.best_val_loss,
-        "args": {k: v for k, v in vars(trainer.args).items() if k != "progress"},
-        "history": trainer.history, "epochs": trainer.epoch_records,
-    }

@@ -16,8 +16,8 @@ one plain process (2 → 1, 1 → 2).
 
 Example::
 
-    >>> save_shards(trainer, Path("runs/fsdp/checkpoints"), "shards-000008-2")   # doctest: +SKIP
-    >>> load_shards(trainer, Path("runs/fsdp/checkpoints/latest.pt"), head)     # doctest: +SKIP
+    >>> save_shards(trainer.state_dict(), Path("runs/fsdp/checkpoints"), "shards-000008-2", True)  # doctest: +SKIP
+    >>> load_shards(Path("runs/fsdp/checkpoints/latest.pt"), head, into=weights)   # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.tensor import DTensor
 
 PARTIAL = ".partial-"
@@ -49,27 +48,29 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save_shards(trainer, folder: Path, name: str) -> Path:
-    """Every rank writes its shards of the model and optimizer into ``folder/name`` (a collective).
+def save_shards(state: dict, folder: Path, name: str, is_rank_zero: bool) -> Path:
+    """Every rank writes its shards of ``state["model"]`` and ``state["optimizer"]`` (as
+    :func:`~utils.training.parallel.distributed.weights_state` gives them) into ``folder/name`` (a collective).
 
     Raises:
         OSError: a rank could not write; the partial folder is left for the next :func:`prune` and
             no head points at it.
     """
     partial, final = folder / f"{PARTIAL}{name}", folder / name
-    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
-    if trainer.world.is_rank_zero:
+    if is_rank_zero:
         folder.mkdir(parents=True, exist_ok=True)
     _barrier()  # the folder exists before any rank writes into it
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=partial)
+    dcp.save({"model": state["model"], "optimizer": state["optimizer"]}, checkpoint_id=partial)
     _barrier()  # every rank's files are complete
-    if trainer.world.is_rank_zero:
+    if is_rank_zero:
         partial.rename(final)
     return final
 
 
-def load_shards(trainer, head_path: Path, head: dict) -> None:
-    """Read the shards a head names into the model and optimizer, resharded for this run.
+def load_shards(head_path: Path, head: dict, into: dict) -> dict:
+    """Read the shards a head names into ``into["model"]`` and ``into["optimizer"]`` (this run's
+    sharded state, which DCP fills in place, resharded for this run); returns the two as
+    ``{"model": ..., "optimizer": ...}``.
 
     Raises:
         ValueError: the shard folder is missing or its files do not fit this model.
@@ -78,15 +79,13 @@ def load_shards(trainer, head_path: Path, head: dict) -> None:
     if not (shards / ".metadata").is_file():
         raise ValueError(f"Checkpoint {str(head_path)!r} is damaged: its shards {str(shards)!r} are missing "
                          f"or incomplete (no .metadata). Resume from an earlier run folder or start afresh.")
-    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
-    state = {"model": model_state, "optimizer": optim_state}
+    state = {"model": into["model"], "optimizer": into["optimizer"]}
     try:
         dcp.load(state, checkpoint_id=shards)
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         raise ValueError(f"Checkpoint {str(head_path)!r}: its shards {str(shards)!r} do not fit this model "
                          f"and optimizer, or are corrupt ({type(e).__name__}: {str(e)[:300]}).") from e
-    set_state_dict(trainer.model, trainer.optimizer, model_state_dict=state["model"],
-                   optim_state_dict=state["optimizer"])
+    return state
 
 
 def prune(folder: Path, keep: set[str], heads=()) -> None:
