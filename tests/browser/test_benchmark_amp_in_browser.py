@@ -46,3 +46,12 @@ def test_recommendation_renders_as_text(notebook):
     # The first words of the verdict, as the page shows them (markdown rendered, not its source).
     assert shown.inner_text().split()[:3] == markdown.split()[:3]
     notebook.screenshot("recommendation", output)
+
+
+def test_what_fits_where_renders_the_precision_table_and_the_strategies_table(notebook):
+    output = notebook.code_cell("#@title 9. What fits where").locator(".jp-OutputArea")
+    tables = output.locator(".jp-RenderedMarkdown table")
+    expect(tables).to_have_count(2)
+    strategies = tables.nth(1).locator("tbody tr td:first-child").all_text_contents()
+    assert strategies == ["one GPU"] + ["DDP", "FSDP"] * 3  # one GPU, then DDP and FSDP over 2, 4 and 8
+    expect(output).to_contain_text("T4")  # the line saying which to choose names the GPU
