@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from utils.models.input_kind import not_a_token_model_error
+
 _CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len",
                   "max_seq_length", "context_length", "max_len", "seq_len")
 _LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
@@ -228,8 +230,6 @@ def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int
             raise ValueError(f"{call}: {name}={value!r} must be a positive int or None.")
     vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     if vocab is None:
-        from utils.models.tasks import not_a_token_model_error  # tasks builds on this module
-
         raise not_a_token_model_error(model, call)
     if max_seq_len is not None:
         context, source = max_seq_len, "argument"

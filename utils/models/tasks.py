@@ -30,13 +30,16 @@ from utils.models.calls import (
     find_vocab_size,
     get_logits,
     input_spec,
+    model_device,
     predict,
     preserved_state,
     returns_loss,
 )
+from utils.models.input_kind import expected_input
 
 CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
 TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
+IGNORE_INDEX = -100  # a target no loss counts (PyTorch's cross_entropy default, Hugging Face's labels)
 BYTE_MASK_ID = 0xFF  # never a byte of UTF-8 text: the byte tokenizer's reserved mask id
 _PROBE_LEN = 16
 _CAUSAL_RTOL = 1e-5  # earlier outputs may move by rounding only
@@ -148,45 +151,6 @@ def find_decoder_start_token_id(model: nn.Module) -> int:
     return 0
 
 
-def expected_input(model: nn.Module) -> str:
-    """What a model takes, read from ``forward``'s signature and its first layer with parameters.
-
-    Example::
-
-        >>> expected_input(nn.Sequential(nn.Linear(8, 2)))
-        'Sequential.forward(input); its first layer 0 (Linear) takes float vectors (..., 8)'
-    """
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        names = ["..."]
-    head = f"{type(model).__name__}.forward({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-    layers = [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
-    known = [(n, m) for n, m in layers if isinstance(m, _KNOWN_LAYERS)]
-    for name, module in (known or layers)[:1]:
-        return f"{head}; its first layer {name or '(root)'} ({type(module).__name__}) takes {_takes(module)}"
-    return f"{head}; it has no layer with parameters"
-
-
-_KNOWN_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.LayerNorm)
-
-
-def _takes(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return f"token ids below {module.num_embeddings}"
-    if isinstance(module, nn.Conv2d):
-        return f"images (B, {module.in_channels}, H, W)"
-    if isinstance(module, nn.Conv1d):
-        return f"signals (B, {module.in_channels}, L)"
-    if isinstance(module, nn.Linear):
-        return f"float vectors (..., {module.in_features})"
-    if isinstance(module, nn.MultiheadAttention):
-        return f"embeddings (..., {module.embed_dim}), not token ids"
-    if isinstance(module, nn.LayerNorm):
-        return f"float vectors (..., {module.normalized_shape[-1]})"
-    return "floating-point tensors"
-
-
 def find_num_classes(model: nn.Module) -> int | None:
     """A classifier's number of classes: ``config.num_labels`` / ``num_classes``, else the width of
     its logits on a two-token input (one probe call, the model left as it was)."""
@@ -194,8 +158,6 @@ def find_num_classes(model: nn.Module) -> int | None:
         value = _config_value(model, name)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-    from utils.models.calls import model_device
-
     with preserved_state(model), torch.no_grad():
         model.eval()
         return int(predict(model, torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1])
@@ -204,16 +166,6 @@ def find_num_classes(model: nn.Module) -> int | None:
 def is_token_model(model: nn.Module) -> bool:
     """True when the model has a vocabulary (a config ``vocab_size`` or an ``nn.Embedding``)."""
     return find_vocab_size(model) is not None
-
-
-def not_a_token_model_error(model: nn.Module, call: str) -> ValueError:
-    """The one message for paths that need token ids and got a model that takes something else."""
-    return ValueError(
-        f"{call}: {type(model).__name__} is not a token model: it has no config.vocab_size and no "
-        f"nn.Embedding. The tiers, evaluate and train on text take models of token ids (B, T); found "
-        f"instead: {expected_input(model)}. For such a model, call train() with your own batches and "
-        f"loss_fn=. (If it does take token ids, pass vocab_size=.)"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -270,7 +222,7 @@ def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None = None) -> torch.Tensor:
     """Decoder inputs from labels ``(B, T)``, as Hugging Face seq2seq models build them: the start
-    id, then the labels minus their last token, ignored positions (-100) as ``pad_id``.
+    id, then the labels minus their last token, ignored positions (``IGNORE_INDEX``, -100) as ``pad_id``.
 
     Example::
 
@@ -279,7 +231,7 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None = None) 
     """
     out = labels.new_full(labels.shape, start_id)
     out[:, 1:] = labels[:, :-1]
-    return out.masked_fill(out == -100, start_id if pad_id is None else pad_id)
+    return out.masked_fill(out == IGNORE_INDEX, start_id if pad_id is None else pad_id)
 
 
 def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:

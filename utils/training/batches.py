@@ -25,8 +25,7 @@ from utils.models.calls import (
     model_loss,
     short_logits_error,
 )
-
-IGNORE_INDEX = -100
+from utils.models.tasks import IGNORE_INDEX
 
 
 @dataclass
@@ -51,7 +50,8 @@ def move_to(batch, device: torch.device):
     return batch
 
 
-def _count(ids: torch.Tensor) -> int:
+def count_tokens(ids: torch.Tensor) -> int:
+    """What a batch counts for throughput: its tokens for 2-D token ids, else its samples."""
     return ids.numel() if ids.dim() >= 2 and not ids.is_floating_point() else ids.shape[0]
 
 
@@ -65,16 +65,16 @@ def prepare_batch(batch) -> Prepared:
         if batch.dim() != 2 or batch.shape[1] < 2:
             raise TypeError(f"A tensor batch must be token ids of shape (B, T) with T >= 2, got {tuple(batch.shape)}.")
         inputs = batch[:, :-1]
-        return Prepared((inputs,), {}, batch[:, 1:], inputs, _count(inputs))
+        return Prepared((inputs,), {}, batch[:, 1:], inputs, count_tokens(inputs))
     if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise TypeError(f"A dict batch needs 'input_ids'; got keys {sorted(batch)}.")
         ids = batch["input_ids"]
-        return Prepared((), dict(batch), None, ids, _count(ids))
+        return Prepared((), dict(batch), None, ids, count_tokens(ids))
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
         ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
-        return Prepared((inputs,), {}, targets, ids, _count(inputs))
+        return Prepared((inputs,), {}, targets, ids, count_tokens(inputs))
     raise TypeError(
         f"Cannot use a batch of type {type(batch).__name__}: pass a LongTensor (B, T) of token ids, "
         f"an (inputs, targets) pair, or a dict with 'input_ids'."
@@ -82,7 +82,7 @@ def prepare_batch(batch) -> Prepared:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
-    """Cross-entropy over logits cast to float32, ``ignore_index=-100``.
+    """Cross-entropy over logits cast to float32, ``ignore_index=IGNORE_INDEX`` (-100).
 
     Args:
         logits: (B, T, V) for language models or (B, C) for classifiers.

@@ -32,14 +32,14 @@ from pathlib import Path
 
 import torch
 
-from utils.models.calls import check_context, find_context_length, find_vocab_size
+from utils.models.calls import DEFAULT_CONTEXT, check_context, find_context_length, find_vocab_size
+from utils.models.input_kind import not_a_token_model_error
 from utils.models.tasks import (
     CLASSIFIER,
     NON_TOKEN,
     TASKS,
     detect_task,
     find_num_classes,
-    not_a_token_model_error,
     task_logits,
 )
 from utils.training.amp.precision import ALIASES, CANONICAL, canonical_precision, mixed_precisions_here
@@ -401,7 +401,7 @@ def load_data(spec: str, model, context: int | None, val_fraction: float, task: 
         )
     limit = find_context_length(model)
     source = "argument" if context else "model" if limit else "default"
-    context = context or limit or 64
+    context = context or limit or DEFAULT_CONTEXT
     if limit is not None and context > limit:
         raise CliError(f"--context {context} is longer than the model's context length {limit}. "
                        f"Pass --context {limit} or less.")

@@ -27,6 +27,7 @@ from utils.models.calls import find_vocab_size, get_logits, returns_loss
 from utils.models.tasks import (
     CAUSAL_LM,
     CLASSIFIER,
+    IGNORE_INDEX,
     MASKED_LM,
     NON_TOKEN,
     SEQ2SEQ,
@@ -34,7 +35,13 @@ from utils.models.tasks import (
     detect_task,
     shift_right,
 )
-from utils.training.batches import IGNORE_INDEX, Prepared, _count, cross_entropy, forward_loss, prepare_batch
+from utils.training.batches import (
+    Prepared,
+    count_tokens,
+    cross_entropy,
+    forward_loss,
+    prepare_batch,
+)
 
 MASK_PROB = 0.15  # BERT's share of positions to predict
 
@@ -49,7 +56,7 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, *, prob: float
 
         >>> ids = torch.arange(40).view(2, 20)
         >>> inputs, labels = mask_tokens(ids, 255, 256, generator=torch.Generator().manual_seed(0))
-        >>> bool(((labels == -100) | (labels == ids)).all())
+        >>> bool(((labels == IGNORE_INDEX) | (labels == ids)).all())
         True
 
     Args:
@@ -126,7 +133,7 @@ class Objective:
             TypeError: the batch is none of the accepted forms (see ``prepare_batch``).
         """
         if self.own_loss and isinstance(batch, torch.Tensor):  # the model shifts its windows itself
-            return Prepared((batch,), {}, None, batch, _count(batch))
+            return Prepared((batch,), {}, None, batch, count_tokens(batch))
         if self.task == CAUSAL_LM or (isinstance(batch, (tuple, list)) and self.task != SEQ2SEQ):
             return prepare_batch(batch)  # next token; a user's (inputs, targets) pair is used as is
         if isinstance(batch, torch.Tensor):
@@ -150,7 +157,7 @@ class Objective:
             return prepare_batch(batch)  # raises the TypeError naming the keys
         ids, labels = batch["input_ids"], batch.get("labels")
         if labels is not None:  # the user's own labels: aligned with the logits, never shifted
-            return Prepared((), dict(batch), labels, ids, _count(ids))
+            return Prepared((), dict(batch), labels, ids, count_tokens(ids))
         if self.task in (CLASSIFIER, NON_TOKEN):
             raise self._needs_labels(argument)
         rest = {k: v for k, v in batch.items() if k != "input_ids"}
@@ -168,8 +175,8 @@ class Objective:
                                      generator=generator, allowed=attention_mask)
         if self.task == SEQ2SEQ:  # denoise: rebuild every token of the window from the corrupted copy
             labels = ids if attention_mask is None else ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            return Prepared((), {**rest, "input_ids": inputs, "labels": labels}, labels, inputs, _count(inputs))
-        return Prepared((inputs,), rest, labels, inputs, _count(inputs))
+            return Prepared((), {**rest, "input_ids": inputs, "labels": labels}, labels, inputs, count_tokens(inputs))
+        return Prepared((inputs,), rest, labels, inputs, count_tokens(inputs))
 
     def _needs_labels(self, argument: str) -> ValueError:
         if self.task == NON_TOKEN:

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
-from utils.training.amp.overflow_scan import _float_tensors
+from utils.training.amp.overflow_scan import float_tensors
 from utils.training.amp.precision import (
     PrecisionPlan,
     PrecisionWarning,
@@ -279,7 +279,7 @@ def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, sa
     if plan.param_dtype != torch.float32:  # "-true": weights in half precision, measured on a copy
         measured = copy.deepcopy(model).to(plan.param_dtype)
     outputs: list[int] = []
-    hook = measured.register_forward_hook(lambda m, a, out: outputs.extend(t.numel() for t in _float_tensors(out)))
+    hook = measured.register_forward_hook(lambda m, a, out: outputs.extend(t.numel() for t in float_tensors(out)))
     try:
         saved = saved_tensor_bytes(measured, batch, plan, loss_fn=loss_fn)
     finally:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from utils.models.calls import find_input_embedding
-from utils.training.batches import IGNORE_INDEX, check_id_dtype
+from utils.models.tasks import IGNORE_INDEX
+from utils.training.batches import check_id_dtype
 
 # fp16's smallest subnormal: a loss scale below it cannot bring any gradient back into range.
 SCALE_FLOOR = 2.0 ** -24
