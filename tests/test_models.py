@@ -9,8 +9,8 @@ import time
 import pytest
 import torch
 
-from utils.models.calls import find_context_length, find_vocab_size
 from utils.models.examples import GistDownloadError, example_model, load_model_from_file, load_model_from_gist
+from utils.models.sizes import find_context_length, find_vocab_size
 
 
 @pytest.mark.parametrize("name, vocab, context, out_shape", [

@@ -7,8 +7,8 @@ import pytest
 import torch
 from user_models import NanoConfig, NanoGPT
 
-from utils.models.calls import input_spec
 from utils.models.examples import example_model
+from utils.models.sizes import input_spec
 from utils.notebook import cells as nb
 from utils.tiers import tier1 as validation
 from utils.tiers.report import Check, run_checks

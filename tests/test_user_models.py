@@ -11,15 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from user_models import ClosureLM, ModelArgs, NanoConfig, NanoGPT, Transformer, tiny_gpt2
 
-from utils.models.calls import (
-    CONTEXT_SEARCH,
-    check_context,
-    find_context_length,
-    find_vocab_size,
-    model_call,
-    predict,
-)
+from utils.models.calls import check_context, model_call, predict
 from utils.models.examples import load_model, load_model_from_file
+from utils.models.sizes import CONTEXT_SEARCH, find_context_length, find_vocab_size
 from utils.tiers.tier1 import run_tier1
 from utils.tiers.tier2 import run_tier2
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, train

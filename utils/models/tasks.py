@@ -25,17 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.models.calls import (
-    find_logits_network,
-    find_vocab_size,
-    get_logits,
-    input_spec,
-    model_device,
-    predict,
-    preserved_state,
-    returns_loss,
-)
+from utils.models.calls import find_logits_network, get_logits, predict, preserved_state, returns_loss
 from utils.models.input_kind import expected_input
+from utils.models.sizes import InputSpec, find_vocab_size, input_spec, model_device
 
 CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
 TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
@@ -126,7 +118,7 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params
 
 
-def find_mask_token_id(model: nn.Module) -> int | None:
+def find_mask_token_id(model: nn.Module, vocab_size: int | None = None) -> int | None:
     """``config.mask_token_id`` (or ``model.mask_token_id``), else :data:`BYTE_MASK_ID` (255) when the
     vocabulary holds all 256 bytes; None otherwise.
 
@@ -138,7 +130,7 @@ def find_mask_token_id(model: nn.Module) -> int | None:
     found = _config_value(model, "mask_token_id")
     if isinstance(found, int) and not isinstance(found, bool):
         return found
-    vocab = find_vocab_size(model)
+    vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     return BYTE_MASK_ID if vocab is not None and vocab > BYTE_MASK_ID else None
 
 
@@ -297,7 +289,8 @@ def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = No
 
 
 def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | None = None,
-                max_seq_len: int | None = None, call: str | None = None) -> TaskInfo:
+                max_seq_len: int | None = None, call: str | None = None, own_loss: bool | None = None,
+                spec: InputSpec | None = None) -> TaskInfo:
     """What ``model`` predicts; ``task`` states it (then only ``"causal-lm"`` is checked).
 
     Example::
@@ -309,6 +302,10 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
         task: None (default): detect it. Else one of :data:`TASKS`.
         vocab_size, max_seq_len: for the probe, as :func:`utils.models.calls.input_spec` takes them.
         call: how the caller was called, repeated in errors (default ``detect_task(<class>)``).
+        own_loss: whether the forward returns its own loss, when already known (default None:
+            :func:`~utils.models.calls.returns_loss`).
+        spec: what to feed the probe, when already resolved (default None: from ``vocab_size`` and
+            ``max_seq_len``, see :func:`~utils.models.sizes.input_spec`).
 
     Raises:
         ValueError: an unknown ``task``; ``task="causal-lm"`` for a model whose earlier positions
@@ -322,13 +319,13 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
     if vocab_size is None and not is_token_model(model):
         return TaskInfo(NON_TOKEN, "no config.vocab_size and no nn.Embedding", expected_input=expected_input(model))
     stated = _hf_task(model)
-    if stated is None and returns_loss(model):
+    if stated is None and (own_loss if own_loss is not None else returns_loss(model)):
         return _own_loss_task(model, task, vocab_size, call)
     if task is not None and task != CAUSAL_LM:
-        return _with_ids(model, TaskInfo(task, "stated with task="))
+        return _with_ids(model, TaskInfo(task, "stated with task="), vocab_size)
     if stated is not None and not (task == CAUSAL_LM and stated[0] != CAUSAL_LM):
-        return _with_ids(model, TaskInfo(*stated))
-    return _probe(model, task, vocab_size, max_seq_len, call)
+        return _with_ids(model, TaskInfo(*stated), vocab_size)
+    return _probe(model, task, spec or input_spec(model, vocab_size, max_seq_len, call=call), call)
 
 
 def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) -> TaskInfo:
@@ -336,19 +333,19 @@ def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) ->
     found = find_logits_network(model)
     own = f"{type(model).__name__}.forward returns its own loss"
     if found is None:
-        return _with_ids(model, TaskInfo(task or CAUSAL_LM, f"{own}; " + ("stated with task=" if task else "assumed")))
+        return _with_ids(model, TaskInfo(task or CAUSAL_LM, f"{own}; " + ("stated with task=" if task else "assumed")),
+                         vocab_size)
     inner = detect_task(found[1], task, vocab_size=vocab_size, call=call)
     return TaskInfo(inner.task, f"{own}; model.{found[0]}: {inner.reason}", inner.mask_token_id,
                     inner.decoder_start_token_id)
 
 
-def _with_ids(model: nn.Module, info: TaskInfo) -> TaskInfo:
+def _with_ids(model: nn.Module, info: TaskInfo, vocab_size: int | None) -> TaskInfo:
     start = find_decoder_start_token_id(model) if info.task == SEQ2SEQ else None
-    return TaskInfo(info.task, info.reason, find_mask_token_id(model), start, info.expected_input)
+    return TaskInfo(info.task, info.reason, find_mask_token_id(model, vocab_size), start, info.expected_input)
 
 
-def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: str) -> TaskInfo:
-    spec = input_spec(model, vocab_size, max_seq_len, call=call)
+def _probe(model: nn.Module, task: str | None, spec: InputSpec, call: str) -> TaskInfo:
     ids = spec.random_ids(2, min(_PROBE_LEN, spec.max_seq_len), torch.Generator().manual_seed(0))
     with preserved_state(model), torch.no_grad():
         model.eval()
@@ -366,4 +363,5 @@ def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: st
             f"{call}: task='causal-lm' is not allowed for {type(model).__name__}: {found.reason}, so "
             f"next-token training would let it read each answer. Use task={found.task!r} (or None to detect)."
         )
-    return _with_ids(model, TaskInfo(found.task, "stated with task=, and the probe agrees") if task else found)
+    return _with_ids(model, TaskInfo(found.task, "stated with task=, and the probe agrees") if task else found,
+                     spec.vocab_size)

@@ -302,7 +302,7 @@ def load_settings_data(model, max_context: int = 128):
             whose classes do not fit the labelled task.
     """
     from utils.data import make_task_dataset
-    from utils.models.calls import find_context_length
+    from utils.models.sizes import find_context_length
     from utils.models.tasks import (
         CLASSIFIER,
         NON_TOKEN,

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import torch
 
-from utils.models.calls import DEFAULT_CONTEXT, check_context, find_context_length, find_vocab_size
+from utils.models.calls import check_context
 from utils.models.input_kind import not_a_token_model_error
+from utils.models.sizes import DEFAULT_CONTEXT, find_context_length, find_vocab_size
 from utils.models.tasks import (
     CLASSIFIER,
     NON_TOKEN,
@@ -160,7 +161,7 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
                         "detected from its config and a probe; a classifier trains on the bundled labelled "
                         "topics)")
     p.add_argument("--context", type=_int_at_least(1), metavar="N",
-                   help="tokens the model sees per sequence (default: the model's context length, or 64)")
+                   help=f"tokens the model sees per sequence (default: the model's context length, or {DEFAULT_CONTEXT})")
     p.add_argument("--val-fraction", type=_fraction, metavar="F",
                    help=f"share of the text held out for validation, in [0, 1) (default: {d['val_fraction']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "

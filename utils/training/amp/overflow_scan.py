@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from utils.common.strict_json import json_safe
-from utils.models.calls import model_device
+from utils.models.sizes import model_device
 from utils.training.batches import move_to, run_model
 from utils.training.objectives import objective_for
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from utils.models.calls import model_device
+from utils.models.sizes import model_device
 from utils.training.amp.keep_fp32 import units_to_keep
 from utils.training.amp.overflow_scan import float_tensors, scan_fp16_overflow
 from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, resolve_precision
