@@ -18,12 +18,13 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
-from utils.models.calls import find_vocab_size, get_logits, returns_loss
+from utils.models.calls import get_logits
+from utils.models.profile import ModelProfile, look_at
 from utils.models.tasks import (
     CAUSAL_LM,
     CLASSIFIER,
@@ -32,7 +33,6 @@ from utils.models.tasks import (
     NON_TOKEN,
     SEQ2SEQ,
     TaskInfo,
-    detect_task,
     shift_right,
 )
 from utils.training.batches import (
@@ -96,6 +96,8 @@ class Objective:
         mask_prob: share of positions a masked LM predicts (default 0.15).
         own_loss: the model's forward returns its loss (``loss = model(seq)``): token-id windows
             are passed whole, the model shifts them itself (default False).
+        profile: the look at the model this objective was found from (default None); it goes with
+            every prepared batch, so the step does not look up the calling convention again.
     """
 
     info: TaskInfo
@@ -103,6 +105,7 @@ class Objective:
     model_name: str
     mask_prob: float = MASK_PROB
     own_loss: bool = False
+    profile: ModelProfile | None = field(default=None, compare=False, repr=False)
 
     @property
     def task(self) -> str:
@@ -125,13 +128,18 @@ class Objective:
         }[self.task] + f" [{self.info.reason}]"
 
     def prepare(self, batch, *, generator: torch.Generator | None = None, argument: str = "train_data") -> Prepared:
-        """Split ``batch`` into the model's inputs and targets aligned with its logits.
+        """Split ``batch`` into the model's inputs and targets aligned with its logits, with the
+        model's calling convention when the objective has its profile.
 
         Raises:
             ValueError: the batch cannot train this task (token ids for a classifier or a model
                 that takes none), the message naming what to pass instead.
             TypeError: the batch is none of the accepted forms (see ``prepare_batch``).
         """
+        prepared = self._split(batch, generator, argument)
+        return prepared if self.profile is None else replace(prepared, profile=self.profile)
+
+    def _split(self, batch, generator, argument: str) -> Prepared:
         if self.own_loss and isinstance(batch, torch.Tensor):  # the model shifts its windows itself
             return Prepared((batch,), {}, None, batch, count_tokens(batch))
         if self.task == CAUSAL_LM or (isinstance(batch, (tuple, list)) and self.task != SEQ2SEQ):
@@ -192,7 +200,7 @@ class Objective:
 
 
 def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: int | None = None,
-                  call: str | None = None) -> Objective:
+                  call: str | None = None, profile: ModelProfile | None = None) -> Objective:
     """The objective for ``model``'s task (detected, or stated with ``task=``).
 
     Example::
@@ -203,20 +211,22 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
     Args:
         task: see :func:`utils.models.tasks.detect_task`.
         mask_token_id: overrides the mask id (default: the config's, else the byte tokenizer's 255).
+        profile: the entry point's look at ``model`` (:func:`~utils.models.profile.look_at`, built with
+            the same ``task``); default None: looked at here.
 
     Raises:
         ValueError: as :func:`~utils.models.tasks.detect_task`, or a ``mask_token_id`` outside the vocabulary.
     """
     call = call or f"objective_for({type(model).__name__})"
-    info = detect_task(model, task, call=call)
-    vocab = find_vocab_size(model)
+    profile = profile or look_at(model, task, call=call)
+    info, vocab = profile.task, profile.vocab_size
     if mask_token_id is not None:
         if isinstance(mask_token_id, bool) or not isinstance(mask_token_id, int) or not (
                 0 <= mask_token_id < (vocab or mask_token_id + 1)):
             raise ValueError(f"{call}: mask_token_id={mask_token_id!r} is not allowed: it must be an id in "
                              f"0..{(vocab or 1) - 1}, the model's vocabulary.")
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
-    return Objective(info, vocab, type(model).__name__, own_loss=returns_loss(model))
+    return Objective(info, vocab, type(model).__name__, own_loss=profile.returns_loss, profile=profile)
 
 
 def objective_loss_fn(model: nn.Module, task: str | None = None):

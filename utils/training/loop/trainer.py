@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from utils.models.calls import find_logits_network, returns_loss
+from utils.models.profile import look_at
 from utils.training.amp.acceleration import compile_model, tf32_matmuls
 from utils.training.amp.keep_fp32 import KeptModules, plan_keep_fp32
 from utils.training.amp.precision import PrecisionPlan, resolve_precision
@@ -165,7 +166,7 @@ def _scored(model: nn.Module, task) -> tuple[nn.Module, Objective]:
     """What ``evaluate`` scores: a model that returns its own loss is scored through the network it
     wraps when it holds one (loss, accuracy and perplexity from its logits), else on its loss alone."""
     call = f"evaluate({type(model).__name__})"
-    if returns_loss(model):
+    if task.own_loss if isinstance(task, Objective) else returns_loss(model):  # the objective's look knows
         found = find_logits_network(model)
         if found is not None:
             return found[1], objective_for(found[1], call=call)
@@ -198,7 +199,7 @@ class Trainer:
         self.log = MetricsLog(self.run_dir, callbacks, self.world.is_rank_zero)
         self.callbacks = self.log.callbacks  # rank 0 alone logs
         self.checkpoints = Checkpointer(self.run_dir, self.world, args.checkpoint_every, args.checkpoint_minutes)
-        self.checks = StepChecks(model, plan)
+        self.checks = StepChecks(model, plan, profile=self.objective.profile if self.objective else None)
         self.stop = StopSignals(lambda: self.checkpoints.saving)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_step = self.current_epoch = self.batch_in_epoch = self.skipped_steps = 0
@@ -569,8 +570,9 @@ def train(model: nn.Module, train_data, *, val_data=None, precision=TrainSetting
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, device)
     scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
     model = _place(model, plan)
+    profile = look_at(model, task, call=f"train({type(model).__name__})")  # the one look at the model
     objective = None if loss_fn is not None else objective_for(  # probed before compiling: eager calls
-        model, task, mask_token_id=mask_token_id, call=f"train({type(model).__name__})")
+        model, task, mask_token_id=mask_token_id, call=profile.caller, profile=profile)
     model = compile_model(model, compile)
     batches = world.shard(as_batches(train_data, batch_size, seed, "train_data"))
     kept = []
