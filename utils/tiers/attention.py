@@ -14,12 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from utils.models.calls import get_attentions, input_spec, preserved_state
+from utils.models.calls import get_attentions, preserved_state
+from utils.models.profile import ModelProfile
 from utils.models.tasks import (
     TaskInfo,
     call_inputs,
 )
-from utils.tiers.inputs import analyzed_length, causality_words, task_for
+from utils.tiers.inputs import analyzed_length, causality_words, checked_inputs
 from utils.tiers.report import Check, new_figure
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -286,6 +287,7 @@ def check_attention_patterns(
     figure: bool = True,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Entropy per head, causality, and heatmaps of the attention weights on random input.
 
@@ -316,8 +318,7 @@ def check_attention_patterns(
         cannot be told: uniform heads are then reported, not failed, and the summary says to pass
         ``trained=True`` to fail on them.
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_attention_patterns({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
     ids = spec.random_ids(batch_size, analyzed_length(spec, seq_len), torch.Generator().manual_seed(seed))
     capture = capture_attention(model, ids, info)
     if not capture.maps:

@@ -10,12 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.models.calls import (
-    input_spec,
-    preserved_state,
-)
+from utils.models.calls import preserved_state
+from utils.models.profile import ModelProfile
 from utils.models.tasks import task_logits
-from utils.tiers.inputs import MAX_NAMED, task_for
+from utils.tiers.inputs import MAX_NAMED, checked_inputs
 from utils.tiers.report import Check, new_figure
 
 
@@ -31,6 +29,7 @@ def check_gradient_flow(
     figure: bool = True,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """One forward and backward in train mode; name parameters whose gradient is missing, zero,
     vanishing (norm below ``vanishing_below``), exploding (above ``exploding_above``) or not finite.
@@ -43,8 +42,7 @@ def check_gradient_flow(
         >>> check_gradient_flow(example_model("gpt-micro")).passed
         True
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_gradient_flow({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_gradient_flow({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_gradient_flow({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     ids = spec.random_ids(batch_size, min(seq_len or 32, spec.max_seq_len), gen)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from utils.models.tasks import TaskInfo, detect_task, task_logits
+from utils.models.profile import ModelProfile, look_at
+from utils.models.sizes import InputSpec
+from utils.models.tasks import TaskInfo, task_logits
 
 DEFAULT_BATCH_SIZES = (1, 2, 4)
 MAX_NAMED = 20  # names listed in a summary or a details list before it is cut
@@ -23,11 +25,20 @@ def seq_grid(max_seq_len: int) -> list[int]:
     return sorted({n for n in (1, 2, max_seq_len // 4, max_seq_len // 2, max_seq_len) if n >= 1})
 
 
-def task_for(model: nn.Module, task, vocab_size, max_seq_len, call: str) -> TaskInfo:
-    """The model's task: as given (a ``TaskInfo`` from ``run_tier1``/``run_tier2``), else detected."""
-    if isinstance(task, TaskInfo):
-        return task
-    return detect_task(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+def checked_inputs(model: nn.Module, profile: ModelProfile | None, task, vocab_size, max_seq_len,
+                   call: str) -> tuple[InputSpec, TaskInfo]:
+    """What a check feeds the model and its task: from the tier's look at it (``profile``, built with
+    ``vocab_size`` and ``max_seq_len``) when given, else from one look here; a ``TaskInfo`` from
+    ``run_tier1``/``run_tier2`` is used as is.
+
+    Raises:
+        ValueError: the model takes no token ids (the message names ``call``), or a bad size or task.
+    """
+    if profile is None:
+        stated = None if isinstance(task, TaskInfo) else task
+        profile = look_at(model, stated, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+    spec = profile.spec(call=call)
+    return spec, task if isinstance(task, TaskInfo) else profile.task
 
 
 def analyzed_length(spec, seq_len: int | None) -> int:

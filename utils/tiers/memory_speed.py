@@ -12,13 +12,11 @@ import time
 import torch
 from torch import nn
 
-from utils.models.calls import (
-    input_spec,
-    model_device,
-    preserved_state,
-)
+from utils.models.calls import preserved_state
+from utils.models.profile import ModelProfile
+from utils.models.sizes import model_device
 from utils.models.tasks import TaskInfo, task_logits
-from utils.tiers.inputs import DEFAULT_BATCH_SIZES, task_for
+from utils.tiers.inputs import DEFAULT_BATCH_SIZES, checked_inputs
 from utils.tiers.report import Check, new_figure
 from utils.training.amp.measure import runs_natively, saved_tensor_bytes, synchronize
 from utils.training.amp.precision import PrecisionPlan, plan_for, precision_facts, resolve_precision
@@ -35,6 +33,7 @@ def check_memory(
     measured_batch_sizes: tuple[int, ...] | None = None,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Parameters, gradients, Adam state and activations, by batch size and by precision.
 
@@ -52,8 +51,7 @@ def check_memory(
         >>> check_memory(example_model("gpt-micro")).details["activation_bytes"]["32-true"]   # doctest: +SKIP
         {1: 1703936, 2: 3407872, 4: 6815744}
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_memory({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_memory({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_memory({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     # parameters() yields a tied weight once, so it is counted once.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -184,6 +182,7 @@ def check_inference_speed(
     figure: bool = True,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Forward latency (median and p95, ms) and throughput (tokens/s) by batch size, in fp32 and
     under ``plan`` (default: ``resolve_precision("auto")`` on the model's device) when it differs.
@@ -200,8 +199,7 @@ def check_inference_speed(
         whose dtype is emulated on the device is timed at the smallest batch size only, and the
         summary says so.
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_inference_speed({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
     plan = plan if plan is not None else resolve_precision("auto", device=spec.device)
     t = min(seq_len or 128, spec.max_seq_len)
     gen = torch.Generator().manual_seed(seed)

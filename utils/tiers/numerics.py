@@ -9,12 +9,10 @@ import math
 import torch
 from torch import nn
 
-from utils.models.calls import (
-    input_spec,
-    preserved_state,
-)
+from utils.models.calls import preserved_state
+from utils.models.profile import ModelProfile
 from utils.models.tasks import TaskInfo, task_logits
-from utils.tiers.inputs import MAX_NAMED, task_for
+from utils.tiers.inputs import MAX_NAMED, checked_inputs
 from utils.tiers.report import Check
 from utils.training.amp.precision import PrecisionPlan
 
@@ -31,6 +29,7 @@ def check_numerical_stability(
     seq_len: int | None = None,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Look for NaN/Inf outputs and for non-determinism in eval mode.
 
@@ -45,8 +44,7 @@ def check_numerical_stability(
         >>> check_numerical_stability(example_model("gpt-micro")).details["bad_tokens"]
         []
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_numerical_stability({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     length = min(seq_len or spec.max_seq_len, spec.max_seq_len)
     batches = [spec.random_ids(batch_size, length, gen) for _ in range(trials)]

@@ -19,16 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.models.calls import (
-    CONTEXT_SEARCH,
-    input_spec,
-    model_call,
-    preserved_state,
-    short_logits_error,
-)
+from utils.models.calls import preserved_state, short_logits_error
+from utils.models.profile import ModelProfile, look_at
+from utils.models.sizes import CONTEXT_SEARCH
 from utils.models.tasks import TaskInfo, logits_network, task_logits
 from utils.tiers.gradients import check_gradient_flow
-from utils.tiers.inputs import DEFAULT_BATCH_SIZES, MAX_NAMED, SHORT_LEN, seq_grid, task_for
+from utils.tiers.inputs import DEFAULT_BATCH_SIZES, MAX_NAMED, SHORT_LEN, checked_inputs, seq_grid
 from utils.tiers.memory_speed import check_inference_speed, check_memory
 from utils.tiers.numerics import check_initialization, check_numerical_stability
 from utils.tiers.report import Check, Report, run_checks
@@ -46,7 +42,7 @@ class Tier1Sizes:
 
     Example::
 
-        >>> tier1_sizes(example_model("gpt-micro"), input_spec(example_model("gpt-micro"))).reduced   # doctest: +SKIP
+        >>> tier1_sizes(example_model("gpt-micro"), look_at(example_model("gpt-micro")).spec()).reduced   # doctest: +SKIP
         False
 
     Attributes:
@@ -119,8 +115,9 @@ def run_tier1(
             an encoder-decoder is called with the ids shifted right as its decoder inputs.
         progress: show a ``tqdm.auto`` bar naming the check being run (default True).
 
-    A model whose forward returns its own loss (``loss = model(seq)``) is checked through the
-    network it wraps (see :func:`utils.models.tasks.logits_network`), and the report says so.
+    The model is looked at once (:func:`utils.models.profile.look_at`); each check takes that look as
+    ``profile=`` (called alone, a check looks at the model itself). A model whose forward returns
+    its own loss (``loss = model(seq)``) is checked through the network it wraps (see :func:`utils.models.tasks.logits_network`), and the report says so.
 
     Raises:
         ValueError: the model takes no token ids, or a bad size, precision or task; it returns a
@@ -137,12 +134,12 @@ def run_tier1(
         model.to(device)
     network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
     model = network.module
-    spec = input_spec(model, vocab_size, max_seq_len, call=call)
+    profile = look_at(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)  # the one look
+    spec = profile.spec()
     plan = resolve_precision(precision, device=spec.device)
-    info, task_note = _tier_task(model, task, vocab_size, max_seq_len, call)
+    info, task_note = _tier_task(profile, task)
     sizes = tier1_sizes(model, spec)
-    # The checks resolve the same spec again (cheap), so each knows where its context came from.
-    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seed=seed, task=info)
+    kw = dict(seed=seed, task=info, profile=profile)  # every check reads the model from this look
     checks = run_checks(f"Tier 1: {type(model).__name__}", [
         ("shape_robustness", lambda: check_shapes(model, batch_sizes=batch_sizes, **sizes.shapes(), **kw)),
         ("gradient_flow", lambda: check_gradient_flow(model, figure=figures, **kw)),
@@ -153,7 +150,7 @@ def run_tier1(
         ("inference_speed", lambda: check_inference_speed(
             model, batch_sizes=batch_sizes, plan=plan, figure=figures, **sizes.speed(), **kw)),
     ], progress)
-    info = _model_info(model, spec, plan) | {"task": task_note}
+    info = _model_info(profile, spec, plan) | {"task": task_note}
     if sizes.reduced:
         info["sizes"] = sizes.reason
     return Report(f"Tier 1: {type(model).__name__}", checks, info=info | _through(network))
@@ -164,7 +161,8 @@ def _through(network) -> dict:
     return {"checked_through": network.note} if network.note else {}
 
 
-def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
+def _model_info(profile: ModelProfile, spec, plan: PrecisionPlan) -> dict:
+    model = profile.model
     context = f"{spec.max_seq_len}" + {"model": " (from the model)", "argument": " (given)",
                                        "default": " (the model has no fixed context; default)"}[spec.context_from]
     return {
@@ -174,15 +172,15 @@ def _model_info(model: nn.Module, spec, plan: PrecisionPlan) -> dict:
         "max_seq_len": context,
         "device": str(spec.device),
         "precision": plan.describe(),
-        "calling": model_call(model).describe(),
+        "calling": profile.call.describe(),
     }
 
 
-def _tier_task(model: nn.Module, task, vocab_size, max_seq_len, call: str) -> tuple:
+def _tier_task(profile: ModelProfile, task) -> tuple:
     """``(task for the checks, one line for the report)``. When the probe call itself raises, the
     checks get ``task`` as given and each reports the model's error (run_check), as without it."""
     try:
-        info = task_for(model, task, vocab_size, max_seq_len, call)
+        info = profile.task
     except ValueError:
         raise
     except Exception as e:  # the model's own failure: the checks that call it report it one by one
@@ -203,6 +201,7 @@ def check_shapes(
     max_tokens: int | None = None,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Run every batch size against sequence lengths from 1 to the maximum, and edge-case tokens.
 
@@ -219,8 +218,7 @@ def check_shapes(
         >>> check_shapes(example_model("gpt-micro")).details["output"]   # doctest: +SKIP
         '(B, T, 256)'
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_shapes({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     long = spec.max_seq_len
     grid, edge = seq_grid(long), long

@@ -23,14 +23,16 @@ import math
 import torch
 from torch import nn
 
-from utils.models.calls import find_input_embedding, input_spec, preserved_state
+from utils.models.calls import preserved_state
+from utils.models.profile import ModelProfile, look_at
+from utils.models.sizes import find_input_embedding
 from utils.models.tasks import (
     CAUSAL_LM,
     earlier_positions_unchanged,
     logits_network,
 )
 from utils.tiers.attention import check_attention_patterns
-from utils.tiers.inputs import analyzed_length, causality_words, float_logits, task_for
+from utils.tiers.inputs import analyzed_length, causality_words, checked_inputs, float_logits
 from utils.tiers.report import Check, Report, run_checks
 
 
@@ -58,7 +60,7 @@ def run_tier2(
 
     Args:
         model: maps token ids ``(B, T)`` to logits (a tensor, tuple, dict or ``ModelOutput``).
-        vocab_size, max_seq_len: default None: found from the model (see ``utils.models.calls.input_spec``).
+        vocab_size, max_seq_len: default None: found from the model (see ``utils.models.sizes.input_spec``).
         device: default None: where the model already is. Otherwise the model is moved there.
         seq_len: the length analyzed (default ``min(max_seq_len, 32)``).
         batch_size: sequences per check (default 2; the consistency check uses at least 3).
@@ -79,9 +81,9 @@ def run_tier2(
         model.to(device)
     network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
     model = network.module
-    spec = input_spec(model, vocab_size, max_seq_len, call=call)
-    info = task_for(model, task, vocab_size, max_seq_len, call)
-    kw = dict(vocab_size=vocab_size, max_seq_len=max_seq_len, seq_len=seq_len, seed=seed, task=info)
+    profile = look_at(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)  # the one look
+    spec, info = profile.spec(), profile.task
+    kw = dict(seq_len=seq_len, seed=seed, task=info, profile=profile)  # every check reads the model from this look
     checks = run_checks(f"Tier 2: {type(model).__name__}", [
         ("attention_patterns", lambda: check_attention_patterns(
             model, batch_size=batch_size, trained=trained, figure=figures, **kw)),
@@ -109,6 +111,7 @@ def check_token_substitution(
     batch_size: int = 2,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Change one random token per sequence and measure how much the output moves.
 
@@ -122,8 +125,7 @@ def check_token_substitution(
         >>> check_token_substitution(example_model("gpt-micro")).details["earlier_positions_unchanged"]
         True
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_token_substitution({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_token_substitution({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_token_substitution({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     t = analyzed_length(spec, seq_len)
     ids = spec.random_ids(batch_size, t, gen)
@@ -177,6 +179,7 @@ def check_embedding_noise(
     noise_levels: tuple[float, ...] = (0.01, 0.1),
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Add Gaussian noise to the input embedding's output (at each level times its std) and measure
     the relative output change. Fails on NaN/Inf; skipped when there is no input embedding.
@@ -186,9 +189,8 @@ def check_embedding_noise(
         >>> sorted(check_embedding_noise(example_model("gpt-micro")).details["relative_change"])
         [0.01, 0.1]
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_embedding_noise({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_embedding_noise({type(model).__name__})")
-    embedding = find_input_embedding(model)
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_embedding_noise({type(model).__name__})")
+    embedding = profile.embedding if profile is not None else find_input_embedding(model)
     if embedding is None:
         return Check("embedding_noise", True, "No input embedding found (no nn.Embedding): nothing to perturb.",
                      {}, skipped=True)
@@ -233,6 +235,7 @@ def check_batch_consistency(
     rtol: float = 1e-4,
     seed: int = 0,
     task=None,
+    profile: ModelProfile | None = None,
 ) -> Check:
     """Each sequence's output must not depend on the rest of the batch: compare a batch with each
     sequence alone and with the batch reversed. Fails (naming the sequences) beyond ``rtol`` of the
@@ -243,8 +246,7 @@ def check_batch_consistency(
         >>> check_batch_consistency(example_model("gpt-micro")).passed
         True
     """
-    spec = input_spec(model, vocab_size, max_seq_len, call=f"check_batch_consistency({type(model).__name__})")
-    info = task_for(model, task, vocab_size, max_seq_len, f"check_batch_consistency({type(model).__name__})")
+    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_batch_consistency({type(model).__name__})")
     ids = spec.random_ids(batch_size, analyzed_length(spec, seq_len), torch.Generator().manual_seed(seed))
     with preserved_state(model), torch.no_grad():
         model.eval()
