@@ -94,3 +94,19 @@ def test_a_tier_looks_at_the_model_once(monkeypatch, run):
     report = run(example_model("gpt-micro", n_layer=1), figures=False, progress=False)
     assert report.passed and report.info["vocab_size"] == 256
     assert (len(probes), len(vocab)) == (1, 1)
+
+
+def test_what_the_calls_learn_stays_on_the_look_not_in_a_module_cache():
+    from user_models import (  # forward(idx, targets=None): the last position without targets
+        NanoConfig,
+        NanoGPT,
+    )
+
+    import utils.models.calls as calls_module
+
+    profile = look_at(NanoGPT(NanoConfig(n_layer=1)))
+    assert profile.call.last_position_only is None  # not known before the first call on many tokens
+    assert profile.task.task == "causal-lm"  # the probe calls it through the look's ModelCall
+    assert profile.call.last_position_only is True and profile.returns_loss is False
+    assert not any(isinstance(v, dict) and v and isinstance(next(iter(v.values())), calls_module.ModelCall)
+                   for v in vars(calls_module).values())

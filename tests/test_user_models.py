@@ -61,8 +61,9 @@ def test_predict_gives_every_position_of_a_last_position_model(build):
     with torch.no_grad():
         full = model(ids, targets=torch.zeros_like(ids))
         full = full[0] if isinstance(full, tuple) else full
-        assert torch.equal(predict(model, ids), full)
-    assert model_call(model).last_position_only is True
+        call = model_call(model)  # held, as a look at the model holds it: what predict learns stays on it
+        assert torch.equal(predict(model, ids, call), full)
+    assert call.last_position_only is True
 
 
 def test_the_loop_uses_the_models_own_loss_on_the_real_targets():

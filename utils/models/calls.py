@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -98,7 +97,7 @@ def preserved_state(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# How to call a model, read once per model from ``forward``'s signature
+# How to call a model, read from ``forward``'s signature
 
 TARGET_NAMES = ("targets", "labels", "target", "y")  # how hand-written forwards name the targets
 PLAIN, TARGETS, HUGGING_FACE = "plain", "targets", "hugging-face"
@@ -124,11 +123,14 @@ class ModelCall:
             (``input_ids=``; dict batches pass ``labels=`` and ``attention_mask=`` as given).
         target_arg: the name the targets go under (``targets``, ``labels``, ``target`` or ``y``).
         last_position_only: for ``"targets"``: whether a call without targets returns only the
-            last position (llama2.c, nanoGPT), learnt from the first :func:`predict` on more than
-            one token, or True when the targets have no default; None until known.
+            last position (llama2.c, nanoGPT), learnt from the first :func:`predict` given this
+            call on more than one token, or True when the targets have no default; None until known.
         returns_loss: for ``"plain"``: whether ``forward(ids)`` returns a loss, not logits (a
             wrapper that shifts the sequence and computes the loss itself), learnt by
-            :func:`returns_loss`; None until known.
+            :func:`returns_loss` given this call; None until known.
+
+    The entry points hold one per model in their look (:class:`utils.models.profile.ModelProfile`),
+    so what is learnt is learnt once.
     """
 
     owner: str
@@ -183,22 +185,19 @@ class ModelCall:
         )
 
 
-_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def model_call(model: nn.Module) -> ModelCall:
-    """How to call ``model`` (a :class:`ModelCall`), read from ``forward``'s signature once and cached
-    per model; wrappers (DDP, ``torch.compile``) share their module's."""
-    return _inner_call(model)[1]
+    """How to call ``model`` (a :class:`ModelCall`), read from ``forward``'s signature; wrappers
+    (DDP, ``torch.compile``) are called as their module. Nothing is cached here: the entry points
+    read it once into their look at the model (:func:`utils.models.profile.look_at`) and pass that
+    :class:`ModelCall` on, so what :func:`predict` and :func:`returns_loss` learn is kept there.
+    """
+    return _unwrapped(model, None)[1]
 
 
-def _inner_call(model: nn.Module) -> tuple[nn.Module, ModelCall]:
-    """The user's module inside any wrapper, and its :class:`ModelCall` (read once, then cached)."""
+def _unwrapped(model: nn.Module, call: ModelCall | None) -> tuple[nn.Module, ModelCall]:
+    """The user's module inside any wrapper, and ``call`` (default: read from its signature now)."""
     inner = unwrap(model)
-    found = _CALLS.get(inner)
-    if found is None:
-        found = _CALLS[inner] = _detect(inner)
-    return inner, found
+    return inner, call or _detect(inner)
 
 
 def _detect(model: nn.Module) -> ModelCall:
@@ -240,10 +239,11 @@ def is_loss_output(output) -> bool:
 _PROBE_IDS = (2, 4)  # a loss wrapper shifts its input, so the probe stays short of any context
 
 
-def returns_loss(model: nn.Module) -> bool:
+def returns_loss(model: nn.Module, call: ModelCall | None = None) -> bool:
     """Whether ``model(ids)`` returns a loss instead of logits (``loss = model(seq)``: the wrapper
     shifts the sequence and computes the cross-entropy itself). Only plain ``forward(ids)`` models
-    are probed, once, on ``(2, 4)`` zeros in eval mode; the answer is cached with :func:`model_call`.
+    are probed, on ``(2, 4)`` zeros in eval mode; the answer is kept on ``call`` (default: read
+    now), so a caller holding the model's :class:`ModelCall` probes once.
 
     Example::
 
@@ -255,7 +255,7 @@ def returns_loss(model: nn.Module) -> bool:
         >>> returns_loss(Wrapper()), returns_loss(nn.Embedding(10, 10))
         (True, False)
     """
-    inner, call = _inner_call(model)
+    inner, call = _unwrapped(model, call)
     if call.returns_loss is None:
         call.returns_loss = call.convention == PLAIN and _probe_returns_loss(inner)
     return call.returns_loss
@@ -294,19 +294,20 @@ def find_logits_network(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def predict(model: nn.Module, ids: torch.Tensor, call: ModelCall | None = None) -> torch.Tensor:
     """Per-position logits for token ids ``(B, T)``: ``(B, T, V)`` (or ``(B, C)`` for a classifier).
 
     A ``forward(idx, targets=None)`` model that returns only the last position without targets
     (found on the first call with ``T > 1``) is called with placeholder targets (zeros), so every
-    position comes back; its loss on them is ignored.
+    position comes back; its loss on them is ignored. What the first call learns is kept on
+    ``call`` (default: read now, and forgotten after the call).
 
     Example::
 
         >>> predict(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10)), torch.zeros(2, 3, dtype=torch.long)).shape
         torch.Size([2, 3, 10])
     """
-    call = model_call(model)
+    call = call or model_call(model)
     if call.convention != TARGETS:
         return get_logits(model(ids))
     if call.last_position_only:

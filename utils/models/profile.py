@@ -79,7 +79,7 @@ class ModelProfile:
     def returns_loss(self) -> bool:
         """Whether ``model(ids)`` returns its loss, not logits (probed once, see
         :func:`~utils.models.calls.returns_loss`)."""
-        return returns_loss(self.model)
+        return returns_loss(self.model, self.call)
 
     @functools.cached_property
     def task(self) -> TaskInfo:
@@ -90,7 +90,7 @@ class ModelProfile:
             ValueError: as :func:`~utils.models.tasks.detect_task`.
         """
         return detect_task(self.model, self.stated_task, vocab_size=self.vocab_size, call=self.caller,
-                           own_loss=self.returns_loss, spec=self.sizes.input)
+                           own_loss=self.returns_loss, spec=self.sizes.input, calling=self.call)
 
     def spec(self, vocab_size: int | None = None, max_seq_len: int | None = None, *,
              call: str | None = None) -> InputSpec:

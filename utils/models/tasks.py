@@ -25,7 +25,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.models.calls import find_logits_network, get_logits, predict, preserved_state, returns_loss
+from utils.models.calls import (
+    ModelCall,
+    find_logits_network,
+    get_logits,
+    predict,
+    preserved_state,
+    returns_loss,
+)
 from utils.models.input_kind import expected_input
 from utils.models.sizes import InputSpec, find_vocab_size, input_spec, model_device
 
@@ -178,7 +185,7 @@ class LogitsNetwork:
     note: str | None = None
 
 
-def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
+def logits_network(model: nn.Module, call: str, own_loss: bool | None = None) -> LogitsNetwork:
     """The module to read logits from: ``model``, unless its forward returns its own loss
     (:func:`~utils.models.calls.returns_loss`); then the network it wraps (an attribute whose module
     maps token ids to logits, see :func:`~utils.models.calls.find_logits_network`).
@@ -192,7 +199,7 @@ def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
         ValueError: the model returns a loss and holds no network that returns logits; the message
             says what to pass instead.
     """
-    if not returns_loss(model):
+    if not (own_loss if own_loss is not None else returns_loss(model)):  # own_loss: the caller's look knows
         return LogitsNetwork(model)
     name = type(model).__name__
     found = find_logits_network(model)
@@ -235,12 +242,14 @@ def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
     return (ids,), {}
 
 
-def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None,
+                call: ModelCall | None = None) -> torch.Tensor:
     """Per-position logits of ``model`` on token ids ``(B, T)``, called as its task needs: an
     encoder-decoder with decoder inputs (see :func:`call_inputs`), any other model through
-    :func:`utils.models.calls.predict` (which knows the calling conventions)."""
+    :func:`utils.models.calls.predict` (which knows the calling conventions; ``call`` is the model's
+    :class:`~utils.models.calls.ModelCall` when the caller holds it)."""
     if info is None or info.task != SEQ2SEQ:
-        return predict(model, ids)
+        return predict(model, ids, call)
     args, kwargs = call_inputs(ids, info)
     return get_logits(model(*args, **kwargs))
 
@@ -269,7 +278,8 @@ def earlier_positions_unchanged(y: torch.Tensor, y2: torch.Tensor, where: torch.
     return float(diff[before.cpu()].max()) <= _CAUSAL_RTOL * scale
 
 
-def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> bool | None:
+def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None,
+                 call: ModelCall | None = None) -> bool | None:
     """Does changing the last token leave every earlier position's output as it was? Runs the model
     twice in eval mode; None when the output is not per position ``(B, T, ...)``."""
     changed = ids.clone()
@@ -277,7 +287,7 @@ def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = No
     changed[:, -1] = (ids[:, -1] + 1) % max(vocab, 2)  # always a different token
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y, y2 = (task_logits(model, x, info).float() for x in (ids, changed))
+        y, y2 = (task_logits(model, x, info, call).float() for x in (ids, changed))
     if y.dim() < 3 or y.shape[1] != ids.shape[1]:
         return None
     where = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
@@ -290,7 +300,7 @@ def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = No
 
 def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | None = None,
                 max_seq_len: int | None = None, call: str | None = None, own_loss: bool | None = None,
-                spec: InputSpec | None = None) -> TaskInfo:
+                spec: InputSpec | None = None, calling: ModelCall | None = None) -> TaskInfo:
     """What ``model`` predicts; ``task`` states it (then only ``"causal-lm"`` is checked).
 
     Example::
@@ -306,6 +316,8 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
             :func:`~utils.models.calls.returns_loss`).
         spec: what to feed the probe, when already resolved (default None: from ``vocab_size`` and
             ``max_seq_len``, see :func:`~utils.models.sizes.input_spec`).
+        calling: the model's :class:`~utils.models.calls.ModelCall`, when the caller holds it: what
+            the probe learns about the model is kept there (default None: read now).
 
     Raises:
         ValueError: an unknown ``task``; ``task="causal-lm"`` for a model whose earlier positions
@@ -319,13 +331,13 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
     if vocab_size is None and not is_token_model(model):
         return TaskInfo(NON_TOKEN, "no config.vocab_size and no nn.Embedding", expected_input=expected_input(model))
     stated = _hf_task(model)
-    if stated is None and (own_loss if own_loss is not None else returns_loss(model)):
+    if stated is None and (own_loss if own_loss is not None else returns_loss(model, calling)):
         return _own_loss_task(model, task, vocab_size, call)
     if task is not None and task != CAUSAL_LM:
         return _with_ids(model, TaskInfo(task, "stated with task="), vocab_size)
     if stated is not None and not (task == CAUSAL_LM and stated[0] != CAUSAL_LM):
         return _with_ids(model, TaskInfo(*stated), vocab_size)
-    return _probe(model, task, spec or input_spec(model, vocab_size, max_seq_len, call=call), call)
+    return _probe(model, task, spec or input_spec(model, vocab_size, max_seq_len, call=call), call, calling)
 
 
 def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) -> TaskInfo:
@@ -345,15 +357,15 @@ def _with_ids(model: nn.Module, info: TaskInfo, vocab_size: int | None) -> TaskI
     return TaskInfo(info.task, info.reason, find_mask_token_id(model, vocab_size), start, info.expected_input)
 
 
-def _probe(model: nn.Module, task: str | None, spec: InputSpec, call: str) -> TaskInfo:
+def _probe(model: nn.Module, task: str | None, spec: InputSpec, call: str, calling: ModelCall | None) -> TaskInfo:
     ids = spec.random_ids(2, min(_PROBE_LEN, spec.max_seq_len), torch.Generator().manual_seed(0))
     with preserved_state(model), torch.no_grad():
         model.eval()
-        logits = task_logits(model, ids)
+        logits = task_logits(model, ids, call=calling)
     if logits.dim() == 2:
         found = TaskInfo(CLASSIFIER, f"one output per sequence, logits {tuple(logits.shape)}")
     else:
-        causal = probe_causal(model, ids) if ids.shape[1] > 1 else None
+        causal = probe_causal(model, ids, call=calling) if ids.shape[1] > 1 else None
         if causal is False:
             found = TaskInfo(MASKED_LM, "changing the last token changes earlier positions (bidirectional)")
         else:

@@ -318,7 +318,7 @@ def check_attention_patterns(
         cannot be told: uniform heads are then reported, not failed, and the summary says to pass
         ``trained=True`` to fail on them.
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_attention_patterns({type(model).__name__})")
     ids = spec.random_ids(batch_size, analyzed_length(spec, seq_len), torch.Generator().manual_seed(seed))
     capture = capture_attention(model, ids, info)
     if not capture.maps:

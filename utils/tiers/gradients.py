@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from utils.models.calls import preserved_state
+from utils.models.calls import ModelCall, preserved_state
 from utils.models.profile import ModelProfile
 from utils.models.tasks import task_logits
 from utils.tiers.inputs import MAX_NAMED, checked_inputs
@@ -42,7 +42,7 @@ def check_gradient_flow(
         >>> check_gradient_flow(example_model("gpt-micro")).passed
         True
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_gradient_flow({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_gradient_flow({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     ids = spec.random_ids(batch_size, min(seq_len or 32, spec.max_seq_len), gen)
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -51,7 +51,7 @@ def check_gradient_flow(
         model.train()
         for _, p in params:
             p.grad = None
-        logits = task_logits(model, ids, info)
+        logits = task_logits(model, ids, info, calling)
         if not logits.requires_grad:
             return Check("gradient_flow", False,
                          "The output does not depend on any trainable parameter: no gradient reaches the model.",
@@ -59,7 +59,7 @@ def check_gradient_flow(
         _surrogate_loss(logits, gen).backward()
         norms = {n: (None if p.grad is None else float(p.grad.detach().float().norm())) for n, p in params}
     groups = _classify_grad_norms(norms, vanishing_below, exploding_above)
-    inert = _inert_parameters(model, ids, info, dict(params), norms, groups, vanishing_below, gen)
+    inert = _inert_parameters(model, ids, info, calling, dict(params), norms, groups, vanishing_below, gen)
     bad = {k: v for k, v in groups.items() if v}
     details = {"grad_norms": norms, "frozen": frozen[:MAX_NAMED], "inert_by_design": inert,
                **{k: v[:MAX_NAMED] for k, v in bad.items()}}
@@ -87,7 +87,7 @@ _INERT_NOISE_STD = 5.0  # a perturbation far larger than any trained value
 _INERT_RTOL = 1e-5  # output change that is rounding, not dependence
 
 
-def _inert_parameters(model, ids, info, params: dict, norms: dict, groups: dict, vanishing_below: float,
+def _inert_parameters(model, ids, info, calling: ModelCall, params: dict, norms: dict, groups: dict, vanishing_below: float,
                       gen: torch.Generator) -> dict[str, str]:
     """Move zero and vanishing gradients that are so by design out of ``groups`` (in place).
 
@@ -106,7 +106,7 @@ def _inert_parameters(model, ids, info, params: dict, norms: dict, groups: dict,
             siblings = [n for n in params if n != name and n.rpartition(".")[0] == owner]
             if not any((norms[n] or 0.0) >= vanishing_below for n in siblings):
                 continue
-            moved = _output_change(model, ids, info, params[name], gen)
+            moved = _output_change(model, ids, info, calling, params[name], gen)
             if moved < _INERT_RTOL:
                 groups[group].remove(name)
                 inert[name] = (f"gradient norm {norms[name]:.1e}; perturbing it by N(0, {_INERT_NOISE_STD:g}²) "
@@ -114,15 +114,15 @@ def _inert_parameters(model, ids, info, params: dict, norms: dict, groups: dict,
     return inert
 
 
-def _output_change(model, ids, info, param: nn.Parameter, gen: torch.Generator) -> float:
+def _output_change(model, ids, info, calling: ModelCall, param: nn.Parameter, gen: torch.Generator) -> float:
     """Relative change of the eval-mode output when ``param`` gets N(0, 5²) noise (then restored)."""
     noise = _INERT_NOISE_STD * torch.randn(param.shape, generator=gen).to(param.device, param.dtype)
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = task_logits(model, ids, info).float()
+        y = task_logits(model, ids, info, calling).float()
         param.add_(noise)
         try:
-            y2 = task_logits(model, ids, info).float()
+            y2 = task_logits(model, ids, info, calling).float()
         finally:
             param.sub_(noise)
     return float((y2 - y).norm() / y.norm().clamp_min(1e-12))

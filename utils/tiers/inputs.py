@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from utils.models.calls import ModelCall
 from utils.models.profile import ModelProfile, look_at
 from utils.models.sizes import InputSpec
 from utils.models.tasks import TaskInfo, task_logits
@@ -26,10 +27,10 @@ def seq_grid(max_seq_len: int) -> list[int]:
 
 
 def checked_inputs(model: nn.Module, profile: ModelProfile | None, task, vocab_size, max_seq_len,
-                   call: str) -> tuple[InputSpec, TaskInfo]:
-    """What a check feeds the model and its task: from the tier's look at it (``profile``, built with
-    ``vocab_size`` and ``max_seq_len``) when given, else from one look here; a ``TaskInfo`` from
-    ``run_tier1``/``run_tier2`` is used as is.
+                   call: str) -> tuple[InputSpec, TaskInfo, ModelCall]:
+    """What a check feeds the model, its task and how to call it: from the tier's look at it
+    (``profile``, built with ``vocab_size`` and ``max_seq_len``) when given, else from one look here;
+    a ``TaskInfo`` from ``run_tier1``/``run_tier2`` is used as is.
 
     Raises:
         ValueError: the model takes no token ids (the message names ``call``), or a bad size or task.
@@ -38,7 +39,7 @@ def checked_inputs(model: nn.Module, profile: ModelProfile | None, task, vocab_s
         stated = None if isinstance(task, TaskInfo) else task
         profile = look_at(model, stated, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
     spec = profile.spec(call=call)
-    return spec, task if isinstance(task, TaskInfo) else profile.task
+    return spec, task if isinstance(task, TaskInfo) else profile.task, profile.call
 
 
 def analyzed_length(spec, seq_len: int | None) -> int:
@@ -46,9 +47,10 @@ def analyzed_length(spec, seq_len: int | None) -> int:
     return min(seq_len or 32, spec.max_seq_len)
 
 
-def float_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+def float_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None,
+                 calling: ModelCall | None = None) -> torch.Tensor:
     """Per-position logits as float32, detached: what Tier 2 compares."""
-    return task_logits(model, ids, info).detach().float()
+    return task_logits(model, ids, info, calling).detach().float()
 
 
 def causality_words(causal: bool | None, info: TaskInfo) -> str:

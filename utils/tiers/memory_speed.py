@@ -12,7 +12,7 @@ import time
 import torch
 from torch import nn
 
-from utils.models.calls import preserved_state
+from utils.models.calls import ModelCall, preserved_state
 from utils.models.profile import ModelProfile
 from utils.models.sizes import model_device
 from utils.models.tasks import TaskInfo, task_logits
@@ -51,21 +51,21 @@ def check_memory(
         >>> check_memory(example_model("gpt-micro")).details["activation_bytes"]["32-true"]   # doctest: +SKIP
         {1: 1703936, 2: 3407872, 4: 6815744}
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_memory({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_memory({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     # parameters() yields a tied weight once, so it is counted once.
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
     fp32_plan = _measuring_plan("32-true", spec.device)
-    measured = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan, info)
+    measured = {b: _activation_bytes(model, spec.random_ids(b, spec.max_seq_len, gen), fp32_plan, info, calling)
                 for b in (measured_batch_sizes or batch_sizes)}
     fp32 = {b: measured.get(b, _per_sample(measured, b)) for b in batch_sizes}
     activations = {"32-true": fp32}
     # The 16-bit precision worth comparing: the plan's when it autocasts (e.g. 16-mixed on a GPU
     # without bf16), otherwise bf16-mixed, to show what it would save here.
     half = plan.name if plan is not None and plan.autocast_dtype is not None else "bf16-mixed"
-    activations[half] = _scaled_activations(model, spec, fp32, _measuring_plan(half, spec.device), gen, info)
+    activations[half] = _scaled_activations(model, spec, fp32, _measuring_plan(half, spec.device), gen, info, calling)
     training = {name: {b: _training_bytes(name, trainable, param_bytes + buffer_bytes, act)
                        for b, act in acts.items()} for name, acts in activations.items()}
     available = _device_memory_bytes(spec.device)
@@ -99,7 +99,7 @@ def _measuring_plan(name: str, device: torch.device) -> PrecisionPlan:
     return plan_for(name, device, reason="Tier 1's memory check measures it.")
 
 
-def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen, info) -> dict[int, int]:
+def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan, gen, info, calling: ModelCall) -> dict[int, int]:
     """Activation bytes under ``plan``'s autocast, from two short measurements instead of full ones
     (16-bit matmuls can be 100x slower than fp32 on a CPU without native support).
 
@@ -108,18 +108,18 @@ def _scaled_activations(model: nn.Module, spec, fp32: dict, plan: PrecisionPlan,
     """
     short = spec.random_ids(2, min(spec.max_seq_len, 16), gen)
     fp32_plan = _measuring_plan("32-true", spec.device)
-    f1, f2 = (_activation_bytes(model, short[:n], fp32_plan, info) for n in (1, 2))
-    l1, l2 = (_activation_bytes(model, short[:n], plan, info) for n in (1, 2))
+    f1, f2 = (_activation_bytes(model, short[:n], fp32_plan, info, calling) for n in (1, 2))
+    l1, l2 = (_activation_bytes(model, short[:n], plan, info, calling) for n in (1, 2))
     ratio = (l2 - l1) / max(f2 - f1, 1)
     constant = max(l1 - ratio * f1, 0)
     return {b: int(ratio * v + constant) for b, v in fp32.items()}
 
 
-def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo) -> int:
+def _activation_bytes(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo, calling: ModelCall) -> int:
     """Bytes autograd saves in one train-mode forward of ``ids`` to the logits (no loss), parameters
     left out. Autocast's 16-bit weight copies count here too: like activations, they are memory a
     training step holds beyond the weights (the constant part :func:`_scaled_activations` finds)."""
-    saved = saved_tensor_bytes(model, ids, plan, loss_fn=lambda m, x: task_logits(m, x, info))
+    saved = saved_tensor_bytes(model, ids, plan, loss_fn=lambda m, x: task_logits(m, x, info, calling))
     return saved.activations + saved.weight_copies
 
 
@@ -199,18 +199,18 @@ def check_inference_speed(
         whose dtype is emulated on the device is timed at the smallest batch size only, and the
         summary says so.
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_inference_speed({type(model).__name__})")
     plan = plan if plan is not None else resolve_precision("auto", device=spec.device)
     t = min(seq_len or 128, spec.max_seq_len)
     gen = torch.Generator().manual_seed(seed)
     inputs = {b: spec.random_ids(b, t, gen) for b in batch_sizes}
-    results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup, info)}
+    results = {"fp32": _time_forwards(model, inputs, None, repeats, warmup, info, calling)}
     small, big = min(batch_sizes), max(batch_sizes)
     emulated = plan.name != "32-true" and not runs_natively(spec.device, plan.autocast_dtype or plan.param_dtype)
     if plan.name != "32-true":
         target = model if plan.param_dtype == torch.float32 else copy.deepcopy(model).to(plan.param_dtype)
         timed = {small: inputs[small]} if emulated else inputs  # emulated: many times slower, one batch says it
-        results[plan.name] = _time_forwards(target, timed, plan, repeats, warmup, info)
+        results[plan.name] = _time_forwards(target, timed, plan, repeats, warmup, info, calling)
     details = {"seq_len": t, "repeats": repeats, "plan": plan.describe(), **results}
     if plan.name != "32-true":
         details["plan_emulated"] = emulated
@@ -232,7 +232,7 @@ def check_inference_speed(
 
 
 def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, repeats: int, warmup: int,
-                   info: TaskInfo) -> dict:
+                   info: TaskInfo, calling: ModelCall) -> dict:
     """Forward latency per batch size: ``repeats`` timed calls after ``warmup`` untimed ones, each
     one call between two device synchronizations (``torch.utils.benchmark.Timer.timeit`` would run
     two more untimed calls before each: three times the cost for a large model on a CPU)."""
@@ -244,8 +244,8 @@ def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, r
         for b, ids in inputs.items():
             for _ in range(warmup):
                 with autocast():
-                    task_logits(model, ids, info)
-            times = [_timed_forward(model, ids, info, autocast, device) for _ in range(repeats)]
+                    task_logits(model, ids, info, calling)
+            times = [_timed_forward(model, ids, info, calling, autocast, device) for _ in range(repeats)]
             median = statistics.median(times)
             lat_median[b], tps[b] = 1e3 * median, ids.numel() / median
             # p95 between samples (inclusive method); with one sample, that sample
@@ -253,12 +253,12 @@ def _time_forwards(model: nn.Module, inputs: dict, plan: PrecisionPlan | None, r
     return {"latency_ms_median": lat_median, "latency_ms_p95": lat_p95, "tokens_per_s": tps}
 
 
-def _timed_forward(model: nn.Module, ids: torch.Tensor, info: TaskInfo, autocast, device: torch.device) -> float:
+def _timed_forward(model: nn.Module, ids: torch.Tensor, info: TaskInfo, calling: ModelCall, autocast, device: torch.device) -> float:
     """Seconds of one forward, the device's queue drained before and after."""
     synchronize(device)
     start = time.perf_counter()
     with autocast():
-        task_logits(model, ids, info)
+        task_logits(model, ids, info, calling)
     synchronize(device)
     return time.perf_counter() - start
 

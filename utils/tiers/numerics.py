@@ -9,7 +9,7 @@ import math
 import torch
 from torch import nn
 
-from utils.models.calls import preserved_state
+from utils.models.calls import ModelCall, preserved_state
 from utils.models.profile import ModelProfile
 from utils.models.tasks import TaskInfo, task_logits
 from utils.tiers.inputs import MAX_NAMED, checked_inputs
@@ -44,7 +44,7 @@ def check_numerical_stability(
         >>> check_numerical_stability(example_model("gpt-micro")).details["bad_tokens"]
         []
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_numerical_stability({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     length = min(seq_len or spec.max_seq_len, spec.max_seq_len)
     batches = [spec.random_ids(batch_size, length, gen) for _ in range(trials)]
@@ -54,21 +54,21 @@ def check_numerical_stability(
     problems, details = [], {}
     with preserved_state(model), torch.no_grad():
         model.eval()
-        outs = [task_logits(model, ids, info) for ids in batches]
+        outs = [task_logits(model, ids, info, calling) for ids in batches]
         bad_trials = [i for i, out in enumerate(outs) if not torch.isfinite(out).all()]
         if bad_trials:
             problems.append(f"{len(bad_trials)} of {trials} random batches give NaN/Inf")
         details["max_abs_output"] = max(float(o.float().abs().nan_to_num(0.0, 0.0, 0.0).max()) for o in outs)
-        bad_tokens, swept = _sweep_tokens(model, spec, max_sweep_tokens, gen, info)
+        bad_tokens, swept = _sweep_tokens(model, spec, max_sweep_tokens, gen, info, calling)
         details.update(bad_tokens=bad_tokens[:MAX_NAMED], tokens_swept=swept)
         if bad_tokens:
             problems.append(f"{len(bad_tokens)} token id(s) alone give NaN/Inf, e.g. {bad_tokens[:5]}")
-        diff = (task_logits(model, batches[0], info).float() - outs[0].float()).abs().nan_to_num(0.0).max()
+        diff = (task_logits(model, batches[0], info, calling).float() - outs[0].float()).abs().nan_to_num(0.0).max()
         details["eval_repeat_max_diff"] = float(diff)
         if diff > 1e-6 * max(1.0, details["max_abs_output"]):
             problems.append(f"eval mode is not deterministic: the same batch twice differs by {float(diff):.3g}")
         if plan is not None and plan.autocast_dtype is not None:
-            details.update(_autocast_finite(model, batches[0][:1, :16], plan, info))
+            details.update(_autocast_finite(model, batches[0][:1, :16], plan, info, calling))
             if not details["autocast_finite"]:
                 problems.append(f"under {plan.name} the output has NaN/Inf")
     if problems:
@@ -82,7 +82,7 @@ def _swept(swept: int, vocab_size: int) -> str:
     return f"all {swept} token ids" if swept >= vocab_size else f"{swept} of {vocab_size} token ids (a random sample)"
 
 
-def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator, info: TaskInfo,
+def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator, info: TaskInfo, calling: ModelCall,
                   chunk: int = 1024) -> tuple[list[int], int]:
     """Token ids whose one-token input gives a non-finite output; and how many ids were tried."""
     if spec.vocab_size <= max_tokens:
@@ -91,15 +91,15 @@ def _sweep_tokens(model: nn.Module, spec, max_tokens: int, gen: torch.Generator,
         ids = torch.randperm(spec.vocab_size, generator=gen)[:max_tokens].sort().values
     bad = []
     for part in ids.split(chunk):
-        out = task_logits(model, part.view(-1, 1).to(spec.device), info)  # (n, 1, V) or (n, C)
+        out = task_logits(model, part.view(-1, 1).to(spec.device), info, calling)  # (n, 1, V) or (n, C)
         finite = torch.isfinite(out.reshape(len(part), -1)).all(dim=1).cpu()
         bad += part[~finite].tolist()
     return bad, len(ids)
 
 
-def _autocast_finite(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo) -> dict:
+def _autocast_finite(model: nn.Module, ids: torch.Tensor, plan: PrecisionPlan, info: TaskInfo, calling: ModelCall) -> dict:
     with plan.autocast():
-        out = task_logits(model, ids, info)
+        out = task_logits(model, ids, info, calling)
     return {"autocast_precision": plan.name, "autocast_finite": bool(torch.isfinite(out).all())}
 
 

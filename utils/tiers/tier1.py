@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from utils.models.calls import preserved_state, short_logits_error
+from utils.models.calls import ModelCall, preserved_state
 from utils.models.profile import ModelProfile, look_at
 from utils.models.sizes import CONTEXT_SEARCH
 from utils.models.tasks import TaskInfo, logits_network, task_logits
@@ -132,9 +132,11 @@ def run_tier1(
     call = f"run_tier1({type(model).__name__})"
     if device is not None:
         model.to(device)
-    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
-    model = network.module
     profile = look_at(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)  # the one look
+    network = logits_network(model, call, own_loss=profile.returns_loss)  # a loss wrapper: through its network
+    if network.module is not model:  # the network is the model these checks look at
+        profile = look_at(network.module, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+    model = network.module
     spec = profile.spec()
     plan = resolve_precision(precision, device=spec.device)
     info, task_note = _tier_task(profile, task)
@@ -218,7 +220,7 @@ def check_shapes(
         >>> check_shapes(example_model("gpt-micro")).details["output"]   # doctest: +SKIP
         '(B, T, 256)'
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_shapes({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     long = spec.max_seq_len
     grid, edge = seq_grid(long), long
@@ -235,11 +237,11 @@ def check_shapes(
         for key, ids in cases:
             b, t = ids.shape
             try:
-                out = task_logits(model, ids, info)
+                out = task_logits(model, ids, info, calling)
             except Exception as e:  # a shape the model cannot take is the finding itself
                 problems.append(f"input {key} raised {type(e).__name__}: {e}{_default_context_hint(spec)}")
                 continue
-            if error := short_logits_error(model, out, t):  # the inference shortcut, under another name
+            if error := calling.short_logits_error(out, t):  # the inference shortcut, under another name
                 problems.append(f"input {key}: {error}")
                 continue
             shapes[key] = tuple(out.shape)
@@ -248,7 +250,7 @@ def check_shapes(
     if len(trailing) > 1:
         problems.append(f"the output's trailing dimensions change with the input: {sorted(trailing)}")
     details = {"inputs_tried": len(cases), "output_shapes": shapes,
-               "too_long_input": _too_long_behaviour(model, spec, info)}
+               "too_long_input": _too_long_behaviour(model, spec, info, calling)}
     if problems:
         details["problems"] = problems[:MAX_NAMED]
         return Check("shape_robustness", False, f"{len(problems)} shape problem(s); first: {problems[0]}.", details)
@@ -274,7 +276,7 @@ def _shape_problems(key: str, out: torch.Tensor, b: int, t: int) -> list[str]:
     return []
 
 
-def _too_long_behaviour(model: nn.Module, spec, info: TaskInfo) -> str:
+def _too_long_behaviour(model: nn.Module, spec, info: TaskInfo, calling: ModelCall) -> str:
     """What an input one token longer than the context does: informative, not pass/fail."""
     if spec.context_from != "model":
         return ("not tried: the model has no fixed context" if spec.context_from == "default"
@@ -282,7 +284,7 @@ def _too_long_behaviour(model: nn.Module, spec, info: TaskInfo) -> str:
     with preserved_state(model), torch.no_grad():
         model.eval()
         try:
-            task_logits(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device), info)
+            task_logits(model, torch.zeros(1, spec.max_seq_len + 1, dtype=torch.long, device=spec.device), info, calling)
         except Exception as e:  # raising is the good outcome here
             return f"refused ({type(e).__name__})"
     return "accepted (the model does not enforce its context length)"

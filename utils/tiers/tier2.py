@@ -79,9 +79,11 @@ def run_tier2(
     call = f"run_tier2({type(model).__name__})"
     if device is not None:
         model.to(device)
-    network = logits_network(model, call)  # a loss-returning wrapper is checked through its network
-    model = network.module
     profile = look_at(model, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)  # the one look
+    network = logits_network(model, call, own_loss=profile.returns_loss)  # a loss wrapper: through its network
+    if network.module is not model:  # the network is the model these checks look at
+        profile = look_at(network.module, task, vocab_size=vocab_size, max_seq_len=max_seq_len, call=call)
+    model = network.module
     spec, info = profile.spec(), profile.task
     kw = dict(seq_len=seq_len, seed=seed, task=info, profile=profile)  # every check reads the model from this look
     checks = run_checks(f"Tier 2: {type(model).__name__}", [
@@ -125,7 +127,7 @@ def check_token_substitution(
         >>> check_token_substitution(example_model("gpt-micro")).details["earlier_positions_unchanged"]
         True
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_token_substitution({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_token_substitution({type(model).__name__})")
     gen = torch.Generator().manual_seed(seed)
     t = analyzed_length(spec, seq_len)
     ids = spec.random_ids(batch_size, t, gen)
@@ -136,7 +138,7 @@ def check_token_substitution(
     changed[rows, where] = (ids[rows, where] + shift) % spec.vocab_size  # always a different token
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y, y2 = float_logits(model, ids, info), float_logits(model, changed, info)
+        y, y2 = float_logits(model, ids, info, calling), float_logits(model, changed, info, calling)
     if not (torch.isfinite(y).all() and torch.isfinite(y2).all()):
         return Check("token_substitution", False, "The output has NaN/Inf on random or substituted tokens.", {})
     rel = ((y2 - y).flatten(1).norm(dim=1) / y.flatten(1).norm(dim=1).clamp_min(1e-12)).tolist()
@@ -189,7 +191,7 @@ def check_embedding_noise(
         >>> sorted(check_embedding_noise(example_model("gpt-micro")).details["relative_change"])
         [0.01, 0.1]
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_embedding_noise({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_embedding_noise({type(model).__name__})")
     embedding = profile.embedding if profile is not None else find_input_embedding(model)
     if embedding is None:
         return Check("embedding_noise", True, "No input embedding found (no nn.Embedding): nothing to perturb.",
@@ -199,10 +201,10 @@ def check_embedding_noise(
     changes, finite = {}, True
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = float_logits(model, ids, info)
+        y = float_logits(model, ids, info, calling)
         for level in noise_levels:
             with _noisy(embedding, level, gen):
-                y2 = float_logits(model, ids, info)
+                y2 = float_logits(model, ids, info, calling)
             finite &= bool(torch.isfinite(y2).all())
             changes[level] = float((y2 - y).norm() / y.norm().clamp_min(1e-12)) if finite else math.inf
     details = {"embedding": type(embedding).__name__, "relative_change": changes}
@@ -246,13 +248,13 @@ def check_batch_consistency(
         >>> check_batch_consistency(example_model("gpt-micro")).passed
         True
     """
-    spec, info = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_batch_consistency({type(model).__name__})")
+    spec, info, calling = checked_inputs(model, profile, task, vocab_size, max_seq_len, f"check_batch_consistency({type(model).__name__})")
     ids = spec.random_ids(batch_size, analyzed_length(spec, seq_len), torch.Generator().manual_seed(seed))
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y = float_logits(model, ids, info)
-        alone = torch.cat([float_logits(model, ids[i:i + 1], info) for i in range(batch_size)])
-        reversed_ = float_logits(model, ids.flip(0), info).flip(0)
+        y = float_logits(model, ids, info, calling)
+        alone = torch.cat([float_logits(model, ids[i:i + 1], info, calling) for i in range(batch_size)])
+        reversed_ = float_logits(model, ids.flip(0), info, calling).flip(0)
     scale = max(float(y.abs().max()), 1e-12)
     alone_diff = ((alone - y).flatten(1).abs().amax(1) / scale).tolist()
     reversed_diff = float((reversed_ - y).abs().max()) / scale
