@@ -229,16 +229,17 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
     return Objective(info, vocab, type(model).__name__, own_loss=profile.returns_loss, profile=profile)
 
 
-def objective_loss_fn(model: nn.Module, task: str | None = None):
+def objective_loss_fn(model: nn.Module, task: str | Objective | None = None):
     """A ``loss_fn(model, batch) -> loss`` with ``model``'s objective, for one-off measurements
     (memory, the fp16 report): the task is found now, before any hook watches a forward pass, and
     each call hides the same positions (a fresh generator seeded 0), so two passes compare.
+    ``task`` may be the model's :class:`Objective` already found (then the model is not looked at again).
 
     Example::
 
         >>> loss = objective_loss_fn(bert)(bert, ids)          # doctest: +SKIP
     """
-    objective = objective_for(model, task)
+    objective = task if isinstance(task, Objective) else objective_for(model, task)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0), argument="batch"))[0]
