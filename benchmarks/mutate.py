@@ -77,6 +77,8 @@ LOOP, POSITION = "utils/training/loop/trainer.py", "utils/training/loop/position
 CHECKPOINT = "utils/training/runs/checkpoint.py"
 METER, EVALUATE = "utils/training/loop/meter.py", "utils/training/loop/evaluate.py"
 PRECISION, TIER1 = "utils/training/amp/precision.py", "utils/tiers/tier1.py"
+GRADIENTS, NUMERICS = "utils/tiers/gradients.py", "utils/tiers/numerics.py"
+MEMORY_SPEED = "utils/tiers/memory_speed.py"
 CALLBACK = "utils/training/wandb_log/callback.py"
 RUNNER, RESULTS = "utils/training/benchmark/runner.py", "utils/training/benchmark/results.py"
 GUARDS, METRICS_LOG = "utils/training/loop/guards.py", "utils/training/runs/metrics_log.py"
@@ -105,17 +107,17 @@ MUTANTS = [
     Mutant("throughput-counts-validation", LOOP, "meter.tokens_done / max(wall - meter.eval_s, 1e-9)",
            "meter.tokens_done / max(wall, 1e-9)", "evaluation"),
     # -- Tier 1: checks made never to fail ------------------------------------------------------
-    Mutant("determinism-never-fails", TIER1, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
+    Mutant("determinism-never-fails", NUMERICS, r"if diff > 1e-6 \* max\(1\.0, details\[\"max_abs_output\"\]\):",
            "if False:", "tier1", regex=True),
-    Mutant("vanishing-never-fails", TIER1, "elif norm < vanishing_below:", "elif False:", "tier1"),
-    Mutant("memory-never-fails", TIER1, "if available and smallest > available:", "if False:", "tier1"),
-    Mutant("random-batch-nan-never-fails", TIER1, "if bad_trials:", "if False:", "tier1"),
+    Mutant("vanishing-never-fails", GRADIENTS, "elif norm < vanishing_below:", "elif False:", "tier1"),
+    Mutant("memory-never-fails", MEMORY_SPEED, "if available and smallest > available:", "if False:", "tier1"),
+    Mutant("random-batch-nan-never-fails", NUMERICS, "if bad_trials:", "if False:", "tier1"),
     Mutant("batch-dim-never-checked", TIER1, "if out.dim() == 0 or out.shape[0] != b:", "if False:", "tier1"),
-    Mutant("autocast-nan-never-fails", TIER1, 'if not details["autocast_finite"]:', "if False:", "tier1"),
-    Mutant("gain-without-sqrt", TIER1, 'stats["std"] * math.sqrt(fan_in)', 'stats["std"] * fan_in', "tier1"),
-    Mutant("buffers-not-counted", TIER1, "buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())",
+    Mutant("autocast-nan-never-fails", NUMERICS, 'if not details["autocast_finite"]:', "if False:", "tier1"),
+    Mutant("gain-without-sqrt", NUMERICS, 'stats["std"] * math.sqrt(fan_in)', 'stats["std"] * fan_in', "tier1"),
+    Mutant("buffers-not-counted", MEMORY_SPEED, "buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())",
            "buffer_bytes = 0", "tier1"),
-    Mutant("adam-one-moment", TIER1, "trainable * size * 3", "trainable * size * 2", "tier1"),
+    Mutant("adam-one-moment", MEMORY_SPEED, "trainable * size * 3", "trainable * size * 2", "tier1"),
     # -- the resolver ---------------------------------------------------------------------------
     Mutant("auto-ignores-cpu-bf16", PRECISION, r"if caps\.cpu_bf16:\n(\s*)return \"bf16-mixed\"",
            r'if False:\n\1return "bf16-mixed"', "resolver", regex=True),

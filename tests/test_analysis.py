@@ -11,15 +11,17 @@ from torch import nn
 from user_models import TransformerLM, TupleLM, tiny_gpt2
 
 from utils.models.examples import example_model
-from utils.tiers.tier2 import (
+from utils.tiers.attention import (
     capture_attention,
     check_attention_patterns,
+    looks_trained,
+    sdpa_attention_weights,
+)
+from utils.tiers.tier2 import (
     check_batch_consistency,
     check_embedding_noise,
     check_token_substitution,
-    looks_trained,
     run_tier2,
-    sdpa_attention_weights,
 )
 
 matplotlib.use("Agg")

@@ -19,8 +19,9 @@ from user_models import TransformerLM, TupleLM
 
 from utils.models.calls import check_context, find_logits_network, returns_loss
 from utils.models.tasks import detect_task, task_logits
+from utils.tiers.attention import capture_attention, check_attention_patterns, softmax_attention
 from utils.tiers.tier1 import run_tier1
-from utils.tiers.tier2 import capture_attention, check_attention_patterns, run_tier2, softmax_attention
+from utils.tiers.tier2 import run_tier2
 from utils.training import benchmark_amp, cli, evaluate, resolve_precision, suite_loss_fn, train
 from utils.training.batches import OwnLossError
 

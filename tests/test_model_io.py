@@ -6,19 +6,16 @@ import pytest
 import torch
 from torch import nn
 
-from utils.models.calls import (
+from utils.models.calls import get_attentions, get_logits, get_loss, preserved_state
+from utils.models.sizes import (
     DEFAULT_CONTEXT,
     find_context_length,
     find_hidden_size,
     find_input_embedding,
     find_num_layers,
     find_vocab_size,
-    get_attentions,
-    get_logits,
-    get_loss,
     input_spec,
     model_device,
-    preserved_state,
 )
 
 LOGITS = torch.randn(2, 3, 5)
@@ -182,5 +179,5 @@ def test_a_wrapper_shares_its_modules_calling_convention():
             return self.emb(idx)
 
     model = LM()
-    assert model_call(nn.DataParallel(model)) is model_call(model)
+    assert model_call(nn.DataParallel(model)) == model_call(model)  # no cache: read alike, through the wrapper
     assert (model_call(model).convention, model_call(model).target_arg) == ("targets", "labels")

@@ -9,9 +9,9 @@ import time
 import pytest
 import torch
 
-from utils.models.calls import find_context_length, find_vocab_size
 from utils.models.examples import example_model
 from utils.models.gist import GistDownloadError, load_model_from_gist
+from utils.models.sizes import find_context_length, find_vocab_size
 from utils.models.user_file import load_model_from_file
 
 

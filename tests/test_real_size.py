@@ -7,8 +7,8 @@ import pytest
 import torch
 from user_models import NanoConfig, NanoGPT
 
-from utils.models.calls import input_spec
 from utils.models.examples import example_model
+from utils.models.sizes import input_spec
 from utils.notebook import cells as nb
 from utils.tiers import tier1 as validation
 from utils.tiers.report import Check, run_checks
@@ -140,14 +140,15 @@ def test_the_doctors_batch_is_one_short_window_for_a_large_model(cpu_settings, m
 def test_an_emulated_precision_is_timed_at_the_smallest_batch_only_and_said(monkeypatch, native):
     import warnings
 
+    from utils.tiers import memory_speed
     from utils.training import PrecisionWarning, resolve_precision
 
-    monkeypatch.setattr(validation, "runs_natively", lambda device, dtype: native)
+    monkeypatch.setattr(memory_speed, "runs_natively", lambda device, dtype: native)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", PrecisionWarning)
         plan = resolve_precision("bf16-mixed", device="cpu")
-    check = validation.check_inference_speed(nano(), batch_sizes=(1, 2), seq_len=8, repeats=1, plan=plan,
-                                             figure=False)
+    check = memory_speed.check_inference_speed(nano(), batch_sizes=(1, 2), seq_len=8, repeats=1, plan=plan,
+                                               figure=False)
     assert sorted(check.details["bf16-mixed"]["tokens_per_s"]) == ([1, 2] if native else [1])
     assert check.details["fp32"]["tokens_per_s"].keys() == {1, 2}
     assert ("(emulated on this cpu: timed at batch 1 only)" in check.summary) is not native

@@ -17,11 +17,10 @@ from task_models import (
 
 from utils.data import ByteTokenizer, load_corpus, make_lm_dataset, make_topic_dataset
 from utils.models.examples import example_model
-from utils.models.tasks import shift_right
+from utils.models.tasks import IGNORE_INDEX, shift_right
 from utils.training import benchmark_amp, evaluate, plan_memory, train
 from utils.training.amp.measure import saved_tensor_bytes
 from utils.training.amp.precision import resolve_precision
-from utils.training.batches import IGNORE_INDEX
 from utils.training.objectives import mask_tokens, objective_loss_fn
 
 TEXT = load_corpus()[:20_000]

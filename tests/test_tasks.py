@@ -17,16 +17,17 @@ from torch import nn
 
 from utils.data import TOPIC_GROUPS, make_topic_dataset
 from utils.models.examples import example_model
+from utils.models.input_kind import expected_input
 from utils.models.tasks import (
     BYTE_MASK_ID,
+    IGNORE_INDEX,
     detect_task,
     earlier_positions_unchanged,
-    expected_input,
     probe_causal,
     shift_right,
     task_logits,
 )
-from utils.training.batches import IGNORE_INDEX, as_batches, forward_loss
+from utils.training.batches import as_batches, forward_loss
 from utils.training.objectives import mask_tokens, objective_for
 
 

@@ -11,14 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from user_models import ClosureLM, ModelArgs, NanoConfig, NanoGPT, Transformer, tiny_gpt2
 
-from utils.models.calls import (
-    CONTEXT_SEARCH,
-    check_context,
-    find_context_length,
-    find_vocab_size,
-    model_call,
-    predict,
-)
+from utils.models.calls import check_context, model_call, predict
+from utils.models.sizes import CONTEXT_SEARCH, find_context_length, find_vocab_size
 from utils.models.sources import load_model
 from utils.models.user_file import load_model_from_file
 from utils.tiers.tier1 import run_tier1
@@ -68,8 +62,9 @@ def test_predict_gives_every_position_of_a_last_position_model(build):
     with torch.no_grad():
         full = model(ids, targets=torch.zeros_like(ids))
         full = full[0] if isinstance(full, tuple) else full
-        assert torch.equal(predict(model, ids), full)
-    assert model_call(model).last_position_only is True
+        call = model_call(model)  # held, as a look at the model holds it: what predict learns stays on it
+        assert torch.equal(predict(model, ids, call), full)
+    assert call.last_position_only is True
 
 
 def test_the_loop_uses_the_models_own_loss_on_the_real_targets():

@@ -12,30 +12,21 @@ Example::
     >>> model_call(model).describe()               # doctest: +SKIP
     'GPT.forward(idx, targets=None): targets are passed, so every position comes back'
     >>> logits = get_logits(model(input_ids))      # doctest: +SKIP
-    >>> find_vocab_size(model), find_context_length(model)   # doctest: +SKIP
-    (4096, 128)
-    >>> find_num_layers(model), find_hidden_size(model)      # doctest: +SKIP
-    (4, 256)
+
+Sizes (vocabulary, context, width) are read in :mod:`utils.models.sizes`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
-import itertools
-import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from utils.common.checks import check_int
-
-_CONTEXT_ATTRS = ("n_positions", "max_position_embeddings", "n_ctx", "block_size", "max_seq_len",
-                  "max_seq_length", "context_length", "max_len", "seq_len")
-_LAYER_ATTRS = ("n_layer", "num_hidden_layers", "num_layers", "n_layers")
-_WIDTH_ATTRS = ("n_embd", "hidden_size", "d_model", "dim")
+from utils.models.sizes import CONTEXT_SEARCH, find_input_embedding, find_vocab_size, model_device, unwrap
 
 
 def _field(output, name: str):
@@ -84,164 +75,6 @@ def get_attentions(output) -> tuple[torch.Tensor, ...] | None:
     return found or None
 
 
-def find_input_embedding(model: nn.Module) -> nn.Embedding | None:
-    """The token embedding: ``get_input_embeddings()`` when the model has it, else the first
-    ``nn.Embedding`` whose name does not look positional."""
-    getter = getattr(model, "get_input_embeddings", None)
-    if callable(getter):
-        try:
-            emb = getter()
-        except NotImplementedError:  # transformers' base class raises this when not overridden
-            emb = None
-        if isinstance(emb, nn.Embedding):
-            return emb
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and "pos" not in name.lower():
-            return module
-    return None
-
-
-# Where hand-written models keep their sizes: HF and nanoGPT ``config``, llama2.c ``params``,
-# others ``args``, or attributes on the model itself.
-_HOLDERS = ("config", "params", "args")
-
-
-def _config_int(model: nn.Module, names) -> int | None:
-    for holder in (*(getattr(model, h, None) for h in _HOLDERS), model):
-        if holder is None:
-            continue
-        for attr in names:
-            value = holder.get(attr) if isinstance(holder, Mapping) else getattr(holder, attr, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
-
-
-def find_vocab_size(model: nn.Module) -> int | None:
-    """The vocabulary size: ``config.vocab_size``, ``model.vocab_size``, or the input embedding's rows."""
-    found = _config_int(model, ("vocab_size", "n_vocab", "ntoken", "num_tokens"))
-    if found is not None:
-        return found
-    emb = find_input_embedding(model)
-    return emb.num_embeddings if emb is not None else None
-
-
-CONTEXT_SEARCH = (
-    f"{', '.join(_CONTEXT_ATTRS)} on model.config, model.params, model.args and the model itself, "
-    f"and the rows of a learned position embedding (an nn.Embedding or nn.Parameter with 'pos' in its name)"
-)
-
-
-def find_context_length(model: nn.Module) -> int | None:
-    """The longest sequence the model takes: a size attribute (``n_positions``,
-    ``max_position_embeddings``, ``n_ctx``, ``block_size``, ``max_seq_len``, ...) on ``model.config``,
-    ``model.params`` (llama2.c), ``model.args`` or the model, else the rows of a learned position
-    embedding (``nn.Embedding`` or an ``nn.Parameter`` of shape ``(1, T, C)`` / ``(T, C)`` named
-    ``*pos*``). None when the model has no fixed limit, or keeps it elsewhere (see
-    ``CONTEXT_SEARCH``)."""
-    found = _config_int(model, _CONTEXT_ATTRS)
-    if found is not None:
-        return found
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and "pos" in name.lower():
-            return module.num_embeddings
-    for name, param in model.named_parameters():
-        if "pos" in name.lower() and param.dim() in (2, 3) and (param.dim() == 2 or param.shape[0] == 1):
-            return param.shape[-2]  # (1, T, C) or (T, C)
-    return None
-
-
-def find_num_layers(model: nn.Module) -> int | None:
-    """The number of transformer layers the config names (``n_layer``, ``num_hidden_layers``,
-    ``num_layers``, ``n_layers``, on ``model.config`` or the model); None when it names none."""
-    return _config_int(model, _LAYER_ATTRS)
-
-
-def find_hidden_size(model: nn.Module) -> int | None:
-    """The model's width as its config names it (``n_embd``, ``hidden_size``, ``d_model``, ``dim``,
-    on ``model.config`` or the model); None when it names none."""
-    return _config_int(model, _WIDTH_ATTRS)
-
-
-# ----------------------------------------------------------------------------------------------
-# What to feed a model: the tiers and the benchmark ask here for vocabulary, context and device.
-
-DEFAULT_CONTEXT = 64  # used for models with no fixed context length (no position table, no config)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What a model takes: token ids below ``vocab_size``, sequences up to ``max_seq_len``, on ``device``.
-
-    Example::
-
-        >>> spec = input_spec(example_model("gpt-micro"))          # doctest: +SKIP
-        >>> spec.vocab_size, spec.max_seq_len, spec.context_from    # doctest: +SKIP
-        (256, 64, 'model')
-        >>> spec.random_ids(2, 16, torch.Generator().manual_seed(0)).shape   # doctest: +SKIP
-        torch.Size([2, 16])
-    """
-
-    vocab_size: int
-    max_seq_len: int
-    context_from: str  # "argument", "model", or "default" (the model has no fixed context)
-    device: torch.device
-
-    def random_ids(self, batch_size: int, seq_len: int, generator: torch.Generator) -> torch.Tensor:
-        """Uniform token ids ``(batch_size, seq_len)`` on the spec's device, reproducible by ``generator``."""
-        ids = torch.randint(0, self.vocab_size, (batch_size, seq_len), generator=generator)
-        return ids.to(self.device)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (or buffer); CPU for a model with neither.
-
-    Example::
-
-        >>> model_device(nn.Linear(2, 2))
-        device(type='cpu')
-    """
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return torch.device("cpu")
-
-
-def input_spec(model: nn.Module, vocab_size: int | None = None, max_seq_len: int | None = None,
-               *, call: str = "input_spec(model)") -> InputSpec:
-    """Resolve what to feed ``model``: the arguments when given, else what the model says.
-
-    Example::
-
-        >>> input_spec(nn.Embedding(100, 8))          # no position table: the default context
-        InputSpec(vocab_size=100, max_seq_len=64, context_from='default', device=device(type='cpu'))
-
-    Args:
-        vocab_size: default None: :func:`find_vocab_size`.
-        max_seq_len: default None: :func:`find_context_length`, or ``DEFAULT_CONTEXT`` (64) when the
-            model has no fixed limit.
-        call: how the caller was called, repeated in errors.
-
-    Raises:
-        ValueError: the vocabulary size is not given and cannot be found (the model takes no token
-            ids: the message says what it takes), or a size is not a positive int.
-    """
-    for name, value in (("vocab_size", vocab_size), ("max_seq_len", max_seq_len)):
-        check_int(name, value, minimum=1, optional=True, call=call, rule="a positive int or None",
-                  message="{call}: {name}={value!r} must be {rule}.")
-    vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
-    if vocab is None:
-        from utils.models.tasks import not_a_token_model_error  # tasks builds on this module
-
-        raise not_a_token_model_error(model, call)
-    if max_seq_len is not None:
-        context, source = max_seq_len, "argument"
-    elif (found := find_context_length(model)) is not None:
-        context, source = found, "model"
-    else:
-        context, source = DEFAULT_CONTEXT, "default"
-    return InputSpec(vocab, context, source, model_device(model))
-
-
 @contextlib.contextmanager
 def preserved_state(model: nn.Module):
     """Run checks on ``model`` and leave it as it was: each submodule's train/eval mode and every
@@ -264,7 +97,7 @@ def preserved_state(model: nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# How to call a model, read once per model from ``forward``'s signature
+# How to call a model, read from ``forward``'s signature
 
 TARGET_NAMES = ("targets", "labels", "target", "y")  # how hand-written forwards name the targets
 PLAIN, TARGETS, HUGGING_FACE = "plain", "targets", "hugging-face"
@@ -290,11 +123,14 @@ class ModelCall:
             (``input_ids=``; dict batches pass ``labels=`` and ``attention_mask=`` as given).
         target_arg: the name the targets go under (``targets``, ``labels``, ``target`` or ``y``).
         last_position_only: for ``"targets"``: whether a call without targets returns only the
-            last position (llama2.c, nanoGPT), learnt from the first :func:`predict` on more than
-            one token, or True when the targets have no default; None until known.
+            last position (llama2.c, nanoGPT), learnt from the first :func:`predict` given this
+            call on more than one token, or True when the targets have no default; None until known.
         returns_loss: for ``"plain"``: whether ``forward(ids)`` returns a loss, not logits (a
             wrapper that shifts the sequence and computes the loss itself), learnt by
-            :func:`returns_loss`; None until known.
+            :func:`returns_loss` given this call; None until known.
+
+    The entry points hold one per model in their look (:class:`utils.models.profile.ModelProfile`),
+    so what is learnt is learnt once.
     """
 
     owner: str
@@ -314,29 +150,54 @@ class ModelCall:
             return f"{head}: a Hugging Face model, called with input_ids (and labels, attention_mask from dict batches)"
         return f"{head}: called with the token ids alone"
 
+    def run(self, model: nn.Module, args: tuple, kwargs: dict, targets: torch.Tensor | None):
+        """``model(*args, **kwargs)``, with ``targets`` passed as the model names them when its
+        ``forward`` takes them (convention ``"targets"``); returns the raw output."""
+        if self.convention == TARGETS and targets is not None:
+            # Contiguous: the loop's targets are a slice (ids[:, 1:]), and such models often .view(-1) them.
+            return model(*args, **kwargs, **{self.target_arg: targets.contiguous()})
+        return model(*args, **kwargs)
 
-_CALLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    def loss(self, output) -> torch.Tensor | None:
+        """The loss the model returned: ``output.loss`` / ``output["loss"]``, or for a ``forward(idx,
+        targets=None)`` model the second item of its ``(logits, loss)`` tuple; else None."""
+        loss = get_loss(output)
+        if loss is None and self.convention == TARGETS and isinstance(output, (tuple, list)):
+            second = output[1] if len(output) > 1 else None
+            if isinstance(second, torch.Tensor) and second.dim() == 0 and second.is_floating_point():
+                loss = second
+        return loss
 
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside a DDP/DataParallel wrapper or a ``torch.compile`` result."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+    def short_logits_error(self, logits: torch.Tensor, seq_len: int) -> ValueError | None:
+        """The error to raise when the model gave logits for one position of ``seq_len`` (the inference
+        shortcut of models that return every position only when given the targets); None otherwise."""
+        if not (logits.dim() == 3 and logits.shape[1] == 1 and seq_len > 1):
+            return None
+        head = (f"{self.owner}{self.signature} returned logits of shape {tuple(logits.shape)}: one position of "
+                f"{seq_len}")
+        if self.convention == TARGETS:
+            return ValueError(f"{head}, even with {self.target_arg}= passed. Return every position's logits "
+                              f"when the targets are given.")
+        return ValueError(
+            f"{head}. Models that return only the last position's logits unless they get the targets must "
+            f"name that argument {', '.join(TARGET_NAMES[:-1])} or {TARGET_NAMES[-1]}, so the suite can pass "
+            f"it; or return every position's logits."
+        )
 
 
 def model_call(model: nn.Module) -> ModelCall:
-    """How to call ``model`` (a :class:`ModelCall`), read from ``forward``'s signature once and cached
-    per model; wrappers (DDP, ``torch.compile``) share their module's."""
+    """How to call ``model`` (a :class:`ModelCall`), read from ``forward``'s signature; wrappers
+    (DDP, ``torch.compile``) are called as their module. Nothing is cached here: the entry points
+    read it once into their look at the model (:func:`utils.models.profile.look_at`) and pass that
+    :class:`ModelCall` on, so what :func:`predict` and :func:`returns_loss` learn is kept there.
+    """
+    return _unwrapped(model, None)[1]
+
+
+def _unwrapped(model: nn.Module, call: ModelCall | None) -> tuple[nn.Module, ModelCall]:
+    """The user's module inside any wrapper, and ``call`` (default: read from its signature now)."""
     inner = unwrap(model)
-    found = _CALLS.get(inner)
-    if found is None:
-        found = _CALLS[inner] = _detect(inner)
-    return found
+    return inner, call or _detect(inner)
 
 
 def _detect(model: nn.Module) -> ModelCall:
@@ -358,24 +219,13 @@ def _detect(model: nn.Module) -> ModelCall:
 
 
 def call_with_targets(model: nn.Module, args: tuple, kwargs: dict, targets: torch.Tensor | None):
-    """``model(*args, **kwargs)``, with ``targets`` passed as the model names them when its
-    ``forward`` takes them (convention ``"targets"``); returns the raw output."""
-    call = model_call(model)
-    if call.convention == TARGETS and targets is not None:
-        # Contiguous: the loop's targets are a slice (ids[:, 1:]), and such models often .view(-1) them.
-        return model(*args, **kwargs, **{call.target_arg: targets.contiguous()})
-    return model(*args, **kwargs)
+    """``model(*args, **kwargs)``, with ``targets`` passed as the model names them (see :meth:`ModelCall.run`)."""
+    return model_call(model).run(model, args, kwargs, targets)
 
 
 def model_loss(model: nn.Module, output) -> torch.Tensor | None:
-    """The loss the model returned: ``output.loss`` / ``output["loss"]``, or for a ``forward(idx,
-    targets=None)`` model the second item of its ``(logits, loss)`` tuple; else None."""
-    loss = get_loss(output)
-    if loss is None and model_call(model).convention == TARGETS and isinstance(output, (tuple, list)):
-        second = output[1] if len(output) > 1 else None
-        if isinstance(second, torch.Tensor) and second.dim() == 0 and second.is_floating_point():
-            loss = second
-    return loss
+    """The loss the model returned, else None (see :meth:`ModelCall.loss`)."""
+    return model_call(model).loss(output)
 
 
 def is_loss_output(output) -> bool:
@@ -389,10 +239,11 @@ def is_loss_output(output) -> bool:
 _PROBE_IDS = (2, 4)  # a loss wrapper shifts its input, so the probe stays short of any context
 
 
-def returns_loss(model: nn.Module) -> bool:
+def returns_loss(model: nn.Module, call: ModelCall | None = None) -> bool:
     """Whether ``model(ids)`` returns a loss instead of logits (``loss = model(seq)``: the wrapper
     shifts the sequence and computes the cross-entropy itself). Only plain ``forward(ids)`` models
-    are probed, once, on ``(2, 4)`` zeros in eval mode; the answer is cached with :func:`model_call`.
+    are probed, on ``(2, 4)`` zeros in eval mode; the answer is kept on ``call`` (default: read
+    now), so a caller holding the model's :class:`ModelCall` probes once.
 
     Example::
 
@@ -404,9 +255,9 @@ def returns_loss(model: nn.Module) -> bool:
         >>> returns_loss(Wrapper()), returns_loss(nn.Embedding(10, 10))
         (True, False)
     """
-    call = model_call(model)
+    inner, call = _unwrapped(model, call)
     if call.returns_loss is None:
-        call.returns_loss = call.convention == PLAIN and _probe_returns_loss(unwrap(model))
+        call.returns_loss = call.convention == PLAIN and _probe_returns_loss(inner)
     return call.returns_loss
 
 
@@ -443,19 +294,20 @@ def find_logits_network(model: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+def predict(model: nn.Module, ids: torch.Tensor, call: ModelCall | None = None) -> torch.Tensor:
     """Per-position logits for token ids ``(B, T)``: ``(B, T, V)`` (or ``(B, C)`` for a classifier).
 
     A ``forward(idx, targets=None)`` model that returns only the last position without targets
     (found on the first call with ``T > 1``) is called with placeholder targets (zeros), so every
-    position comes back; its loss on them is ignored.
+    position comes back; its loss on them is ignored. What the first call learns is kept on
+    ``call`` (default: read now, and forgotten after the call).
 
     Example::
 
         >>> predict(nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10)), torch.zeros(2, 3, dtype=torch.long)).shape
         torch.Size([2, 3, 10])
     """
-    call = model_call(model)
+    call = call or model_call(model)
     if call.convention != TARGETS:
         return get_logits(model(ids))
     if call.last_position_only:
@@ -469,21 +321,8 @@ def predict(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 def short_logits_error(model: nn.Module, logits: torch.Tensor, seq_len: int) -> ValueError | None:
-    """The error to raise when a model gave logits for one position of ``seq_len`` (the inference
-    shortcut of models that return every position only when given the targets); None otherwise."""
-    if not (logits.dim() == 3 and logits.shape[1] == 1 and seq_len > 1):
-        return None
-    call = model_call(model)
-    head = (f"{call.owner}{call.signature} returned logits of shape {tuple(logits.shape)}: one position of "
-            f"{seq_len}")
-    if call.convention == TARGETS:
-        return ValueError(f"{head}, even with {call.target_arg}= passed. Return every position's logits "
-                          f"when the targets are given.")
-    return ValueError(
-        f"{head}. Models that return only the last position's logits unless they get the targets must "
-        f"name that argument {', '.join(TARGET_NAMES[:-1])} or {TARGET_NAMES[-1]}, so the suite can pass "
-        f"it; or return every position's logits."
-    )
+    """The error for logits of one position of ``seq_len``, else None (see :meth:`ModelCall.short_logits_error`)."""
+    return model_call(model).short_logits_error(logits, seq_len)
 
 
 def check_context(model: nn.Module, seq_len: int, context_from: str, how: str, forward=None) -> None:

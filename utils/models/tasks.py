@@ -25,18 +25,21 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from utils.common.checks import is_int
 from utils.models.calls import (
+    ModelCall,
     find_logits_network,
-    find_vocab_size,
     get_logits,
-    input_spec,
     predict,
     preserved_state,
     returns_loss,
 )
+from utils.models.input_kind import expected_input
+from utils.models.sizes import InputSpec, find_vocab_size, input_spec, model_device
 
 CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN = "causal-lm", "masked-lm", "classifier", "seq2seq", "non-token"
 TASKS = (CAUSAL_LM, MASKED_LM, CLASSIFIER, SEQ2SEQ, NON_TOKEN)
+IGNORE_INDEX = -100  # a target no loss counts (PyTorch's cross_entropy default, Hugging Face's labels)
 BYTE_MASK_ID = 0xFF  # never a byte of UTF-8 text: the byte tokenizer's reserved mask id
 _PROBE_LEN = 16
 _CAUSAL_RTOL = 1e-5  # earlier outputs may move by rounding only
@@ -123,7 +126,7 @@ def _accepts(model: nn.Module, name: str) -> bool:
     return name in params
 
 
-def find_mask_token_id(model: nn.Module) -> int | None:
+def find_mask_token_id(model: nn.Module, vocab_size: int | None = None) -> int | None:
     """``config.mask_token_id`` (or ``model.mask_token_id``), else :data:`BYTE_MASK_ID` (255) when the
     vocabulary holds all 256 bytes; None otherwise.
 
@@ -133,9 +136,9 @@ def find_mask_token_id(model: nn.Module) -> int | None:
         255
     """
     found = _config_value(model, "mask_token_id")
-    if isinstance(found, int) and not isinstance(found, bool):
+    if is_int(found):
         return found
-    vocab = find_vocab_size(model)
+    vocab = vocab_size if vocab_size is not None else find_vocab_size(model)
     return BYTE_MASK_ID if vocab is not None and vocab > BYTE_MASK_ID else None
 
 
@@ -143,48 +146,9 @@ def find_decoder_start_token_id(model: nn.Module) -> int:
     """``config.decoder_start_token_id``, else ``config.pad_token_id``, else 0 (T5's choice)."""
     for name in ("decoder_start_token_id", "pad_token_id"):
         found = _config_value(model, name)
-        if isinstance(found, int) and not isinstance(found, bool):
+        if is_int(found):
             return found
     return 0
-
-
-def expected_input(model: nn.Module) -> str:
-    """What a model takes, read from ``forward``'s signature and its first layer with parameters.
-
-    Example::
-
-        >>> expected_input(nn.Sequential(nn.Linear(8, 2)))
-        'Sequential.forward(input); its first layer 0 (Linear) takes float vectors (..., 8)'
-    """
-    try:
-        names = list(inspect.signature(model.forward).parameters)
-    except (TypeError, ValueError):
-        names = ["..."]
-    head = f"{type(model).__name__}.forward({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
-    layers = [(n, m) for n, m in model.named_modules() if next(m.parameters(recurse=False), None) is not None]
-    known = [(n, m) for n, m in layers if isinstance(m, _KNOWN_LAYERS)]
-    for name, module in (known or layers)[:1]:
-        return f"{head}; its first layer {name or '(root)'} ({type(module).__name__}) takes {_takes(module)}"
-    return f"{head}; it has no layer with parameters"
-
-
-_KNOWN_LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Linear, nn.MultiheadAttention, nn.LayerNorm)
-
-
-def _takes(module: nn.Module) -> str:
-    if isinstance(module, nn.Embedding):
-        return f"token ids below {module.num_embeddings}"
-    if isinstance(module, nn.Conv2d):
-        return f"images (B, {module.in_channels}, H, W)"
-    if isinstance(module, nn.Conv1d):
-        return f"signals (B, {module.in_channels}, L)"
-    if isinstance(module, nn.Linear):
-        return f"float vectors (..., {module.in_features})"
-    if isinstance(module, nn.MultiheadAttention):
-        return f"embeddings (..., {module.embed_dim}), not token ids"
-    if isinstance(module, nn.LayerNorm):
-        return f"float vectors (..., {module.normalized_shape[-1]})"
-    return "floating-point tensors"
 
 
 def find_num_classes(model: nn.Module) -> int | None:
@@ -192,10 +156,8 @@ def find_num_classes(model: nn.Module) -> int | None:
     its logits on a two-token input (one probe call, the model left as it was)."""
     for name in ("num_labels", "num_classes"):
         value = _config_value(model, name)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if is_int(value):
             return value
-    from utils.models.calls import model_device
-
     with preserved_state(model), torch.no_grad():
         model.eval()
         return int(predict(model, torch.zeros(1, 2, dtype=torch.long, device=model_device(model))).shape[-1])
@@ -204,16 +166,6 @@ def find_num_classes(model: nn.Module) -> int | None:
 def is_token_model(model: nn.Module) -> bool:
     """True when the model has a vocabulary (a config ``vocab_size`` or an ``nn.Embedding``)."""
     return find_vocab_size(model) is not None
-
-
-def not_a_token_model_error(model: nn.Module, call: str) -> ValueError:
-    """The one message for paths that need token ids and got a model that takes something else."""
-    return ValueError(
-        f"{call}: {type(model).__name__} is not a token model: it has no config.vocab_size and no "
-        f"nn.Embedding. The tiers, evaluate and train on text take models of token ids (B, T); found "
-        f"instead: {expected_input(model)}. For such a model, call train() with your own batches and "
-        f"loss_fn=. (If it does take token ids, pass vocab_size=.)"
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -234,7 +186,7 @@ class LogitsNetwork:
     note: str | None = None
 
 
-def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
+def logits_network(model: nn.Module, call: str, own_loss: bool | None = None) -> LogitsNetwork:
     """The module to read logits from: ``model``, unless its forward returns its own loss
     (:func:`~utils.models.calls.returns_loss`); then the network it wraps (an attribute whose module
     maps token ids to logits, see :func:`~utils.models.calls.find_logits_network`).
@@ -248,7 +200,7 @@ def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
         ValueError: the model returns a loss and holds no network that returns logits; the message
             says what to pass instead.
     """
-    if not returns_loss(model):
+    if not (own_loss if own_loss is not None else returns_loss(model)):  # own_loss: the caller's look knows
         return LogitsNetwork(model)
     name = type(model).__name__
     found = find_logits_network(model)
@@ -270,7 +222,7 @@ def logits_network(model: nn.Module, call: str) -> LogitsNetwork:
 
 def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None = None) -> torch.Tensor:
     """Decoder inputs from labels ``(B, T)``, as Hugging Face seq2seq models build them: the start
-    id, then the labels minus their last token, ignored positions (-100) as ``pad_id``.
+    id, then the labels minus their last token, ignored positions (``IGNORE_INDEX``, -100) as ``pad_id``.
 
     Example::
 
@@ -279,7 +231,7 @@ def shift_right(labels: torch.Tensor, start_id: int, pad_id: int | None = None) 
     """
     out = labels.new_full(labels.shape, start_id)
     out[:, 1:] = labels[:, :-1]
-    return out.masked_fill(out == -100, start_id if pad_id is None else pad_id)
+    return out.masked_fill(out == IGNORE_INDEX, start_id if pad_id is None else pad_id)
 
 
 def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
@@ -291,12 +243,14 @@ def call_inputs(ids: torch.Tensor, info: TaskInfo | None) -> tuple[tuple, dict]:
     return (ids,), {}
 
 
-def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> torch.Tensor:
+def task_logits(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None,
+                call: ModelCall | None = None) -> torch.Tensor:
     """Per-position logits of ``model`` on token ids ``(B, T)``, called as its task needs: an
     encoder-decoder with decoder inputs (see :func:`call_inputs`), any other model through
-    :func:`utils.models.calls.predict` (which knows the calling conventions)."""
+    :func:`utils.models.calls.predict` (which knows the calling conventions; ``call`` is the model's
+    :class:`~utils.models.calls.ModelCall` when the caller holds it)."""
     if info is None or info.task != SEQ2SEQ:
-        return predict(model, ids)
+        return predict(model, ids, call)
     args, kwargs = call_inputs(ids, info)
     return get_logits(model(*args, **kwargs))
 
@@ -325,7 +279,8 @@ def earlier_positions_unchanged(y: torch.Tensor, y2: torch.Tensor, where: torch.
     return float(diff[before.cpu()].max()) <= _CAUSAL_RTOL * scale
 
 
-def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None) -> bool | None:
+def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = None,
+                 call: ModelCall | None = None) -> bool | None:
     """Does changing the last token leave every earlier position's output as it was? Runs the model
     twice in eval mode; None when the output is not per position ``(B, T, ...)``."""
     changed = ids.clone()
@@ -333,7 +288,7 @@ def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = No
     changed[:, -1] = (ids[:, -1] + 1) % max(vocab, 2)  # always a different token
     with preserved_state(model), torch.no_grad():
         model.eval()
-        y, y2 = (task_logits(model, x, info).float() for x in (ids, changed))
+        y, y2 = (task_logits(model, x, info, call).float() for x in (ids, changed))
     if y.dim() < 3 or y.shape[1] != ids.shape[1]:
         return None
     where = torch.full((ids.shape[0],), ids.shape[1] - 1, device=ids.device)
@@ -345,7 +300,8 @@ def probe_causal(model: nn.Module, ids: torch.Tensor, info: TaskInfo | None = No
 
 
 def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | None = None,
-                max_seq_len: int | None = None, call: str | None = None) -> TaskInfo:
+                max_seq_len: int | None = None, call: str | None = None, own_loss: bool | None = None,
+                spec: InputSpec | None = None, calling: ModelCall | None = None) -> TaskInfo:
     """What ``model`` predicts; ``task`` states it (then only ``"causal-lm"`` is checked).
 
     Example::
@@ -357,6 +313,12 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
         task: None (default): detect it. Else one of :data:`TASKS`.
         vocab_size, max_seq_len: for the probe, as :func:`utils.models.calls.input_spec` takes them.
         call: how the caller was called, repeated in errors (default ``detect_task(<class>)``).
+        own_loss: whether the forward returns its own loss, when already known (default None:
+            :func:`~utils.models.calls.returns_loss`).
+        spec: what to feed the probe, when already resolved (default None: from ``vocab_size`` and
+            ``max_seq_len``, see :func:`~utils.models.sizes.input_spec`).
+        calling: the model's :class:`~utils.models.calls.ModelCall`, when the caller holds it: what
+            the probe learns about the model is kept there (default None: read now).
 
     Raises:
         ValueError: an unknown ``task``; ``task="causal-lm"`` for a model whose earlier positions
@@ -370,13 +332,13 @@ def detect_task(model: nn.Module, task: str | None = None, *, vocab_size: int | 
     if vocab_size is None and not is_token_model(model):
         return TaskInfo(NON_TOKEN, "no config.vocab_size and no nn.Embedding", expected_input=expected_input(model))
     stated = _hf_task(model)
-    if stated is None and returns_loss(model):
+    if stated is None and (own_loss if own_loss is not None else returns_loss(model, calling)):
         return _own_loss_task(model, task, vocab_size, call)
     if task is not None and task != CAUSAL_LM:
-        return _with_ids(model, TaskInfo(task, "stated with task="))
+        return _with_ids(model, TaskInfo(task, "stated with task="), vocab_size)
     if stated is not None and not (task == CAUSAL_LM and stated[0] != CAUSAL_LM):
-        return _with_ids(model, TaskInfo(*stated))
-    return _probe(model, task, vocab_size, max_seq_len, call)
+        return _with_ids(model, TaskInfo(*stated), vocab_size)
+    return _probe(model, task, spec or input_spec(model, vocab_size, max_seq_len, call=call), call, calling)
 
 
 def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) -> TaskInfo:
@@ -384,27 +346,27 @@ def _own_loss_task(model: nn.Module, task: str | None, vocab_size, call: str) ->
     found = find_logits_network(model)
     own = f"{type(model).__name__}.forward returns its own loss"
     if found is None:
-        return _with_ids(model, TaskInfo(task or CAUSAL_LM, f"{own}; " + ("stated with task=" if task else "assumed")))
+        return _with_ids(model, TaskInfo(task or CAUSAL_LM, f"{own}; " + ("stated with task=" if task else "assumed")),
+                         vocab_size)
     inner = detect_task(found[1], task, vocab_size=vocab_size, call=call)
     return TaskInfo(inner.task, f"{own}; model.{found[0]}: {inner.reason}", inner.mask_token_id,
                     inner.decoder_start_token_id)
 
 
-def _with_ids(model: nn.Module, info: TaskInfo) -> TaskInfo:
+def _with_ids(model: nn.Module, info: TaskInfo, vocab_size: int | None) -> TaskInfo:
     start = find_decoder_start_token_id(model) if info.task == SEQ2SEQ else None
-    return TaskInfo(info.task, info.reason, find_mask_token_id(model), start, info.expected_input)
+    return TaskInfo(info.task, info.reason, find_mask_token_id(model, vocab_size), start, info.expected_input)
 
 
-def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: str) -> TaskInfo:
-    spec = input_spec(model, vocab_size, max_seq_len, call=call)
+def _probe(model: nn.Module, task: str | None, spec: InputSpec, call: str, calling: ModelCall | None) -> TaskInfo:
     ids = spec.random_ids(2, min(_PROBE_LEN, spec.max_seq_len), torch.Generator().manual_seed(0))
     with preserved_state(model), torch.no_grad():
         model.eval()
-        logits = task_logits(model, ids)
+        logits = task_logits(model, ids, call=calling)
     if logits.dim() == 2:
         found = TaskInfo(CLASSIFIER, f"one output per sequence, logits {tuple(logits.shape)}")
     else:
-        causal = probe_causal(model, ids) if ids.shape[1] > 1 else None
+        causal = probe_causal(model, ids, call=calling) if ids.shape[1] > 1 else None
         if causal is False:
             found = TaskInfo(MASKED_LM, "changing the last token changes earlier positions (bidirectional)")
         else:
@@ -414,4 +376,5 @@ def _probe(model: nn.Module, task: str | None, vocab_size, max_seq_len, call: st
             f"{call}: task='causal-lm' is not allowed for {type(model).__name__}: {found.reason}, so "
             f"next-token training would let it read each answer. Use task={found.task!r} (or None to detect)."
         )
-    return _with_ids(model, TaskInfo(found.task, "stated with task=, and the probe agrees") if task else found)
+    return _with_ids(model, TaskInfo(found.task, "stated with task=, and the probe agrees") if task else found,
+                     spec.vocab_size)

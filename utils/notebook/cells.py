@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from IPython.display import Image, Markdown, display
 
-from utils.common.checks import check_int
+from utils.common.checks import check_choice, check_int
 from utils.data import head
-from utils.models.calls import find_context_length
+from utils.models.sizes import find_context_length
 from utils.models.sources import load_model
 from utils.models.tasks import TASKS
 from utils.training.amp.precision import canonical_precision, cpu_has_native_bf16, mixed_precisions_here
@@ -198,13 +198,12 @@ def use_settings(*, precision=TrainSettings.precision, max_steps=AUTO, batch_siz
     sized = _sized(given, runtime_sizes())
     max_steps, batch_size, model_source = sized.pop("max_steps"), sized.pop("batch_size"), sized.pop("model_source")
     extra = sized
-    if wandb_mode not in WANDB_MODES:
-        raise ValueError(f"wandb_mode={wandb_mode!r} is not allowed. Use one of {', '.join(map(repr, WANDB_MODES))}.")
+    check_choice("wandb_mode", wandb_mode, WANDB_MODES, message="{name}={value!r} is not allowed. Use {rule}.")
     if not isinstance(model_source, str) or not model_source.strip():
         raise ValueError(f"model_source={model_source!r} is not allowed: use 'example', a .py file path, or a gist id/URL.")
     config = _json_setting("model_config", model_config)
-    if task != "auto" and task not in TASKS:
-        raise ValueError(f"task={task!r} is not allowed: use 'auto' (detected) or one of {', '.join(map(repr, TASKS))}.")
+    check_choice("task", task, ("auto", *TASKS), rule=f"'auto' (detected) or one of {', '.join(map(repr, TASKS))}",
+                 message="{name}={value!r} is not allowed: use {rule}.")
     folder = new_run_dir() if not run_dir else Path(run_dir)
     folder.mkdir(parents=True, exist_ok=True)
     if wandb_mode != AUTO:  # auto leaves the choice to init_wandb (and to a WANDB_MODE already set)

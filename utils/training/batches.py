@@ -16,17 +16,14 @@ from torch import nn
 
 from utils.models.calls import (
     TARGETS,
-    call_with_targets,
-    find_input_embedding,
     get_logits,
     get_loss,
     is_loss_output,
     model_call,
-    model_loss,
-    short_logits_error,
 )
-
-IGNORE_INDEX = -100
+from utils.models.profile import ModelProfile
+from utils.models.sizes import find_input_embedding
+from utils.models.tasks import IGNORE_INDEX
 
 
 @dataclass
@@ -38,6 +35,7 @@ class Prepared:
     targets: torch.Tensor | None  # None: the model computes its own loss from kwargs["labels"]
     input_ids: torch.Tensor | None
     count: int  # tokens (2-D ids) or samples in the batch, for throughput
+    profile: ModelProfile | None = None  # the objective's look at the model: how to call it, its embedding
 
 
 def move_to(batch, device: torch.device):
@@ -51,7 +49,8 @@ def move_to(batch, device: torch.device):
     return batch
 
 
-def _count(ids: torch.Tensor) -> int:
+def count_tokens(ids: torch.Tensor) -> int:
+    """What a batch counts for throughput: its tokens for 2-D token ids, else its samples."""
     return ids.numel() if ids.dim() >= 2 and not ids.is_floating_point() else ids.shape[0]
 
 
@@ -65,16 +64,16 @@ def prepare_batch(batch) -> Prepared:
         if batch.dim() != 2 or batch.shape[1] < 2:
             raise TypeError(f"A tensor batch must be token ids of shape (B, T) with T >= 2, got {tuple(batch.shape)}.")
         inputs = batch[:, :-1]
-        return Prepared((inputs,), {}, batch[:, 1:], inputs, _count(inputs))
+        return Prepared((inputs,), {}, batch[:, 1:], inputs, count_tokens(inputs))
     if isinstance(batch, Mapping):
         if "input_ids" not in batch:
             raise TypeError(f"A dict batch needs 'input_ids'; got keys {sorted(batch)}.")
         ids = batch["input_ids"]
-        return Prepared((), dict(batch), None, ids, _count(ids))
+        return Prepared((), dict(batch), None, ids, count_tokens(ids))
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         inputs, targets = batch
         ids = inputs if isinstance(inputs, torch.Tensor) and not inputs.is_floating_point() else None
-        return Prepared((inputs,), {}, targets, ids, _count(inputs))
+        return Prepared((inputs,), {}, targets, ids, count_tokens(inputs))
     raise TypeError(
         f"Cannot use a batch of type {type(batch).__name__}: pass a LongTensor (B, T) of token ids, "
         f"an (inputs, targets) pair, or a dict with 'input_ids'."
@@ -82,7 +81,7 @@ def prepare_batch(batch) -> Prepared:
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, *, shift: bool = False) -> torch.Tensor:
-    """Cross-entropy over logits cast to float32, ``ignore_index=-100``.
+    """Cross-entropy over logits cast to float32, ``ignore_index=IGNORE_INDEX`` (-100).
 
     Args:
         logits: (B, T, V) for language models or (B, C) for classifiers.
@@ -112,14 +111,14 @@ def run_model(model: nn.Module, prepared: Prepared):
         OwnLossError: (a ``ValueError``) the call with targets/labels raised, the forward without
             them runs: the model's own loss failed; the message names it and the way around it.
     """
-    call = model_call(model)
+    call = prepared.profile.call if prepared.profile is not None else model_call(model)
     if call.convention == TARGETS and prepared.kwargs:
         raise ValueError(
             f"{call.owner}{call.signature} takes token ids and {call.target_arg}, not a dict batch with "
             f"{', '.join(map(repr, sorted(prepared.kwargs)))}: pass token ids (B, T) or (inputs, targets) pairs."
         )
     try:
-        return call_with_targets(model, prepared.args, prepared.kwargs, prepared.targets)
+        return call.run(model, prepared.args, prepared.kwargs, prepared.targets)
     except torch.OutOfMemoryError:
         raise
     except Exception as e:  # re-raised: as the model's own loss failing when the forward alone runs
@@ -171,9 +170,10 @@ def forward_loss(model: nn.Module, prepared: Prepared) -> tuple[torch.Tensor, to
     if targets is None:  # dict batch: labels (or input_ids) shifted inside, as Hugging Face does
         targets = prepared.kwargs.get("labels", prepared.input_ids)
         shift = logits.dim() == 3
-    if targets.dim() == 2 and (error := short_logits_error(model, logits, targets.shape[1])):
+    call = prepared.profile.call if prepared.profile is not None else model_call(model)
+    if targets.dim() == 2 and (error := call.short_logits_error(logits, targets.shape[1])):
         raise error
-    loss = model_loss(model, output)
+    loss = call.loss(output)
     if loss is None:
         loss = cross_entropy(logits, targets, shift=shift)
     if shift:
@@ -200,7 +200,7 @@ def check_token_ids(model: nn.Module, prepared: Prepared, argument: str) -> None
     .. note:: Reads the batch on the host: used for validation batches (evaluation syncs anyway);
         training steps use :class:`utils.training.loop.guards.StepChecks`, which does not sync.
     """
-    emb = find_input_embedding(model)
+    emb = prepared.profile.embedding if prepared.profile is not None else find_input_embedding(model)
     ids = prepared.input_ids
     if emb is None or ids is None or ids.numel() == 0:
         return

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 from utils.data import ByteTokenizer
-from utils.models.calls import DEFAULT_CONTEXT, check_context, find_context_length, find_vocab_size
+from utils.models.calls import check_context
+from utils.models.sizes import DEFAULT_CONTEXT, find_context_length, find_vocab_size
 from utils.models.sources import load_model
 from utils.models.tasks import CLASSIFIER, task_logits
 from utils.training.amp.acceleration import steady_cpu_allocator

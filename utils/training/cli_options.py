@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import difflib
 
+from utils.models.sizes import DEFAULT_CONTEXT
 from utils.models.sources import parse_model_source
 from utils.models.tasks import TASKS
 from utils.training.amp.precision import ALIASES, CANONICAL, canonical_precision
@@ -120,7 +121,7 @@ def _add_model_and_data(p: argparse.ArgumentParser, d: dict, model_default: str)
                         "detected from its config and a probe; a classifier trains on the bundled labelled "
                         "topics)")
     p.add_argument("--context", type=_int_at_least(1), metavar="N",
-                   help="tokens the model sees per sequence (default: the model's context length, or 64)")
+                   help=f"tokens the model sees per sequence (default: the model's context length, or {DEFAULT_CONTEXT})")
     p.add_argument("--val-fraction", type=_fraction, metavar="F",
                    help=f"share of the text held out for validation, in [0, 1) (default: {d['val_fraction']})")
     p.add_argument("--device", help="cpu, cuda, cuda:N or mps (default: the best available; under torchrun "

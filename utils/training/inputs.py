@@ -20,13 +20,13 @@ import json
 from torch import nn
 
 from utils.data import TaskDataset, make_task_dataset
+from utils.models.input_kind import not_a_token_model_error
 from utils.models.tasks import (
     CLASSIFIER,
     NON_TOKEN,
     TaskInfo,
     detect_task,
     find_num_classes,
-    not_a_token_model_error,
 )
 
 JSON_EXAMPLE = "'{\"n_layer\": 2}'"  # what a JSON object of model arguments looks like, in errors

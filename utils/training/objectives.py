@@ -18,24 +18,31 @@ Example::
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from utils.common.checks import NOT_ALLOWED, check_int
-from utils.models.calls import find_vocab_size, get_logits, returns_loss
+from utils.models.calls import get_logits
+from utils.models.profile import ModelProfile, look_at
 from utils.models.tasks import (
     CAUSAL_LM,
     CLASSIFIER,
+    IGNORE_INDEX,
     MASKED_LM,
     NON_TOKEN,
     SEQ2SEQ,
     TaskInfo,
-    detect_task,
     shift_right,
 )
-from utils.training.batches import IGNORE_INDEX, Prepared, _count, cross_entropy, forward_loss, prepare_batch
+from utils.training.batches import (
+    Prepared,
+    count_tokens,
+    cross_entropy,
+    forward_loss,
+    prepare_batch,
+)
 
 MASK_PROB = 0.15  # BERT's share of positions to predict
 
@@ -50,7 +57,7 @@ def mask_tokens(ids: torch.Tensor, mask_id: int, vocab_size: int, *, prob: float
 
         >>> ids = torch.arange(40).view(2, 20)
         >>> inputs, labels = mask_tokens(ids, 255, 256, generator=torch.Generator().manual_seed(0))
-        >>> bool(((labels == -100) | (labels == ids)).all())
+        >>> bool(((labels == IGNORE_INDEX) | (labels == ids)).all())
         True
 
     Args:
@@ -90,6 +97,8 @@ class Objective:
         mask_prob: share of positions a masked LM predicts (default 0.15).
         own_loss: the model's forward returns its loss (``loss = model(seq)``): token-id windows
             are passed whole, the model shifts them itself (default False).
+        profile: the look at the model this objective was found from (default None); it goes with
+            every prepared batch, so the step does not look up the calling convention again.
     """
 
     info: TaskInfo
@@ -97,6 +106,7 @@ class Objective:
     model_name: str
     mask_prob: float = MASK_PROB
     own_loss: bool = False
+    profile: ModelProfile | None = field(default=None, compare=False, repr=False)
 
     @property
     def task(self) -> str:
@@ -119,15 +129,20 @@ class Objective:
         }[self.task] + f" [{self.info.reason}]"
 
     def prepare(self, batch, *, generator: torch.Generator | None = None, argument: str = "train_data") -> Prepared:
-        """Split ``batch`` into the model's inputs and targets aligned with its logits.
+        """Split ``batch`` into the model's inputs and targets aligned with its logits, with the
+        model's calling convention when the objective has its profile.
 
         Raises:
             ValueError: the batch cannot train this task (token ids for a classifier or a model
                 that takes none), the message naming what to pass instead.
             TypeError: the batch is none of the accepted forms (see ``prepare_batch``).
         """
+        prepared = self._split(batch, generator, argument)
+        return prepared if self.profile is None else replace(prepared, profile=self.profile)
+
+    def _split(self, batch, generator, argument: str) -> Prepared:
         if self.own_loss and isinstance(batch, torch.Tensor):  # the model shifts its windows itself
-            return Prepared((batch,), {}, None, batch, _count(batch))
+            return Prepared((batch,), {}, None, batch, count_tokens(batch))
         if self.task == CAUSAL_LM or (isinstance(batch, (tuple, list)) and self.task != SEQ2SEQ):
             return prepare_batch(batch)  # next token; a user's (inputs, targets) pair is used as is
         if isinstance(batch, torch.Tensor):
@@ -151,7 +166,7 @@ class Objective:
             return prepare_batch(batch)  # raises the TypeError naming the keys
         ids, labels = batch["input_ids"], batch.get("labels")
         if labels is not None:  # the user's own labels: aligned with the logits, never shifted
-            return Prepared((), dict(batch), labels, ids, _count(ids))
+            return Prepared((), dict(batch), labels, ids, count_tokens(ids))
         if self.task in (CLASSIFIER, NON_TOKEN):
             raise self._needs_labels(argument)
         rest = {k: v for k, v in batch.items() if k != "input_ids"}
@@ -169,8 +184,8 @@ class Objective:
                                      generator=generator, allowed=attention_mask)
         if self.task == SEQ2SEQ:  # denoise: rebuild every token of the window from the corrupted copy
             labels = ids if attention_mask is None else ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
-            return Prepared((), {**rest, "input_ids": inputs, "labels": labels}, labels, inputs, _count(inputs))
-        return Prepared((inputs,), rest, labels, inputs, _count(inputs))
+            return Prepared((), {**rest, "input_ids": inputs, "labels": labels}, labels, inputs, count_tokens(inputs))
+        return Prepared((inputs,), rest, labels, inputs, count_tokens(inputs))
 
     def _needs_labels(self, argument: str) -> ValueError:
         if self.task == NON_TOKEN:
@@ -186,7 +201,7 @@ class Objective:
 
 
 def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: int | None = None,
-                  call: str | None = None) -> Objective:
+                  call: str | None = None, profile: ModelProfile | None = None) -> Objective:
     """The objective for ``model``'s task (detected, or stated with ``task=``).
 
     Example::
@@ -197,30 +212,33 @@ def objective_for(model: nn.Module, task: str | None = None, *, mask_token_id: i
     Args:
         task: see :func:`utils.models.tasks.detect_task`.
         mask_token_id: overrides the mask id (default: the config's, else the byte tokenizer's 255).
+        profile: the entry point's look at ``model`` (:func:`~utils.models.profile.look_at`, built with
+            the same ``task``); default None: looked at here.
 
     Raises:
         ValueError: as :func:`~utils.models.tasks.detect_task`, or a ``mask_token_id`` outside the vocabulary.
     """
     call = call or f"objective_for({type(model).__name__})"
-    info = detect_task(model, task, call=call)
-    vocab = find_vocab_size(model)
+    profile = profile or look_at(model, task, call=call)
+    info, vocab = profile.task, profile.vocab_size
     if mask_token_id is not None:
         check_int("mask_token_id", mask_token_id, minimum=0, maximum=vocab - 1 if vocab else None, call=call,
                   rule=f"an id in 0..{(vocab or 1) - 1}, the model's vocabulary", message="{call}: " + NOT_ALLOWED)
         info = TaskInfo(info.task, info.reason, mask_token_id, info.decoder_start_token_id, info.expected_input)
-    return Objective(info, vocab, type(model).__name__, own_loss=returns_loss(model))
+    return Objective(info, vocab, type(model).__name__, own_loss=profile.returns_loss, profile=profile)
 
 
-def objective_loss_fn(model: nn.Module, task: str | None = None):
+def objective_loss_fn(model: nn.Module, task: str | Objective | None = None):
     """A ``loss_fn(model, batch) -> loss`` with ``model``'s objective, for one-off measurements
     (memory, the fp16 report): the task is found now, before any hook watches a forward pass, and
     each call hides the same positions (a fresh generator seeded 0), so two passes compare.
+    ``task`` may be the model's :class:`Objective` already found (then the model is not looked at again).
 
     Example::
 
         >>> loss = objective_loss_fn(bert)(bert, ids)          # doctest: +SKIP
     """
-    objective = objective_for(model, task)
+    objective = task if isinstance(task, Objective) else objective_for(model, task)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         return forward_loss(m, objective.prepare(batch, generator=torch.Generator().manual_seed(0), argument="batch"))[0]

@@ -14,7 +14,7 @@ import difflib
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
-from utils.common.checks import check_int, check_number
+from utils.common.checks import check_choice, check_int, check_number
 from utils.models.tasks import TASKS  # the list of tasks lives with their detection
 
 STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.training.parallel.distributed runs them)
@@ -22,9 +22,7 @@ STRATEGIES = ("ddp", "fsdp")  # how several processes share the model (utils.tra
 
 def check_strategy_name(strategy, call: str = "train") -> None:
     """``strategy`` is one of :data:`STRATEGIES`, else a ValueError naming the value and what is allowed."""
-    if strategy not in STRATEGIES:
-        raise ValueError(f"{call}(strategy={strategy!r}) is not allowed: use one of "
-                         f"{', '.join(map(repr, STRATEGIES))}.")
+    check_choice("strategy", strategy, STRATEGIES, call=call, message="{call}({name}={value!r}) is not allowed: use {rule}.")
 
 
 @dataclass
@@ -100,9 +98,8 @@ class TrainSettings:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm!r} is not allowed: it must be None or > 0.")
         check_strategy_name(self.strategy)
-        if self.task is not None and self.task not in TASKS:
-            allowed = ", ".join(repr(t) for t in TASKS)
-            raise ValueError(f"task={self.task!r} is not allowed: use one of {allowed}, or None to detect it.")
+        check_choice("task", self.task, (None, *TASKS), rule=f"one of {', '.join(map(repr, TASKS))}, or None to "
+                     "detect it", message="{name}={value!r} is not allowed: use {rule}.")
 
 
 def settings_with(settings: TrainSettings | None, overrides: dict, *, call: str = "train",

@@ -21,7 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from utils.models.calls import find_hidden_size, find_num_layers, preserved_state
+from utils.models.calls import preserved_state
+from utils.models.sizes import find_hidden_size, find_num_layers
 from utils.training.amp.precision import Capabilities, PrecisionPlan
 from utils.training.batches import move_to
 from utils.training.objectives import objective_loss_fn

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from utils.common.strict_json import json_safe
-from utils.models.calls import model_device
+from utils.models.sizes import model_device
 from utils.training.batches import move_to, run_model
 from utils.training.objectives import objective_for
 
@@ -73,20 +73,20 @@ class Fp16Scan:
         return cls(modules, data["recommendation"])
 
 
-def _float_tensors(output):
+def float_tensors(output):
     """The floating-point tensors in a module's output (a tensor, a tuple/list, a dict or ModelOutput)."""
     if isinstance(output, torch.Tensor):
         return [output] if output.is_floating_point() else []
     if isinstance(output, Mapping):
         output = list(output.values())
     if isinstance(output, (tuple, list)):
-        return [t for item in output for t in _float_tensors(item)]
+        return [t for item in output for t in float_tensors(item)]
     return []
 
 
 def _record(stats: dict, key: tuple[str, str], module, args, output) -> None:
     """A forward hook (bound to ``stats`` and the module's key): merge this call's output ranges."""
-    for t in _float_tensors(output):
+    for t in float_tensors(output):
         a = t.detach().abs().float()
         nonzero = a[a > 0]
         entry = stats.setdefault(key, [0.0, math.inf, 0, 0])  # max, min non-zero, tiny count, non-zero count

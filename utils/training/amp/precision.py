@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from utils.common.checks import is_int
+
 # Lightning's names, their legacy forms, Accelerate's, and the seed project's.
 ALIASES: dict[str, str] = {
     "32-true": "32-true", "32": "32-true", "fp32": "32-true", "float32": "32-true", "no": "32-true",
@@ -232,7 +234,7 @@ _SCALER_SETTINGS = {
     "init_scale": (lambda v: _is_number(v) and 0 < v < math.inf, "a finite number > 0"),
     "growth_factor": (lambda v: _is_number(v) and 1 < v < math.inf, "a finite number > 1"),
     "backoff_factor": (lambda v: _is_number(v) and 0 < v < 1, "a number between 0 and 1 (exclusive)"),
-    "growth_interval": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1, "an integer >= 1"),
+    "growth_interval": (lambda v: is_int(v, minimum=1), "an integer >= 1"),
 }
 
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from utils.models.calls import model_device
+from utils.models.sizes import model_device
 from utils.training.amp.keep_fp32 import units_to_keep
-from utils.training.amp.overflow_scan import _float_tensors, scan_fp16_overflow
+from utils.training.amp.overflow_scan import float_tensors, scan_fp16_overflow
 from utils.training.amp.precision import PrecisionPlan, PrecisionWarning, resolve_precision
 from utils.training.batches import move_to
 from utils.training.objectives import objective_loss_fn
@@ -105,7 +105,7 @@ def _resolve(precision, device: torch.device) -> PrecisionPlan:
 
 def _record(store: dict, name: str, module, args, output) -> None:
     """A forward hook: append this call's floating outputs, flattened to fp32, under ``name``."""
-    flat = [t.detach().float().reshape(-1) for t in _float_tensors(output)]
+    flat = [t.detach().float().reshape(-1) for t in float_tensors(output)]
     if flat:
         store.setdefault(name, []).extend(flat)
 

@@ -34,10 +34,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from utils.common.checks import check_int
+from utils.common.checks import check_int, is_int
 from utils.common.figures import new_figure
 from utils.training.amp.measure import saved_tensor_bytes, tensor_bytes
-from utils.training.amp.overflow_scan import _float_tensors
+from utils.training.amp.overflow_scan import float_tensors
 from utils.training.amp.precision import (
     PrecisionPlan,
     PrecisionWarning,
@@ -99,7 +99,7 @@ class MemoryRow:
 
 
 def _gpu(gpu, call: str) -> tuple[int, Gpu | None]:
-    if isinstance(gpu, int) and not isinstance(gpu, bool) and gpu > 0:
+    if is_int(gpu, minimum=1):
         return gpu, None
     if isinstance(gpu, str) and gpu in GPUS:
         return GPUS[gpu].memory_bytes, GPUS[gpu]
@@ -280,7 +280,7 @@ def _row(model: nn.Module, batch, plan: PrecisionPlan, optimizer_states: int, sa
     if plan.param_dtype != torch.float32:  # "-true": weights in half precision, measured on a copy
         measured = copy.deepcopy(model).to(plan.param_dtype)
     outputs: list[int] = []
-    hook = measured.register_forward_hook(lambda m, a, out: outputs.extend(t.numel() for t in _float_tensors(out)))
+    hook = measured.register_forward_hook(lambda m, a, out: outputs.extend(t.numel() for t in float_tensors(out)))
     try:
         saved = saved_tensor_bytes(measured, batch, plan, loss_fn=loss_fn)
     finally:

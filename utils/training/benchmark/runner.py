@@ -53,6 +53,7 @@ from utils.training.benchmark.results import (
 )
 from utils.training.loop.evaluate import evaluate
 from utils.training.loop.train import train
+from utils.training.objectives import objective_for, objective_loss_fn
 from utils.training.settings import TrainSettings
 
 DEFAULT_PRECISIONS = ("32-true", "auto")
@@ -278,10 +279,13 @@ class BenchmarkSession:
     def _measure_once(self, row: AmpRow, plan: PrecisionPlan, model: nn.Module, optimizer, result) -> None:
         row.final_loss, row.skipped_steps = result.final_loss, result.skipped_steps
         row.param_bytes, row.optimizer_bytes = state_bytes(model, optimizer)
+        objective = None if self.loss_fn is not None else objective_for(model)  # one look for both measurements
+        loss_fn = self.loss_fn or objective_loss_fn(model, objective)
         with KeptModules(model, self.keep.get(row.precision, []), plan.device_type):
-            row.activation_bytes, row.weight_copy_bytes = saved_tensor_bytes(model, self.first_batch, plan, self.loss_fn)
+            row.activation_bytes, row.weight_copy_bytes = saved_tensor_bytes(model, self.first_batch, plan, loss_fn)
             if self.eval_data is not None:
-                scores = evaluate(model, self.eval_data, plan, batch_size=self.batch_size, loss_fn=self.loss_fn)
+                scores = evaluate(model, self.eval_data, plan, batch_size=self.batch_size, loss_fn=self.loss_fn,
+                                  task=objective)
                 row.eval_loss, row.eval_accuracy = scores["val_loss"], scores["val_accuracy"]
         total = self.warmup + self.steps
         if not math.isfinite(result.final_loss) or 2 * result.skipped_steps > total:

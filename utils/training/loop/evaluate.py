@@ -91,7 +91,7 @@ def _scored(model: nn.Module, task) -> tuple[nn.Module, Objective]:
     """What ``evaluate`` scores: a model that returns its own loss is scored through the network it
     wraps when it holds one (loss, accuracy and perplexity from its logits), else on its loss alone."""
     call = f"evaluate({type(model).__name__})"
-    if returns_loss(model):
+    if task.own_loss if isinstance(task, Objective) else returns_loss(model):  # the objective's look knows
         found = find_logits_network(model)
         if found is not None:
             return found[1], objective_for(found[1], call=call)

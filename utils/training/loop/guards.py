@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from utils.models.calls import find_input_embedding
-from utils.training.batches import IGNORE_INDEX, check_id_dtype
+from utils.models.profile import ModelProfile
+from utils.models.sizes import find_input_embedding
+from utils.models.tasks import IGNORE_INDEX
+from utils.training.batches import check_id_dtype
 from utils.training.runs.sharded_checkpoint import local_tensors
 
 # fp16's smallest subnormal: a loss scale below it cannot bring any gradient back into range.
@@ -34,8 +36,8 @@ class StepChecks:
         anyway (the log step, the end of an epoch).
     """
 
-    def __init__(self, model, plan, argument: str = "train_data"):
-        emb = find_input_embedding(model)
+    def __init__(self, model, plan, argument: str = "train_data", profile: ModelProfile | None = None):
+        emb = profile.embedding if profile is not None else find_input_embedding(model)  # the look's, when given
         self.vocab = emb.num_embeddings if emb is not None else None
         self.argument, self.precision = argument, plan.name
         device = plan.device

@@ -21,6 +21,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
+from utils.models.profile import look_at
 from utils.training.amp.acceleration import compile_model, tf32_matmuls
 from utils.training.amp.keep_fp32 import KeptModules, plan_keep_fp32
 from utils.training.amp.precision import PrecisionPlan, resolve_precision
@@ -131,8 +132,9 @@ def train(model: nn.Module, train_data, *, val_data=None, settings: TrainSetting
     plan = precision if isinstance(precision, PrecisionPlan) else resolve_precision(precision, world.default_device(device))
     scaler = plan.make_scaler(**(scaler_kwargs or {}))  # bad settings fail before any work
     model = place(model, plan)
+    profile = look_at(model, settings.task, call=f"train({type(model).__name__})")  # the one look at the model
     objective = None if loss_fn is not None else objective_for(  # the model's task, probed once, before compiling
-        model, settings.task, mask_token_id=mask_token_id, call=f"train({type(model).__name__})")
+        model, settings.task, mask_token_id=mask_token_id, call=profile.caller, profile=profile)
     model = compile_model(model, compile)
     batches = world.shard(as_batches(train_data, settings.batch_size, settings.seed, "train_data"))
     kept, plan = keep_in_fp32(model, keep_fp32, plan, batches, loss_fn)

@@ -105,7 +105,8 @@ class Trainer:
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log = MetricsLog(self.run_dir, callbacks, self.world.is_rank_zero)  # rank 0 alone logs
         self.checkpoints = Checkpointer(self.run_dir, self.world, settings.checkpoint_every, settings.checkpoint_minutes)
-        self.checks, self.stop = StepChecks(model, plan), StopSignals(lambda: self.checkpoints.saving)
+        self.checks = StepChecks(model, plan, profile=self.objective.profile if self.objective else None)
+        self.stop = StopSignals(lambda: self.checkpoints.saving)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.position, self.meter = RunPosition(), StepMeter(plan.device)
         self.scales, self.bar = ScaleWatch(scaler, settings.lr), None

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from utils.common.checks import is_int
 from utils.training.amp.precision import PrecisionWarning, precision_facts
 from utils.training.runs.sharded_checkpoint import prune, save_shards, shard_folder_name
 from utils.training.settings import TrainSettings
@@ -126,7 +127,7 @@ def _schema_problems(value, schema, where: str) -> list[str]:
             return [f"{where} is a {type(value).__name__}, expected a dict"]
         return [p for key, sub in schema.items() if key in value
                 for p in _schema_problems(value[key], sub, f"{where}.{key}" if where else key)]
-    if schema is float and isinstance(value, int) and not isinstance(value, bool):
+    if schema is float and is_int(value):
         return []
     if not isinstance(value, schema) or (schema is int and isinstance(value, bool)):
         names = "/".join(t.__name__ for t in (schema if isinstance(schema, tuple) else (schema,)))

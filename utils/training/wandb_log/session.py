@@ -15,7 +15,9 @@ wandb is imported here, lazily, and nowhere else: ``utils.training`` imports wit
 from __future__ import annotations
 
 import logging
+import netrc
 import os
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,8 +70,6 @@ def colab_secret_key() -> bool:
     Elsewhere, with a key already in the environment, or with no such secret (or no access to
     it granted), nothing happens.
     """
-    import sys
-
     if "google.colab" not in sys.modules or os.environ.get("WANDB_API_KEY"):
         return False
     try:
@@ -93,8 +93,6 @@ def _logged_in(wandb) -> bool:
     try:
         return bool(wandb.login(prompt=False, verify=False))
     except TypeError:  # wandb without login(prompt=): look where it looks, never prompt
-        import netrc
-
         try:
             hosts = netrc.netrc().hosts
         except (OSError, netrc.NetrcParseError):
