@@ -3,6 +3,7 @@ import http.server
 import json
 import re
 import socket
+import sys
 import threading
 import time
 
@@ -121,10 +122,11 @@ def test_file_model_by_class_name(tmp_path):
     assert model.fc.in_features == 4
 
 
-def test_each_load_is_a_fresh_module(tmp_path):
+def test_each_load_is_a_fresh_module(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "dont_write_bytecode", False)  # as most Pythons run: a cached .pyc would be stale
     path = write(tmp_path, TWO_CLASSES)
     first = load_model_from_file(path)
-    path.write_text(TWO_CLASSES.replace("vocab_size=32", "vocab_size=33"))
+    path.write_text(TWO_CLASSES.replace("vocab_size=32", "vocab_size=33"))  # same size, likely the same second
     second = load_model_from_file(path)
     assert type(first) is not type(second)
     assert find_vocab_size(second) == 33

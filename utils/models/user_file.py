@@ -106,8 +106,9 @@ def _import_fresh(path: Path) -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     # Registered before it runs: dataclasses and pickling look a class's module up in sys.modules.
     sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
+    try:  # compiled from the source every time: a cached .pyc keyed on (mtime, size) misses an edit made
+        # within the same second that keeps the size, and the user's folder gets no __pycache__
+        exec(compile(path.read_bytes(), str(path), "exec"), module.__dict__)  # noqa: S102
     except BaseException:
         del sys.modules[name]
         raise
