@@ -24,7 +24,9 @@ $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 # torchrun/browser tests run one at a time (tests/conftest.py: SHARED_SCOPES). TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
+	# PYTHONDONTWRITEBYTECODE= : pytest keeps its assertion rewrites and Python its bytecode (both
+	# git-ignored), so a second run collects in 7 s instead of 10 and every subprocess starts faster
+	PYTHONDONTWRITEBYTECODE= WANDB_DIR=$$(mktemp -d) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile tests notebooks --nbval-lax
 
 demo: $(STAMP)
 	$(BIN)/python -m utils.notebook.demo

@@ -31,7 +31,8 @@ SHARED_SCOPES = {
 # follow xdist's order (most tests first). `pytest --durations=0` shows when this list needs a change.
 LONGEST_FIRST = ("browser", "torchrun", "tests/test_fsdp.py", "tests/test_run_safety.py", "tests/test_notebooks.py",
                  "tests/test_handwritten_models.py", "tests/test_cli.py", "tests/test_launch.py",
-                 "notebooks/03_train_amp.ipynb")
+                 "notebooks/03_train_amp.ipynb", "tests/test_layout.py", "notebooks/04_benchmark_amp.ipynb",
+                 "tests/test_acceleration.py", "tests/test_loop.py", "tests/test_local_use.py")
 
 
 class ByFile(LoadFileScheduling):
