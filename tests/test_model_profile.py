@@ -110,3 +110,18 @@ def test_what_the_calls_learn_stays_on_the_look_not_in_a_module_cache():
     assert profile.call.last_position_only is True and profile.returns_loss is False
     assert not any(isinstance(v, dict) and v and isinstance(next(iter(v.values())), calls_module.ModelCall)
                    for v in vars(calls_module).values())
+
+
+def test_the_look_probes_a_plain_forward_for_its_own_loss_once(monkeypatch):
+    from handwritten_models import LossWrapper
+
+    from utils.models import calls as calls_module
+
+    probes = counting(monkeypatch, "_probe_returns_loss", calls_module._probe_returns_loss)
+    model = LossWrapper()
+    wrapper, plain = look_at(model), look_at(example_model("gpt-micro", n_layer=1))
+    assert (wrapper.returns_loss, plain.returns_loss) == (True, False)
+    assert len(probes) == 2  # one each, at the look
+    assert (wrapper.returns_loss, wrapper.task.task, plain.task.task) == (True, "causal-lm", "causal-lm")
+    # the task's detection asks the look, never the models again; it probes the network inside once
+    assert [p[0] for p in probes[2:]] == [model.net]

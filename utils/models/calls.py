@@ -194,6 +194,17 @@ def model_call(model: nn.Module) -> ModelCall:
     return _unwrapped(model, None)[1]
 
 
+def read_call(module: nn.Module, device: torch.device | None = None) -> ModelCall:
+    """How to call ``module`` (the user's module, already out of any wrapper) and, for a plain
+    ``forward(ids)``, whether it returns its own loss: one probe on ``(2, 4)`` zeros on ``device``
+    (default: the module's). The look at a model (:func:`utils.models.profile.look_at`) reads both
+    at once; :func:`model_call` reads the signature alone."""
+    call = _detect(module)
+    if call.convention == PLAIN:
+        call.returns_loss = _probe_returns_loss(module, device)
+    return call
+
+
 def _unwrapped(model: nn.Module, call: ModelCall | None) -> tuple[nn.Module, ModelCall]:
     """The user's module inside any wrapper, and ``call`` (default: read from its signature now)."""
     inner = unwrap(model)
@@ -261,8 +272,8 @@ def returns_loss(model: nn.Module, call: ModelCall | None = None) -> bool:
     return call.returns_loss
 
 
-def _probe_returns_loss(model: nn.Module) -> bool:
-    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=model_device(model))
+def _probe_returns_loss(model: nn.Module, device: torch.device | None = None) -> bool:
+    ids = torch.zeros(_PROBE_IDS, dtype=torch.long, device=device if device is not None else model_device(model))
     try:
         with preserved_state(model), torch.no_grad():
             model.eval()

@@ -2,9 +2,10 @@
 
 ``train()``, the tiers, the benchmark, the memory plan and the AMP doctor each begin with
 :func:`look_at`; the functions below them take the :class:`ModelProfile` instead of finding the
-vocabulary, reading ``forward``'s signature or probing the task again. Whether the forward returns
-its own loss (one probe call) and the task (the causality probe, up to three forward passes) are
-found lazily, on first need, once per profile.
+vocabulary, reading ``forward``'s signature or probing the task again. The sizes, the calling
+convention and whether a plain forward returns its own loss (one probe call on ``(2, 4)`` zeros) are
+read at the look; the task (the causality probe, up to three forward passes) lazily, on first
+need, once per profile.
 
 Example::
 
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from utils.models.calls import ModelCall, model_call, returns_loss
+from utils.models.calls import ModelCall, read_call
 from utils.models.sizes import InputSpec, Sizes, read_sizes
 from utils.models.tasks import TaskInfo, check_task, detect_task
 
@@ -75,11 +76,11 @@ class ModelProfile:
         first = next((m for m in self.model.modules() if next(m.parameters(recurse=False), None) is not None), None)
         return EMBEDDINGS if isinstance(first, _TAKES_VECTORS) else OTHER
 
-    @functools.cached_property
+    @property
     def returns_loss(self) -> bool:
-        """Whether ``model(ids)`` returns its loss, not logits (probed once, see
-        :func:`~utils.models.calls.returns_loss`)."""
-        return returns_loss(self.model, self.call)
+        """Whether ``model(ids)`` returns its loss, not logits (probed at the look, see
+        :func:`~utils.models.calls.read_call`)."""
+        return bool(self.call.returns_loss)
 
     @functools.cached_property
     def task(self) -> TaskInfo:
@@ -120,4 +121,5 @@ def look_at(model: nn.Module, task: str | None = None, *, vocab_size: int | None
     """
     call = call or f"look_at({type(model).__name__})"
     sizes = read_sizes(model, vocab_size, max_seq_len, call=call)
-    return ModelProfile(sizes, model_call(sizes.module), check_task(task, call), call)
+    device = sizes.input.device if sizes.input is not None else None  # the probe's, known already
+    return ModelProfile(sizes, read_call(sizes.module, device), check_task(task, call), call)
