@@ -58,12 +58,13 @@ def ci_copy(name: str, folder: Path, run_dir: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def chromium():
     """Headless system Chromium driven by Playwright (its own browser download cannot work here).
 
-    Module-scoped, as JupyterLab is: both are gone before the rest of the suite runs, and with them
-    Playwright's event loop, which asyncio code in later tests (nbclient) must not meet.
+    Scoped to tests/browser/, as JupyterLab is (one start for both notebooks): both are gone before
+    the rest of the suite runs, and with them Playwright's event loop, which asyncio code in later
+    tests (nbclient) must not meet.
     """
     if not CHROMIUM.exists():
         pytest.skip(CHROMIUM_MISSING)
@@ -76,7 +77,7 @@ def chromium():
             browser.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def jupyterlab(tmp_path_factory):
     """JupyterLab on 127.0.0.1 (free port, random token) serving a scratch folder under runs/.
 
