@@ -4,7 +4,7 @@ Models come hand-written, from visual builders or from Hugging Face, and return 
 tuple, a dict or a ``ModelOutput``. Some take the targets too (``forward(idx, targets=None)``,
 nanoGPT and llama2.c style) and return only the last position's logits without them. The loop,
 the tiers, ``evaluate``, the benchmark and the fp16 scan all call models through here
-(:func:`model_call`, :func:`predict`, :func:`call_with_targets`).
+(:func:`model_call`, :func:`predict`, :meth:`ModelCall.run`).
 
 Example::
 
@@ -227,16 +227,6 @@ def _detect(model: nn.Module) -> ModelCall:
         return ModelCall(owner, text, PLAIN)
     required = target.default is target.empty
     return ModelCall(owner, text, TARGETS, target.name, last_position_only=True if required else None)
-
-
-def call_with_targets(model: nn.Module, args: tuple, kwargs: dict, targets: torch.Tensor | None):
-    """``model(*args, **kwargs)``, with ``targets`` passed as the model names them (see :meth:`ModelCall.run`)."""
-    return model_call(model).run(model, args, kwargs, targets)
-
-
-def model_loss(model: nn.Module, output) -> torch.Tensor | None:
-    """The loss the model returned, else None (see :meth:`ModelCall.loss`)."""
-    return model_call(model).loss(output)
 
 
 def is_loss_output(output) -> bool:
